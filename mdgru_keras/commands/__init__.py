@@ -1,0 +1,1 @@
+"""One module per ``mdgru-localize`` sub-command (see :mod:`mdgru_keras.cli`)."""

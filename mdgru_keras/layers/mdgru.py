@@ -1,0 +1,98 @@
+"""Multi-dimensional GRU: C-GRUs along every axis in both directions."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from mdgru_keras.layers.cgru import CGRU
+
+
+class MDGRU(keras.layers.Layer):
+    """Runs ``2 d`` :class:`CGRU` layers (forward and backward along each of the d spatial axes), each with
+    its own weights, and sums (or averages) their outputs.
+
+    Input shape: ``[batch, n_1, ..., n_d, channels]`` (d = 2 or 3).
+    Output shape: ``[batch, ceil(n_1 / S), ..., ceil(n_d / S), units]``.
+
+    Args: as :class:`CGRU`, plus ``combine``: ``"sum"`` (default) or ``"mean"`` of the 2d outputs.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        strides: int = 1,
+        input_filter: int = 3,
+        state_filter: int = 3,
+        dropconnect: float = 0.5,
+        combine: str = "sum",
+        kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+        recurrent_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {combine!r}")
+        self.units = int(units)
+        self.strides = int(strides)
+        self.input_filter = int(input_filter)
+        self.state_filter = int(state_filter)
+        self.dropconnect = float(dropconnect)
+        self.combine = combine
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.seed = seed
+        self.cgrus: list[CGRU] = []
+
+    def build(self, input_shape: tuple) -> None:
+        spatial_rank = len(input_shape) - 2
+        self.cgrus = []
+        for axis in range(1, spatial_rank + 1):
+            for reverse in (False, True):
+                cgru = CGRU(
+                    self.units,
+                    axis=axis,
+                    reverse=reverse,
+                    strides=self.strides,
+                    input_filter=self.input_filter,
+                    state_filter=self.state_filter,
+                    dropconnect=self.dropconnect,
+                    kernel_initializer=self.kernel_initializer,
+                    recurrent_initializer=self.recurrent_initializer,
+                    bias_initializer=self.bias_initializer,
+                    seed=None if self.seed is None else self.seed + len(self.cgrus),
+                    name=f"cgru_axis{axis}_{'backward' if reverse else 'forward'}",
+                )
+                cgru.build(input_shape)
+                self.cgrus.append(cgru)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        def sub(n):
+            return None if n is None else -(-n // self.strides)
+
+        return (input_shape[0],) + tuple(sub(n) for n in input_shape[1:-1]) + (self.units,)
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        outputs = tf.add_n([cgru(inputs, training=training) for cgru in self.cgrus])
+        if self.combine == "mean":
+            outputs = outputs / float(len(self.cgrus))
+        return outputs
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            strides=self.strides,
+            input_filter=self.input_filter,
+            state_filter=self.state_filter,
+            dropconnect=self.dropconnect,
+            combine=self.combine,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+            seed=self.seed,
+        )
+        return config

@@ -1,0 +1,39 @@
+"""mdgru-keras: anatomical landmark localization with strided MD-GRUs (Andermatt et al., 2017)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mdgru-keras",
+    version="0.1.0",
+    description="Coarse-to-fine 3D landmark localization with multi-dimensional gated recurrent units",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["mdgru_keras", "mdgru_keras.*", "train", "train.*", "serving", "serving.*"]),
+    include_package_data=True,
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.10,<4",
+        "numpy>=1.26,<3",
+        "nibabel>=5.2,<6",
+        "scikit-image>=0.24,<0.27",
+        "scipy>=1.13,<2",
+        "click>=8.1,<9",
+        "PyYAML>=6,<7",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+        "SimpleITK>=2.4,<3",
+        "tensorflow-serving-api>=2.21,<2.22",
+        "grpcio>=1.60,<2",
+        "requests>=2.31,<3",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8,<10",
+            "pytest-timeout>=2.3,<3",
+            "hypothesis>=6.100,<7",
+            "ruff>=0.6,<1",
+        ],
+    },
+    entry_points={"console_scripts": ["mdgru-localize=mdgru_keras.cli:main"]},
+)
