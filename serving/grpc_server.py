@@ -104,8 +104,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             self.servable.check_model(request.model_spec.name, _requested_version(request.model_spec))
             unsupported = [field for field in request.metadata_field if field != "signature_def"]
             if unsupported or not request.metadata_field:
-                raise ServingError("INVALID_ARGUMENT", f"Metadata field {unsupported or '(none)'} is not supported; "
-                                                       "ask for 'signature_def'")  # fmt: skip
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"Metadata field {unsupported or '(none)'} is not supported; ask for 'signature_def'",
+                )
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = self.servable.model_name
             response.model_spec.version.value = self.servable.version
@@ -218,9 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         from serving.rest_server import RestServer
 
         rest_server = RestServer(servable=servable, host=args.host, port=args.rest_port).start()
-    print(f"serving {args.model_name!r} version {servable.version} from {servable.version_dir}: "
-          f"gRPC on {grpc_server.address}" + (f", REST on http://{rest_server.address}" if rest_server else ""),
-          flush=True)  # fmt: skip
+    print(
+        f"serving {args.model_name!r} version {servable.version} from {servable.version_dir}: "
+        f"gRPC on {grpc_server.address}" + (f", REST on http://{rest_server.address}" if rest_server else ""),
+        flush=True,
+    )
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:

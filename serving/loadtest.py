@@ -170,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name on the server (default: mdgru)")
     parser.add_argument("--clients", type=int, default=8, help=f"concurrent clients, 1-{MAX_CLIENTS} (default: 8)")
     parser.add_argument("--requests", type=int, default=50, help="requests per client (default: 50)")
-    parser.add_argument("--shape", type=int, nargs=3, default=(32, 32, 32), metavar=("X", "Y", "Z"),
-                        help="volume shape (default: 32 32 32)")  # fmt: skip
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(32, 32, 32),
+        metavar=("X", "Y", "Z"),
+        help="volume shape (default: 32 32 32)",
+    )
     parser.add_argument("--int16", action="store_true", help="send int16 volumes (localize_int16)")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-call timeout in seconds (default: 60)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
@@ -187,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             server = args.server
         result = run_load_test(
-            server, args.model, clients=args.clients, requests_per_client=args.requests, shape=args.shape,
-            timeout_s=args.timeout, int16=args.int16,
-        )  # fmt: skip
+            server,
+            args.model,
+            clients=args.clients,
+            requests_per_client=args.requests,
+            shape=args.shape,
+            timeout_s=args.timeout,
+            int16=args.int16,
+        )
     except ValueError as error:
         parser.error(str(error))
     finally:

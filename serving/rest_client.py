@@ -41,6 +41,7 @@ _DTYPE_NAMES = {
 
 def _to_json(value: np.ndarray) -> Any:
     if value.dtype.kind in "SO":
+
         def encode(item: Any) -> Any:
             if isinstance(item, list):
                 return [encode(x) for x in item]
@@ -126,12 +127,16 @@ class RestLocalizationClient(LocalizationClient):
             remaining = max(deadline - time.monotonic(), 0.001)
             try:
                 response = self._session.request(
-                    method, url, data=body, timeout=(min(remaining, 10.0), remaining),
+                    method,
+                    url,
+                    data=body,
+                    timeout=(min(remaining, 10.0), remaining),
                     headers={"Content-Type": "application/json"} if body is not None else None,
-                )  # fmt: skip
+                )
             except requests.Timeout as error:
-                raise ServingError("DEADLINE_EXCEEDED", f"{self.server}: no answer to {what} within "
-                                                        f"{self.timeout_s:g} s") from error  # fmt: skip
+                raise ServingError(
+                    "DEADLINE_EXCEEDED", f"{self.server}: no answer to {what} within {self.timeout_s:g} s"
+                ) from error
             except requests.ConnectionError as error:
                 failure = ServingError("UNAVAILABLE", f"cannot connect: {type(error).__name__}")
             else:
@@ -144,16 +149,20 @@ class RestLocalizationClient(LocalizationClient):
                     message = response.json().get("error") or response.text
                 except ValueError:
                     message = response.text or response.reason
-                failure = ServingError(CODE_BY_HTTP_STATUS.get(response.status_code, "UNKNOWN"),
-                                       f"HTTP {response.status_code}: {message}")  # fmt: skip
+                failure = ServingError(
+                    CODE_BY_HTTP_STATUS.get(response.status_code, "UNKNOWN"), f"HTTP {response.status_code}: {message}"
+                )
                 if failure.code != "UNAVAILABLE":
                     raise failure
             pause = self.backoff_s * 2 ** (attempt - 1)
             if attempt >= self.max_attempts or time.monotonic() + pause >= deadline:
                 elapsed = time.monotonic() - start
-                raise ServingError("UNAVAILABLE", f"{self.server} unavailable for {what} after {attempt} "
-                                                  f"attempt{'s' * (attempt > 1)} in {elapsed:.1f} s: "
-                                                  f"{failure.message}")  # fmt: skip
+                raise ServingError(
+                    "UNAVAILABLE",
+                    f"{self.server} unavailable for {what} after {attempt} "
+                    f"attempt{'s' * (attempt > 1)} in {elapsed:.1f} s: "
+                    f"{failure.message}",
+                )
             time.sleep(pause)
 
     def _signature_defs(self) -> dict[str, Any]:
@@ -166,8 +175,10 @@ class RestLocalizationClient(LocalizationClient):
         """The served signatures: ``{signature: {"inputs": {name: (dtype, shape)}, "outputs": {...}}}``."""
         return {
             name: {
-                part: {key: (_DTYPE_NAMES.get(info["dtype"], info["dtype"]), _shape(info))
-                       for key, info in sorted(signature.get(part, {}).items())}  # fmt: skip
+                part: {
+                    key: (_DTYPE_NAMES.get(info["dtype"], info["dtype"]), _shape(info))
+                    for key, info in sorted(signature.get(part, {}).items())
+                }
                 for part in ("inputs", "outputs")
             }
             for name, signature in sorted(self._signature_defs().items())

@@ -41,6 +41,7 @@ _ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))
 def json_to_array(name: str, value: Any, dtype: tf.DType) -> np.ndarray:
     """A JSON value (nested lists) -> an array of ``dtype``; ``INVALID_ARGUMENT`` when it does not fit."""
     if dtype == tf.string:
+
         def to_bytes(item: Any) -> Any:
             if isinstance(item, list):
                 return [to_bytes(x) for x in item]
@@ -59,8 +60,11 @@ def json_to_array(name: str, value: Any, dtype: tf.DType) -> np.ndarray:
     except ValueError as error:  # ragged nesting
         raise ServingError("INVALID_ARGUMENT", f"input {name!r} is not a rectangular array: {error}") from error
     if array.dtype.kind not in "biuf":
-        raise ServingError("INVALID_ARGUMENT", f"input {name!r} must be (nested lists of) numbers for dtype "
-                                               f"{dtype.name}, got {dtype_name(array.dtype)} values")  # fmt: skip
+        raise ServingError(
+            "INVALID_ARGUMENT",
+            f"input {name!r} must be (nested lists of) numbers for dtype "
+            f"{dtype.name}, got {dtype_name(array.dtype)} values",
+        )
     if dtype.is_bool:
         if array.dtype.kind != "b":
             raise ServingError("INVALID_ARGUMENT", f"input {name!r}: expected true/false values for dtype bool")
@@ -68,8 +72,10 @@ def json_to_array(name: str, value: Any, dtype: tf.DType) -> np.ndarray:
         if array.dtype.kind == "f":
             raise ServingError("INVALID_ARGUMENT", f"input {name!r} holds non-integer numbers; dtype is {dtype.name}")
         if array.size and (array.min() < dtype.min or array.max() > dtype.max):
-            raise ServingError("INVALID_ARGUMENT", f"input {name!r} holds values outside the {dtype.name} range "
-                                                   f"[{dtype.min}, {dtype.max}]")  # fmt: skip
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"input {name!r} holds values outside the {dtype.name} range [{dtype.min}, {dtype.max}]",
+            )
     elif not (dtype.is_floating or dtype.is_complex):
         raise ServingError("UNIMPLEMENTED", f"input {name!r}: dtype {dtype.name} is not supported over REST here")
     return array.astype(dtype.as_numpy_dtype)
@@ -78,6 +84,7 @@ def json_to_array(name: str, value: Any, dtype: tf.DType) -> np.ndarray:
 def array_to_json(value: np.ndarray) -> Any:
     """An output array -> JSON-ready nested lists (strings as text; non-UTF-8 bytes as ``{"b64": ...}``)."""
     if value.dtype == object or value.dtype.kind == "S":
+
         def to_text(item: Any) -> Any:
             if isinstance(item, list):
                 return [to_text(x) for x in item]
@@ -142,8 +149,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise ServingError("INVALID_ARGUMENT", "request has no Content-Length")
         if int(length) > self.server.max_body_bytes:
             self.close_connection = True  # the unread body must not be parsed as the next request
-            raise ServingError("RESOURCE_EXHAUSTED", f"request body of {int(length)} bytes exceeds the "
-                                                     f"{self.server.max_body_bytes} byte limit")  # fmt: skip
+            raise ServingError(
+                "RESOURCE_EXHAUSTED",
+                f"request body of {int(length)} bytes exceeds the {self.server.max_body_bytes} byte limit",
+            )
         body = self.rfile.read(int(length))
         try:
             return json.loads(body)
@@ -158,8 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(request, dict):
             raise ServingError("INVALID_ARGUMENT", "request body must be a JSON object")
         if "instances" in request:
-            raise ServingError("INVALID_ARGUMENT", "row format ('instances') is not supported by this server; "
-                                                   "send the columnar format {'inputs': {name: value}}")  # fmt: skip
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                "row format ('instances') is not supported by this server; "
+                "send the columnar format {'inputs': {name: value}}",
+            )
         if "inputs" not in request:
             raise ServingError("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key")
         servable = self.server.servable
@@ -170,8 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
         named = request["inputs"]
         if not isinstance(named, dict):  # one unnamed input: allowed when the signature has exactly one
             if len(signature.inputs) != 1:
-                raise ServingError("INVALID_ARGUMENT", f"'inputs' must name the {len(signature.inputs)} inputs "
-                                                       f"{sorted(signature.inputs)}")  # fmt: skip
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"'inputs' must name the {len(signature.inputs)} inputs {sorted(signature.inputs)}",
+                )
             named = {next(iter(signature.inputs)): named}
         inputs = {}
         for name, value in named.items():

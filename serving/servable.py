@@ -23,10 +23,24 @@ from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, ServingError
 
 # tf.errors codes are the gRPC status codes: index -> name.
 STATUS_NAMES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-)  # fmt: skip
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
 
 
 def resolve_version_dir(model_path: str | Path) -> tuple[Path, int]:
@@ -51,7 +65,7 @@ def resolve_version_dir(model_path: str | Path) -> tuple[Path, int]:
 
 
 def read_signature_defs(version_dir: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """The serving SignatureDefs of a SavedModel (``serve`` tag), without TF-internal ones like ``__saved_model_init_op``."""
+    """The SignatureDefs of a SavedModel's ``serve`` graph, without TF-internal ones (``__saved_model_init_op``)."""
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((version_dir / "saved_model.pb").read_bytes())
     for meta_graph in saved_model.meta_graphs:
@@ -112,16 +126,22 @@ class Servable:
     def check_model(self, name: str, version: int | None = None) -> None:
         """``NOT_FOUND`` unless ``name`` (and ``version``, when given) is what this servable serves."""
         if name != self.model_name:
-            raise ServingError("NOT_FOUND", f"Servable not found for request: model {name!r} (serving {self.model_name!r})")
+            raise ServingError(
+                "NOT_FOUND", f"Servable not found for request: model {name!r} (serving {self.model_name!r})"
+            )
         if version is not None and version != self.version:
-            raise ServingError("NOT_FOUND", f"Servable not found for request: {name!r} version {version} "
-                                            f"(serving version {self.version})")  # fmt: skip
+            raise ServingError(
+                "NOT_FOUND",
+                f"Servable not found for request: {name!r} version {version} (serving version {self.version})",
+            )
 
     def signature(self, signature_name: str) -> meta_graph_pb2.SignatureDef:
         signature_name = signature_name or DEFAULT_SIGNATURE
         if signature_name not in self.signature_defs:
             known = ", ".join(sorted(self.signature_defs))
-            raise ServingError("FAILED_PRECONDITION", f"Serving signature key {signature_name!r} not found (has: {known})")
+            raise ServingError(
+                "FAILED_PRECONDITION", f"Serving signature key {signature_name!r} not found (has: {known})"
+            )
         return self.signature_defs[signature_name]
 
     def validate(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> None:
@@ -130,14 +150,21 @@ class Servable:
         missing = sorted(set(signature.inputs) - set(inputs))
         unexpected = sorted(set(inputs) - set(signature.inputs))
         if missing or unexpected:
-            problems = [f"missing input {name!r}" for name in missing] + [f"unexpected input {name!r}" for name in unexpected]
-            raise ServingError("INVALID_ARGUMENT", f"{'; '.join(problems)}; {describe_signature(signature_name, signature)}")
+            problems = [f"missing input {name!r}" for name in missing] + [
+                f"unexpected input {name!r}" for name in unexpected
+            ]
+            raise ServingError(
+                "INVALID_ARGUMENT", f"{'; '.join(problems)}; {describe_signature(signature_name, signature)}"
+            )
         for name, info in sorted(signature.inputs.items()):
             value = inputs[name]
             expected = tf.as_dtype(info.dtype)
             actual = dtype_name(value.dtype)
             if actual != expected.name:
-                raise ServingError("INVALID_ARGUMENT", f"input {name!r} has dtype {actual}; {describe_signature(signature_name, signature)}")
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"input {name!r} has dtype {actual}; {describe_signature(signature_name, signature)}",
+                )
             if info.tensor_shape.unknown_rank:
                 continue
             dims = [dim.size for dim in info.tensor_shape.dim]
@@ -159,7 +186,9 @@ class Servable:
             wanted = list(output_filter) or sorted(signature.outputs)
             unknown = [name for name in wanted if name not in signature.outputs]
             if unknown:
-                raise ServingError("INVALID_ARGUMENT", f"output tensor alias not found in signature: {', '.join(unknown)}")
+                raise ServingError(
+                    "INVALID_ARGUMENT", f"output tensor alias not found in signature: {', '.join(unknown)}"
+                )
             try:
                 outputs = self.functions[signature_name](**{name: tf.constant(value) for name, value in inputs.items()})
             except tf.errors.OpError as error:
