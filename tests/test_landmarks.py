@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +251,18 @@ def test_check_landmarks_inside(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         check_landmarks_inside(volume, {"ok": np.array([0.0, 0.0, 4.0]), "out": np.array([9.5, 0.0, 4.0])}, "l.csv")
     assert str(info.value).startswith("l.csv: landmark 'out' at (9.5, 0.0, 4.0) mm lies outside the image scan.nii.gz")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        path = write_landmarks(tmp_path / "p.fcsv", LANDMARKS)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0o600
+
+
+def test_reading_landmarks_does_not_import_tensorflow() -> None:
+    code = "import sys; from mdgru_keras.io import read_landmarks; print('tensorflow' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

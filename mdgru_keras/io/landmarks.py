@@ -21,16 +21,14 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.io.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from mdgru_keras.io.nifti import Volume
@@ -239,6 +237,8 @@ def check_landmarks_inside(volume: Volume, landmarks: Mapping[str, np.ndarray], 
 
     Inside means within the grid's outer voxel faces: continuous voxel coordinates in ``[-0.5, n - 0.5]``.
     """
+    from mdgru_keras import geometry  # here, so that reading landmark files does not import TensorFlow
+
     for name, world_mm in landmarks.items():
         voxel = geometry.world_to_voxel(np.asarray(world_mm, dtype=np.float64), volume.voxel_to_world)
         shape = np.asarray(volume.shape, dtype=np.float64)
@@ -314,21 +314,6 @@ def _csv_text(landmarks: Mapping[str, np.ndarray]) -> str:
     for name, world_mm in landmarks.items():
         writer.writerow([name, *(_number(v) for v in world_mm)])
     return out.getvalue()
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_landmarks(path: str | Path, landmarks_world_mm: Mapping[str, np.ndarray], fmt: str | None = None) -> Path:

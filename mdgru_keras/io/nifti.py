@@ -7,8 +7,6 @@ computed on the array can be reported in the file's terms.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 
 from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -137,13 +136,6 @@ def write_volume(
     image.set_qform(image.affine, code=1)
     image.header.set_xyzt_units("mm")
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as temporary:
+        nib.save(image, str(temporary))
     return path
