@@ -18,6 +18,8 @@ Every function here has a NumPy form; those that run inside the exported graph a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -521,3 +523,83 @@ def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape
         positions = slope * tf.range(new_shape[new_axis], dtype=tf.float64) + tf.gather(matrix[:3, 3], old)
         out = _interpolate_axis_tf(out, positions, new_axis)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rigid poses and smooth deformations (the synthetic population)
+#
+# A synthetic subject is made by a *pull-back* map from subject world to template world,
+#   template_mm = rigid^-1(subject_mm + displacement(subject_mm)),
+# which resamples the template image directly. Landmarks need the *forward* map: rigid forward, then
+# the displacement inverted numerically at the point (:func:`invert_displacement`).
+
+
+def rotation_matrix_deg(angles_deg: np.ndarray) -> np.ndarray:
+    """Rotation ``Rz @ Ry @ Rx`` (3x3) for angles ``[ax, ay, az]`` in degrees about the world x, y, z axes."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rigid_affine(rotation: np.ndarray, translation_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
+    """4x4 world map ``x -> rotation @ (x - centre) + centre + translation`` (rotation about ``centre_mm``)."""
+    rotation = np.asarray(rotation, dtype=np.float64)
+    centre = np.asarray(centre_mm, dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation
+    affine[:3, 3] = centre - rotation @ centre + np.asarray(translation_mm, dtype=np.float64)
+    return affine
+
+
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 affine to points ``[..., 3]`` (any space to any space)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def interpolate_at(field: np.ndarray, voxel: np.ndarray) -> np.ndarray:
+    """Trilinear value of ``field[x, y, z, ...]`` at continuous voxel positions ``[N, 3]`` -> ``[N, ...]``.
+
+    Positions are clamped to the grid, exactly as in :func:`resample_axis_aligned`, so a field evaluated here
+    and a field resampled there agree.
+    """
+    field = np.asarray(field)
+    voxel = np.asarray(voxel, dtype=np.float64).reshape(-1, 3)
+    shape = np.asarray(field.shape[:3])
+    voxel = np.clip(voxel, 0.0, shape - 1.0)
+    lower = np.floor(voxel).astype(np.int64)
+    upper = np.minimum(lower + 1, shape - 1)
+    weight = voxel - lower
+    result = 0.0
+    for corner in range(8):
+        pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = tuple(np.where(pick[axis], upper[:, axis], lower[:, axis]) for axis in range(3))
+        corner_weight = np.prod([weight[:, a] if pick[a] else 1.0 - weight[:, a] for a in range(3)], axis=0)
+        corner_weight = corner_weight.reshape((-1,) + (1,) * (field.ndim - 3))
+        result = result + corner_weight * field[index]
+    return np.asarray(result, dtype=np.float64)
+
+
+def invert_displacement(
+    target_mm: np.ndarray,
+    displacement_at: Callable[[np.ndarray], np.ndarray],
+    tolerance_mm: float = 1e-6,
+    max_iterations: int = 200,
+) -> np.ndarray:
+    """Points ``y [N, 3]`` with ``y + displacement_at(y) = target_mm``, by the fixed-point iteration
+    ``y <- target - displacement_at(y)``.
+
+    Converges when the displacement's Jacobian has norm < 1 (a smooth, moderate deformation); raises
+    ``ValueError`` otherwise.
+    """
+    target = np.asarray(target_mm, dtype=np.float64).reshape(-1, 3)
+    points = target - displacement_at(target)
+    for _ in range(max_iterations):
+        updated = target - displacement_at(points)
+        change = np.max(np.abs(updated - points)) if len(points) else 0.0
+        points = updated
+        if change < tolerance_mm:
+            return points
+    raise ValueError(f"displacement inversion did not converge in {max_iterations} iterations (step {change:g} mm)")

@@ -31,6 +31,7 @@ def demo_data(out_dir: Path, wheel: Path | None, force: bool) -> None:
 
     Next step, a synthetic training population from the template:
 
+    \b
       mdgru-localize synth --image OUT/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz
       --image2 OUT/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz
       --landmarks OUT/tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv --n 40 --out synth/
