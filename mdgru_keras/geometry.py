@@ -484,9 +484,7 @@ def resample_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape: tf.Tensor) 
     for corner in range(8):
         offset = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
         index = tf.minimum(lower + offset, old_shape - 1)
-        corner_weight = tf.reduce_prod(
-            tf.where(tf.cast(offset, tf.bool), weight, 1.0 - weight), axis=1
-        )
+        corner_weight = tf.reduce_prod(tf.where(tf.cast(offset, tf.bool), weight, 1.0 - weight), axis=1)
         result += corner_weight * tf.gather_nd(volume, index)
     return tf.reshape(result, new_shape)
 

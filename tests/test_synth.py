@@ -225,12 +225,12 @@ def test_synth_command(tmp_path: Path, template_files) -> None:
     out = tmp_path / "out"
     args = ["synth", "--image", str(t1), "--image2", str(t2), "--landmarks", str(landmarks), "--n", "2"]
     args += ["--out", str(out), "--seed", "3", "--max-translation-mm", "3", "--elastic-smoothness-mm", "10"]
-    result = CliRunner().invoke(main, [*args, "--landmark-format", "mrk.json", "--uncompressed"])
+    result = CliRunner().invoke(main, [*args, "--landmark-format", "mrk.json", "--gzip"])
     assert result.exit_code == 0, result.output
     assert f"Wrote 2 synthetic subjects to {out} (manifest {out / 'manifest.csv'}" in result.output
     assert result.output.rstrip().endswith("synth.json)")  # the last line says what was written
     population = read_population(out)
-    assert len(population) == 2 and all(row["image"].endswith(".nii") for row, _, _ in population)
+    assert len(population) == 2 and all(row["image"].endswith(".nii.gz") for row, _, _ in population)
     assert all(row["landmarks"].endswith(".mrk.json") for row, _, _ in population)
 
 

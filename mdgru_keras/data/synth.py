@@ -66,7 +66,7 @@ class SynthOptions:
     max_noise: float = 0.03  # Rician noise sigma, uniform in [0, max_noise] x the 99th intensity percentile
     image2_probability: float = 0.5  # chance of a subject from the second image (when one is given)
     landmark_margin_mm: float = 10.0  # every landmark at least this far inside the field of view
-    image_suffix: str = ".nii.gz"  # or ".nii"
+    image_suffix: str = ".nii"  # or ".nii.gz": noisy images shrink by only ~12 % and gzip triples the time
     landmark_format: str = "fcsv"  # or "mrk.json", "csv"
 
     def __post_init__(self) -> None:
