@@ -9,7 +9,8 @@ chosen per volume by :func:`encode_volume`:
 1. ``int16``, scale 1, offset 0 -- when every value is an integer in ``[-32768, 32767]``: lossless. This is the
    common case for scans kept at their acquired grid (CT in HU, most MR).
 2. ``int16`` quantized linearly over ``[min, max]`` -- when the largest rounding error (half a step,
-   ``(max - min) / 131070``) is at most ``QUANTIZATION_TOLERANCE`` (1e-3) times the volume's standard deviation.
+   ``(max - min) / 131070``) is at most ``QUANTIZATION_TOLERANCE`` (1e-3) times the volume's robust standard
+   deviation (of the values clipped to their 0.1 and 99.9 percentiles, so that a few extreme voxels count).
    Resampled scans land here: their error is typically 1e-4 standard deviations, far below scanner noise, and
    the network only ever sees z-normalized values.
 3. ``float16`` of ``(value - mean) / scale`` with ``scale`` the standard deviation -- otherwise, i.e. when a
@@ -65,6 +66,14 @@ class EncodedVolume:
         return (stored.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32)
 
 
+def _robust_std(values: np.ndarray) -> float:
+    """Standard deviation of the values clipped to their 0.1 and 99.9 percentiles: the spread of the bulk of
+    the data, which a few extreme voxels do not inflate. Falls back to the plain standard deviation if 0."""
+    low, high = np.percentile(values, [0.1, 99.9])
+    robust = float(np.clip(values, low, high).std())
+    return robust if robust > 0 else float(values.std())
+
+
 def encode_volume(volume: np.ndarray, tolerance: float = QUANTIZATION_TOLERANCE) -> EncodedVolume:
     """Store ``volume[x, y, z]`` in 2 bytes per voxel, losslessly where possible (see the module docstring)."""
     volume = np.asarray(volume)
@@ -77,7 +86,7 @@ def encode_volume(volume: np.ndarray, tolerance: float = QUANTIZATION_TOLERANCE)
     low, high = float(values.min()), float(values.max())
     if low >= _INT16_MIN and high <= _INT16_MAX and np.array_equal(values, np.round(values)):
         return EncodedVolume(values.astype("<i2").tobytes(order="C"), "int16", 1.0, 0.0, shape)
-    std = float(values.std())
+    std = _robust_std(values)
     step = (high - low) / (_INT16_MAX - _INT16_MIN)
     if step == 0.0:  # constant volume
         return EncodedVolume(np.zeros(shape, "<i2").tobytes(order="C"), "int16", 1.0, low, shape)
@@ -88,7 +97,7 @@ def encode_volume(volume: np.ndarray, tolerance: float = QUANTIZATION_TOLERANCE)
         stored = np.clip(np.round((values - offset) / step), _INT16_MIN, _INT16_MAX).astype("<i2")
         return EncodedVolume(stored.tobytes(order="C"), "int16", step, offset, shape)
     mean = float(np.float32(values.mean()))
-    scale = float(np.float32(max(std, float(np.abs(values - mean).max()) / _FLOAT16_LIMIT)))
+    scale = float(np.float32(max(std, float(np.abs(values - mean).max()) / _FLOAT16_LIMIT, 1e-30)))
     stored = ((values - mean) / scale).astype("<f2")
     return EncodedVolume(stored.tobytes(order="C"), "float16", scale, mean, shape)
 
@@ -392,7 +401,8 @@ def load_subject_from_files(row: ManifestRow, landmark_names: Sequence[str] | No
 
     ``landmark_names=None`` keeps all landmarks of the file, in file order.
     """
-    from mdgru_keras.io import read_landmarks, read_volume
+    from mdgru_keras.io.landmarks import read_landmarks
+    from mdgru_keras.io.nifti import read_volume
 
     volume = read_volume(row.image, spacing_mm=spacing_mm)
     landmarks_world_mm = read_landmarks(row.landmarks)
@@ -457,7 +467,7 @@ def prepare_dataset(
 
     # The landmark list is needed before the first shard is closed; read the first subject's file early.
     if not names:
-        from mdgru_keras.io import read_landmarks
+        from mdgru_keras.io.landmarks import read_landmarks
 
         first = by_subject[next(iter(next(iter(splits.values()))))]
         names.append(tuple(read_landmarks(first.landmarks)))
