@@ -653,3 +653,56 @@ def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape
         positions = slope * tf.range(new_shape[new_axis], dtype=tf.float64) + tf.gather(matrix[:3, 3], old)
         out = _interpolate_axis_tf(out, positions, new_axis)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# two-stage localization: the coarse region of a volume and the stage decodings (networks / localizer)
+
+
+def window_to_volume_voxel(window_voxel: np.ndarray, window_origin_voxel: np.ndarray) -> np.ndarray:
+    """Volume coordinates of window coordinates: ``window_voxel + window_origin_voxel`` (broadcasting)."""
+    return np.asarray(window_voxel, dtype=np.float64) + np.asarray(window_origin_voxel, dtype=np.float64)
+
+
+def window_to_volume_voxel_tf(window_voxel: tf.Tensor, window_origin_voxel: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`window_to_volume_voxel` (float32)."""
+    return tf.cast(window_voxel, tf.float32) + tf.cast(window_origin_voxel, tf.float32)
+
+
+def volume_to_window_voxel(volume_voxel: np.ndarray, window_origin_voxel: np.ndarray) -> np.ndarray:
+    """Window coordinates of volume coordinates: ``volume_voxel - window_origin_voxel`` (broadcasting)."""
+    return np.asarray(volume_voxel, dtype=np.float64) - np.asarray(window_origin_voxel, dtype=np.float64)
+
+
+def peak_mass(probabilities: np.ndarray) -> np.ndarray:
+    """Probability mass of the argmax class and its two neighbours, ``probabilities[..., C]`` -> ``[...]``.
+
+    The per-axis ingredient of the localizer's confidence: the probability that the coordinate lies within
+    one class of the decoded peak (with superresolution several classes share a voxel, so the peak class
+    alone understates a sharp prediction).
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    classes = p.shape[-1]
+    peak = np.argmax(p, axis=-1)[..., None]
+    total = np.take_along_axis(p, peak, -1)[..., 0]
+    for shift in (-1, 1):
+        neighbour = peak + shift
+        inside = (neighbour >= 0) & (neighbour < classes)
+        value = np.take_along_axis(p, np.clip(neighbour, 0, classes - 1), -1)
+        total = total + np.where(inside, value, 0.0)[..., 0]
+    return total
+
+
+def peak_mass_tf(probabilities: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`peak_mass` (float32)."""
+    p = tf.cast(probabilities, tf.float32)
+    classes = tf.shape(p)[-1]
+    batch_dims = len(p.shape) - 1
+    peak = tf.argmax(p, axis=-1, output_type=tf.int32)
+    total = tf.gather(p, peak, batch_dims=batch_dims)
+    for shift in (-1, 1):
+        neighbour = peak + shift
+        inside = tf.logical_and(neighbour >= 0, neighbour < classes)
+        value = tf.gather(p, tf.clip_by_value(neighbour, 0, classes - 1), batch_dims=batch_dims)
+        total = total + tf.where(inside, value, tf.zeros_like(value))
+    return total
