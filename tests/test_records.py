@@ -256,11 +256,13 @@ def test_prepare_bad_files_leave_nothing(tmp_path, prepare_dataset):
         assert not out.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "scans"]
 
-    expect("missing landmark(s) C", "sub", landmarks=["A", "C"])
+    expect("missing landmark 'C'", "sub", landmarks=["A", "C"])
+    good = (scans / "sub3.fcsv").read_text()
     _write_fcsv(scans / "sub3.fcsv", {"A": (100.0, 0.0, 0.0), "B": (0.0, 0.0, 0.0)})
     expect("outside the image", "sub3.fcsv")
+    (scans / "sub3.fcsv").write_text(good)
     (scans / "sub2.nii.gz").write_bytes(b"not a nifti file")
-    expect("", "sub2.nii.gz")
+    expect("cannot read NIfTI", "sub2.nii.gz")
 
 
 def test_prepare_refuses_existing_directory_and_overwrites_on_request(tmp_path, prepare_dataset):
@@ -273,4 +275,29 @@ def test_prepare_refuses_existing_directory_and_overwrites_on_request(tmp_path, 
     assert (out / "keep.txt").read_text() == "mine"
     prepare_dataset(manifest, out, overwrite=True)
     assert (out / "dataset.json").is_file() and not (out / "keep.txt").exists()
-    assert oct(os.stat(out).st_mode & 0o777) == "0o755"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_prepare_command(tmp_path, prepare_dataset):
+    from click.testing import CliRunner
+
+    from mdgru_keras.cli import main
+
+    manifest, _ = _tiny_manifest(tmp_path, count=4)
+    runner = CliRunner()
+    result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds"), "--landmarks", "A",
+                                  "--val-fraction", "0.34", "--test-fraction", "0", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    last = result.stdout.strip().splitlines()[-1]  # the progress bar goes to stderr
+    assert last.startswith("Wrote 4 subjects (") and "test 1" in last and "dataset.json" in last
+    description = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert description["landmarks"] == ["A"] and description["counts"]["val"] == 1
+
+    result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds2"), "--landmarks", "Z"])
+    assert result.exit_code == 1
+    error_line = result.stderr.strip().splitlines()[-1]
+    assert error_line.startswith("Error: ") and ".fcsv: missing landmark 'Z'" in error_line
+    assert not (tmp_path / "ds2").exists()
+    assert "manifest" in runner.invoke(main, ["prepare", "--help"]).output.lower()

@@ -22,7 +22,6 @@ All three take 2 bytes per voxel (a 193x229x193 scan: 17 MB per example).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -38,6 +37,7 @@ import tensorflow as tf
 
 from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.io.atomic import atomic_path, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 DATASET_JSON = "dataset.json"
@@ -217,35 +217,15 @@ def shard_count(num_examples: int, shard_size: int) -> int:
 
 
 def write_shard(path: str | Path, serialized_examples: Iterable[bytes]) -> Path:
-    """Write one TFRecord file atomically: a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with tf.io.TFRecordWriter(temp) as writer:
-            for serialized in serialized_examples:
-                writer.write(serialized)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    return path
+    """Write one TFRecord file atomically (a temp file in the same directory, then ``os.replace``)."""
+    with atomic_path(path) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
+        for serialized in serialized_examples:
+            writer.write(serialized)
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _version() -> str:
@@ -401,29 +381,18 @@ def load_subject_from_files(row: ManifestRow, landmark_names: Sequence[str] | No
 
     ``landmark_names=None`` keeps all landmarks of the file, in file order.
     """
-    from mdgru_keras.io.landmarks import read_landmarks
+    from mdgru_keras.io.landmarks import check_landmarks_inside, read_landmarks, require_landmarks
     from mdgru_keras.io.nifti import read_volume
 
-    volume = read_volume(row.image, spacing_mm=spacing_mm)
     landmarks_world_mm = read_landmarks(row.landmarks)
     names = tuple(landmarks_world_mm) if landmark_names is None else tuple(landmark_names)
-    missing = [name for name in names if name not in landmarks_world_mm]
-    if missing:
-        raise InputError(row.landmarks, f"missing landmark(s) {', '.join(missing)} "
-                                        f"(the file has: {', '.join(landmarks_world_mm) or 'none'})")
-    world_mm = np.stack([np.asarray(landmarks_world_mm[name], dtype=np.float64) for name in names])
-    if not np.all(np.isfinite(world_mm)):
-        raise InputError(row.landmarks, "landmark coordinates are not finite")
+    landmarks_world_mm = require_landmarks(landmarks_world_mm, names, row.landmarks)
+    volume = read_volume(row.image, spacing_mm=spacing_mm)
+    check_landmarks_inside(volume, landmarks_world_mm, row.landmarks)
+    world_mm = np.stack([landmarks_world_mm[name] for name in names])
     voxel = geometry.world_to_voxel(world_mm, volume.voxel_to_world)
-    shape = np.asarray(volume.data.shape, dtype=np.float64)
-    outside = np.any((voxel < -0.5) | (voxel > shape - 0.5), axis=1)
-    if np.any(outside):
-        name = names[int(np.argmax(outside))]
-        where = np.round(voxel[int(np.argmax(outside))], 1).tolist()
-        raise InputError(row.landmarks, f"landmark {name} lies outside the image {row.image.name} "
-                                        f"(voxel {where}, image shape {list(volume.data.shape)})")
     return Subject(row.subject, volume.data, volume.voxel_to_world, voxel, names,
-                   tuple(geometry.voxel_spacing_mm(volume.voxel_to_world)))
+                   tuple(float(s) for s in volume.spacing_mm))
 
 
 def prepare_dataset(
@@ -471,8 +440,6 @@ def prepare_dataset(
 
         first = by_subject[next(iter(next(iter(splits.values()))))]
         names.append(tuple(read_landmarks(first.landmarks)))
-        if not names[0]:
-            raise InputError(first.landmarks, "no landmarks in this file")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -505,5 +472,7 @@ def _move_into_place(temp_dir: Path, out_dir: Path) -> None:
         if out_dir.is_dir():
             out_dir.rmdir()
         os.replace(temp_dir, out_dir)
-    # mkdtemp creates 0700 directories; a dataset should be readable like any other output
-    os.chmod(out_dir, 0o755)
+    # mkdtemp creates 0700 directories; give the dataset the mode a plain mkdir would (0777 minus the umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out_dir, 0o777 & ~umask)
