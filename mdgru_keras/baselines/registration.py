@@ -32,18 +32,21 @@ class RegistrationSettings:
     shrink_factors: tuple[int, ...] = (4, 2, 1)  # pyramid levels, coarse to fine
     smoothing_sigmas_voxel: tuple[float, ...] = (2.0, 1.0, 0.0)  # Gaussian sigma per level, in voxels
     sampling_fraction: float = 0.02  # fraction of the fixed (template) voxels sampled per level ...
-    min_samples: int = 20_000  # ... but at least this many (Mattes MI is noisy below ~10^4 samples)
+    min_samples: int = 20_000  # ... but at least this many (Mattes MI is noisy below ~10^4 samples) ...
+    max_samples: int = 40_000  # ... and at most this many (the time per iteration grows with the samples)
     histogram_bins: int = 32  # Mattes mutual information
     rigid_iterations: int = 100  # per level
     affine_iterations: int = 100  # per level; 0 skips the affine stage
     max_step_mm: float = 2.0  # first step of the regular-step gradient descent (after physical-shift scaling)
-    min_step_mm: float = 1e-3  # stop when the step has shrunk to this
+    min_step_mm: float = 1e-2  # stop when the step has shrunk to this
     initializer: str = "moments"  # "moments" (centres of mass) or "geometry" (image centres)
     threads: int | None = None  # None: SimpleITK's global default
 
     def __post_init__(self) -> None:
         if len(self.shrink_factors) != len(self.smoothing_sigmas_voxel):
             raise ValueError("shrink_factors and smoothing_sigmas_voxel need one entry per level")
+        if not 0 < self.min_samples <= self.max_samples:
+            raise ValueError(f"need 0 < min_samples <= max_samples, got {self.min_samples}, {self.max_samples}")
         if not 0.0 < self.sampling_fraction <= 1.0:
             raise ValueError(f"sampling_fraction must be in (0, 1], got {self.sampling_fraction}")
         if self.initializer not in ("moments", "geometry"):
@@ -51,11 +54,13 @@ class RegistrationSettings:
 
 
 def sampling_fractions(fixed_size: tuple[int, ...], settings: RegistrationSettings) -> list[float]:
-    """Metric sampling fraction per pyramid level: ``sampling_fraction``, raised to give ``min_samples``."""
+    """Metric sampling fraction per pyramid level: ``sampling_fraction``, clipped to give between ``min_samples``
+    and ``max_samples`` samples (and at most all voxels)."""
     fractions = []
     for shrink in settings.shrink_factors:
         voxels = float(np.prod([max(1, size // shrink) for size in fixed_size]))
-        fractions.append(float(min(1.0, max(settings.sampling_fraction, settings.min_samples / voxels))))
+        fraction = np.clip(settings.sampling_fraction, settings.min_samples / voxels, settings.max_samples / voxels)
+        fractions.append(float(min(1.0, fraction)))
     return fractions
 
 
