@@ -522,6 +522,8 @@ def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape
         out = _interpolate_axis_tf(out, positions, new_axis)
     return out
 
+
+# ---------------------------------------------------------------------------------------------------------
 # RAS <-> LPS (ITK / SimpleITK world convention)
 #
 # Our world coordinates are RAS millimetres (NIfTI, nibabel, 3D Slicer): +x right, +y anterior, +z superior.
