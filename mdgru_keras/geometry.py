@@ -391,8 +391,9 @@ def sample_window_affine_tf(
     if slab == sx:
         window = one_slab(tf.constant(0))
     else:
-        slabs = tf.map_fn(one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels],
-                                                                                              volume.dtype))
+        slabs = tf.map_fn(
+            one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels], volume.dtype)
+        )
         window = tf.reshape(slabs, [sx, sy, sz, channels])
     return tf.ensure_shape(window, tuple(window_size) + (channels,))
 
@@ -786,6 +787,7 @@ def peak_mass_tf(probabilities: tf.Tensor) -> tf.Tensor:
         value = tf.gather(p, tf.clip_by_value(neighbour, 0, classes - 1), batch_dims=batch_dims)
         total = total + tf.where(inside, value, tf.zeros_like(value))
     return total
+
 
 # RAS <-> LPS (ITK / SimpleITK world convention)
 #
