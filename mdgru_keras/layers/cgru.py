@@ -16,6 +16,7 @@ import tensorflow as tf
 from mdgru_keras.layers.recursion import gru_recursion
 
 
+@keras.saving.register_keras_serializable(package="mdgru_keras")
 class CGRU(keras.layers.Layer):
     """A convolutional GRU that runs along one spatial axis ("time") of a d-D input.
 

@@ -14,6 +14,7 @@ from mdgru_keras.layers.cgru import (
 )
 
 
+@keras.saving.register_keras_serializable(package="mdgru_keras")
 class MDGRU(keras.layers.Layer):
     """Runs ``2 d`` :class:`CGRU` layers (forward and backward along each of the d spatial axes), each with
     its own weights, and sums (or averages) their outputs.
