@@ -3,8 +3,8 @@
 The layer is three steps that :class:`~mdgru_keras.layers.MDGRU` reuses:
 
 - :func:`input_gates`: the input convolutions of all time steps at once (time folded into the batch),
-- :func:`~mdgru_keras.layers.recursion.gru_recursion`: the sequential state recursion (a ``tf.while_loop``;
-  in training with a hand-written backpropagation through time),
+- :func:`~mdgru_keras.layers.recursion.gru_recursion`: the sequential state recursion (a ``tf.while_loop``
+  with a hand-written backpropagation through time),
 - :func:`average_pool_time`: the subsampling of the outputs along time.
 """
 
@@ -33,11 +33,13 @@ class CGRU(keras.layers.Layer):
     Input shape: ``[batch, n_1, ..., n_d, channels]`` (d = 2 or 3).
     Output shape: ``[batch, ceil(n_1 / S), ..., ceil(n_d / S), units]``.
 
-    Padding: the convolutions use TensorFlow's ``'SAME'`` zero padding. On a slice axis of size ``n`` the
-    strided input convolution pads ``p = max((ceil(n/S) - 1) S + k - n, 0)`` zeros in total, ``p // 2`` before
-    and the rest after, so output voxel ``j`` is centred on input voxel ``j S`` (plus ``(S-1)/2`` when
-    ``k`` and ``S`` are both even, as in TF). Along time the outputs ``h_t`` are averaged in groups
-    ``[j S, (j+1) S)``; when ``S`` does not divide ``n`` the last group averages only the steps that exist.
+    Padding (TensorFlow's ``'SAME'``, zeros): on a slice axis of size ``n`` the strided input convolution
+    with filter size ``k`` pads ``p = max((ceil(n/S) - 1) S + k - n, 0)`` zeros in total, ``p // 2`` before
+    and the rest after, so output voxel ``j`` sees input voxels ``j S - p // 2 ... j S - p // 2 + k - 1``
+    (for S = 1 and odd k: centred on ``j``; for S = 2, k = 3: centred on ``2j + 1`` when n is even, on
+    ``2j`` when n is odd). The state convolutions (stride 1) pad ``(k-1)//2`` before and ``k//2`` after.
+    Along time the outputs ``h_t`` are averaged in groups ``[j S, (j+1) S)``; when ``S`` does not divide
+    ``n`` the last group averages only the steps that exist.
 
     Weights: ``input_kernel`` ``[k_in]*(d-1) + [channels, 3 units]`` and ``state_kernel``
     ``[k_state]*(d-1) + [units, 3 units]``, gates ordered (r, z, h~) along the last axis; ``bias [3 units]``.
@@ -129,7 +131,10 @@ class CGRU(keras.layers.Layer):
         """The C-GRU on ``x`` already in ``[T, B, slice..., C]`` order; returns ``[ceil(T/S), B, slice'..., U]``."""
         gates = input_gates(x, self.dropconnect_kernel(training), tf.convert_to_tensor(self.bias), self.strides)
         states = gru_recursion(
-            *gates, tf.convert_to_tensor(self.state_kernel), reverse=self.reverse, custom_gradient=is_training(training)
+            *gates,
+            tf.convert_to_tensor(self.state_kernel),
+            reverse=self.reverse,
+            keep_for_gradient=is_training(training),
         )
         return average_pool_time(states, self.strides)
 

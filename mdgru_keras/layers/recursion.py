@@ -1,18 +1,20 @@
 """The sequential part of a C-GRU: the state recursion over precomputed input gates.
 
-Two implementations of the same equations (``h_0 = 0``)::
+The equations (``h_0 = 0``)::
 
     r_t = sigmoid(g_r[t] + (h_{t-1} * u)_r)
     z_t = sigmoid(g_z[t] + (h_{t-1} * u)_z)
     c_t = tanh(g_h[t] + r_t ⊙ (h_{t-1} * u)_h)
     h_t = z_t ⊙ h_{t-1} + (1 - z_t) ⊙ c_t
 
-- :func:`gru_recursion` with ``custom_gradient=False``: a plain ``tf.while_loop``; nothing is kept for a
-  backward pass (inference), TensorFlow's automatic gradient still works.
-- with ``custom_gradient=True`` (training): the loop also keeps ``r, z, c`` and ``(h * u)_h`` of every step
-  (references to tensors the step computes anyway, no copies) and a hand-written backpropagation through time
-  runs one transposed state convolution and a few small products per step; the state-kernel gradient is one
-  convolution-filter gradient over all steps at once.
+run in a ``tf.while_loop`` with a hand-written backpropagation through time (:func:`tf.custom_gradient`):
+one transposed state convolution and a few small products per step, and the state-kernel gradient as one
+convolution-filter gradient over all steps at once. (TensorFlow's automatic gradient of the loop is 2-3x
+slower: it differentiates the per-step reads of the gate tensors as full-size updates.)
+
+With ``keep_for_gradient`` (training) the forward loop also keeps ``r, z, c`` and ``(h * u)_h`` of every step
+(references to tensors the step computes anyway, no copies); without it (inference) nothing is kept and a
+backward pass, if one is asked for, recomputes them step by step (one more state convolution per step).
 
 ``*`` is a stride-1 'SAME' convolution over the (d-1) slice axes; ``u`` is ``[k]*(d-1) + [U, 3U]`` with the
 gates (r, z, h~) along its last axis.
@@ -29,7 +31,7 @@ def gru_recursion(
     gates_h: tf.Tensor,
     state_kernel: tf.Tensor,
     reverse: bool = False,
-    custom_gradient: bool = False,
+    keep_for_gradient: bool = False,
 ) -> tf.Tensor:
     """Run the GRU state recursion.
 
@@ -37,20 +39,19 @@ def gru_recursion(
         gates_r, gates_z, gates_h: input gates (input convolution plus bias), each ``[T, B, s..., U]``.
         state_kernel: ``[k]*(d-1) + [U, 3U]``.
         reverse: process t = T-1 .. 0 instead of 0 .. T-1.
-        custom_gradient: keep what the hand-written backward pass needs (training).
+        keep_for_gradient: keep the per-step gate values for a fast backward pass (training).
 
     Returns:
         The states ``h_t``, ``[T, B, s..., U]``, in time order (also when ``reverse``).
     """
-    if not custom_gradient:
-        return _forward(gates_r, gates_z, gates_h, state_kernel, reverse, keep=False)[0]
 
     @tf.custom_gradient
     def recursion(gates_r, gates_z, gates_h, state_kernel):
-        states, kept = _forward(gates_r, gates_z, gates_h, state_kernel, reverse, keep=True)
+        gates = (gates_r, gates_z, gates_h)
+        states, kept = _forward(gates, state_kernel, reverse, keep_for_gradient)
 
         def grad(d_states):
-            return _backward(states, kept, d_states, state_kernel, reverse)
+            return _backward(gates, states, kept, d_states, state_kernel, reverse)
 
         return states, grad
 
@@ -98,42 +99,54 @@ def _step_index(i: tf.Tensor, steps: tf.Tensor, reverse: bool) -> tf.Tensor:
     return steps - 1 - i if reverse else i
 
 
-def _forward(gates_r, gates_z, gates_h, state_kernel, reverse: bool, keep: bool):
+def _first_step(gates_z: tf.Tensor, gates_h: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The step from ``h_0 = 0``: the state convolution and r drop out, ``h = (1 - z) ⊙ tanh(g_h)``.
+
+    Returns (z, c, h)."""
+    z = tf.sigmoid(gates_z)
+    c = tf.tanh(gates_h)
+    return z, c, c - z * c
+
+
+def _gate_values(gates_t, h: tf.Tensor, state_kernel: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """r, z, c and (h * u)_h of one step from ``h = h_{t-1}``."""
+    gate_r, gate_z, gate_h = gates_t
+    u_r, u_z, u_h = tf.split(_state_convolution(h, state_kernel), 3, axis=-1)
+    r = tf.sigmoid(gate_r + u_r)
+    z = tf.sigmoid(gate_z + u_z)
+    c = tf.tanh(gate_h + r * u_h)
+    return r, z, c, u_h
+
+
+def _forward(gates, state_kernel, reverse: bool, keep: bool):
     """The recursion; with ``keep`` also TensorArrays of r, z, c and (h * u)_h per step (time-indexed)."""
-    steps = tf.shape(gates_r)[0]
-    dtype = gates_r.dtype
-    element_shape = gates_r.shape[1:]
+    steps = tf.shape(gates[0])[0]
+    dtype = gates[0].dtype
+    element_shape = gates[0].shape[1:]
 
     def array():
         return tf.TensorArray(dtype, size=steps, element_shape=element_shape)
 
-    # The first step starts from h_0 = 0: the state convolution and r drop out, h_1 = (1 - z) ⊙ tanh(g_h).
     first = _step_index(tf.constant(0), steps, reverse)
-    z = tf.sigmoid(gates_z[first])
-    c = tf.tanh(gates_h[first])
-    h = c - z * c
+    z, c, h = _first_step(gates[1][first], gates[2][first])
     states = array().write(first, h)
-    kept = None
+    kept = ()
     if keep:  # r and (h * u)_h of the first step are never needed: h_0 = 0
-        kept = [array(), array().write(first, z), array().write(first, c), array()]
+        kept = (array(), array().write(first, z), array().write(first, c), array())
 
     def body(i, h, states, *kept):
         t = _step_index(i, steps, reverse)
-        u_r, u_z, u_h = tf.split(_state_convolution(h, state_kernel), 3, axis=-1)
-        r = tf.sigmoid(gates_r[t] + u_r)
-        z = tf.sigmoid(gates_z[t] + u_z)
-        c = tf.tanh(gates_h[t] + r * u_h)
+        values = _gate_values([g[t] for g in gates], h, state_kernel)
+        _, z, c, _ = values
         h = c + z * (h - c)  # = z h_{t-1} + (1 - z) c
-        if keep:
-            kept = tuple(a.write(t, v) for a, v in zip(kept, (r, z, c, u_h)))
-        return (i + 1, h, states.write(t, h)) + tuple(kept)
+        kept = tuple(a.write(t, v) for a, v in zip(kept, values))
+        return (i + 1, h, states.write(t, h)) + kept
 
-    loop_vars = (tf.constant(1), h, states) + (tuple(kept) if keep else ())
-    result = tf.while_loop(lambda i, *_: i < steps, body, loop_vars)
-    return result[2].stack(), (list(result[3:]) if keep else None)
+    result = tf.while_loop(lambda i, *_: i < steps, body, (tf.constant(1), h, states) + kept)
+    return result[2].stack(), (result[3:] if keep else None)
 
 
-def _backward(states, kept, d_states, state_kernel, reverse: bool):
+def _backward(gates, states, kept, d_states, state_kernel, reverse: bool):
     """Backpropagation through time; returns the gradients of gates r, z, h and of the state kernel.
 
     Per step t (processing order reversed), with ``dh`` the total gradient of ``h_t``::
@@ -145,8 +158,8 @@ def _backward(states, kept, d_states, state_kernel, reverse: bool):
         dh_{t-1} += dh ⊙ z + u^T * dU
 
     The gate gradients are ``dr~, dz~, dh~``; the kernel gradient sums ``h_{t-1} ⋆ dU`` over all steps in one op.
+    ``kept``: the forward's TensorArrays of r, z, c, (h * u)_h, or None to recompute them per step.
     """
-    r_array, z_array, c_array, u_h_array = kept
     steps = tf.shape(states)[0]
     dtype = states.dtype
     element_shape = states.shape[1:]
@@ -158,7 +171,10 @@ def _backward(states, kept, d_states, state_kernel, reverse: bool):
     def body(i, carry, d_r, d_z, d_h, d_us):
         t = _step_index(i, steps, reverse)
         previous = states[t + 1] if reverse else states[t - 1]
-        r, z, c, u_h = r_array.read(t), z_array.read(t), c_array.read(t), u_h_array.read(t)
+        if kept is None:
+            r, z, c, u_h = _gate_values([g[t] for g in gates], previous, state_kernel)
+        else:
+            r, z, c, u_h = (a.read(t) for a in kept)
         dh = d_states[t] + carry
         dh_z = dh * z
         d_pre_h = tf.raw_ops.TanhGrad(y=c, dy=dh - dh_z)
@@ -182,7 +198,10 @@ def _backward(states, kept, d_states, state_kernel, reverse: bool):
 
     # The first step: h_1 = (1 - z) ⊙ c with c = tanh(g_h), no r and no state convolution.
     first = _step_index(tf.constant(0), steps, reverse)
-    z, c = z_array.read(first), c_array.read(first)
+    if kept is None:
+        z, c, _ = _first_step(gates[1][first], gates[2][first])
+    else:
+        z, c = kept[1].read(first), kept[2].read(first)
     dh = d_states[first] + carry
     d_r = d_r.write(first, tf.zeros_like(dh))
     d_z = d_z.write(first, tf.raw_ops.SigmoidGrad(y=z, dy=-dh * c))
