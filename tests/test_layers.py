@@ -266,6 +266,24 @@ def test_hand_written_bptt_equals_automatic_gradient_of_reference(shape, strides
             np.testing.assert_allclose(got.numpy() / scale, want / scale, atol=2e-5, rtol=0)
 
 
+def test_xla_compiled_training_step_matches(rng):
+    """Keras compiles training steps with XLA on GPU by default ("auto"): the layer must compile and agree."""
+    x = tf.constant(rng.normal(size=(2, 6, 5, 2)).astype(np.float32))
+    layer = CGRU(3, axis=1, reverse=True, strides=2, dropconnect=0.0)
+    layer.build(x.shape)
+    randomize(layer, rng)
+
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y)
+        return [y, *tape.gradient(loss, layer.trainable_weights + [x])]
+
+    for plain, compiled in zip(tf.function(step)(), tf.function(step, jit_compile=True)()):
+        np.testing.assert_allclose(compiled.numpy(), plain.numpy(), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # DropConnect
 # ----------------------------------------------------------------------------------------------------------
