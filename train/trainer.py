@@ -165,6 +165,10 @@ class Trainer:
         """Validate the run directory against this run; True when there is a run to resume."""
         config_path = self.run_dir / "config.json"
         run_path = self.run_dir / "run.json"
+        if not self.chief:
+            # The chief checks (and may just have written) the run description; a worker only needs to know
+            # whether there are checkpoints to resume from (a multi-worker --out must be on a shared disk).
+            return self.resume and (self.run_dir / "checkpoints").is_dir()
         exists = config_path.exists() or (self.run_dir / "checkpoints").exists()
         if not exists:
             return False
@@ -282,9 +286,9 @@ class Trainer:
                 scaled = optimizer.scale_loss(loss)
             gradients = tape.gradient(scaled, model.trainable_variables)
             optimizer.apply(gradients, model.trainable_variables)
-            return loss, stop
+            return loss, tf.identity(stop)
 
-        @tf.function
+        @tf.function(autograph=False, reduce_retracing=True)
         def train_step(inputs, labels, stop):
             loss, stop = strategy.run(replica_step, args=(inputs, labels, stop))
             # The stop flag is reduced with the loss so that all workers stop after the same step.
@@ -293,11 +297,16 @@ class Trainer:
                 strategy.reduce(tf.distribute.ReduceOp.SUM, stop, axis=None),
             )
 
-        @tf.function
+        @tf.function(autograph=False, reduce_retracing=True)
         def evaluate_batch(inputs, labels):
             logits = model(inputs, training=False)
             logits = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), logits)
             return logits, per_example_loss(labels, logits)
+
+        @tf.function(autograph=False)
+        def barrier():
+            ones = strategy.run(lambda: tf.identity(tf.constant(1.0)))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)
 
         def validate() -> dict[str, float]:
             losses, errors = [], []
@@ -332,7 +341,9 @@ class Trainer:
             progress.elapsed_s.assign(elapsed())
             store.save(step, step / steps_per_epoch, validation_error_mm)
 
-        def end_of_validation_period() -> dict[str, float]:
+        def end_of_validation_period() -> dict[str, float] | None:
+            if not self.chief:  # validation needs no collective ops: only the chief, who logs it, runs it
+                return None
             count = int(progress.epoch_loss_count.numpy())
             row = {
                 "epoch": step / steps_per_epoch,
@@ -369,7 +380,7 @@ class Trainer:
                 stop_now = float(stop.numpy()) > 0 and step < total_steps
                 if step % steps_per_epoch == 0 or stop_now:
                     last_row = end_of_validation_period()
-                    save(last_row["val_error_mm_mean"])
+                    save(None if last_row is None else last_row["val_error_mm_mean"])
                     if step % steps_per_epoch == 0:
                         progress.epoch_loss_sum.assign(0.0)
                         progress.epoch_loss_count.assign(0)
@@ -391,6 +402,12 @@ class Trainer:
                 if self.figure is not None:
                     figure_path = self.run_dir / "loss.png"
                     self.figure(read_csv(log.epochs_path), read_csv(log.steps_path), figure_path)
+            if self.workers > 1:
+                # Keep the cluster up until the chief has written its files (worker 0 hosts the coordination
+                # service; a worker that outlives it logs connection errors).
+                barrier()
+                if self.chief:
+                    time.sleep(3.0)  # let the other workers disconnect from the coordination service first
         finally:
             log.close()
 
