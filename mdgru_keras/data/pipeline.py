@@ -83,7 +83,7 @@ def _compiled_window_sampler(window_size: tuple[int, int, int]):
     """:func:`geometry.sample_window_affine_tf` compiled with XLA, for large (coarse) windows.
 
     XLA fuses the index, weight and gather arithmetic of the 8 neighbours: on 2 CPU cores a 256^3 window of
-    a 193x229x193x2 volume takes ~0.3-0.7 s instead of ~3.5-6.5 s. XLA compiles once per distinct volume
+    a 193x229x193x2 volume takes ~0.25-0.95 s instead of ~3.5-6.5 s. XLA compiles once per distinct volume
     shape (~1.5 s each); for 64^3 windows it gains nothing, so the fine stage does not use it.
     """
     return tf.function(
