@@ -22,10 +22,12 @@ def write_population(
     spacing_mm: float = 1.0,
     landmark: str = "A",
     seed: int = 0,
+    shard_size: int = 4,
 ) -> Path:
     """NIfTI scans with one bright blob (the landmark ``landmark``) at a random place on a structured
     background, their ``.fcsv`` landmark files and a manifest; then ``prepare_dataset``. Returns the dataset
     directory. The blob is the only thing that marks the landmark, so a network can learn to find it.
+    ``shard_size`` subjects per TFRecord file (one train shard and several take different checkpoint paths).
     """
     from mdgru_keras.data.records import prepare_dataset
     from mdgru_keras.io.landmarks import write_landmarks
@@ -52,7 +54,8 @@ def write_population(
         lines.append(f"{name},{name}.nii.gz,{name}.fcsv,{split}")
     (raw / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = directory / "dataset"
-    prepare_dataset(raw / "manifest.csv", out, spacing_mm=spacing_mm, val_fraction=0.0, test_fraction=0.0)
+    prepare_dataset(raw / "manifest.csv", out, spacing_mm=spacing_mm, val_fraction=0.0, test_fraction=0.0,
+                    shard_size=shard_size)
     return out
 
 

@@ -123,9 +123,9 @@ def stage_setup(stage: str, config: Config, dataset_dir: str | Path) -> StageSet
     plain = validation_config(config)
     affines = subject_affines(dataset_dir, VALIDATION_SPLIT)
 
-    def train_dataset() -> tf.data.Dataset:
-        dataset = make_dataset(dataset_dir, TRAIN_SPLIT, stage, config, seed=seed, deterministic=True, repeat=True)
-        return dataset.with_options(_checkpoint_options())
+    def train_dataset(start_index: int) -> tf.data.Dataset:
+        return make_dataset(dataset_dir, TRAIN_SPLIT, stage, config, seed=seed, deterministic=True, repeat=True,
+                            start_index=start_index)
 
     # One finite, seeded pass: every epoch validates on the same crops (made once, iterated every epoch).
     validation = make_dataset(
@@ -148,17 +148,6 @@ def stage_setup(stage: str, config: Config, dataset_dir: str | Path) -> StageSet
         global_batch_size=training.batch_size,
         description=str(dataset_dir.resolve()),
     )
-
-
-def _checkpoint_options() -> tf.data.Options:
-    """Save the data iterator's *position* (not its prefetch and shuffle buffers of whole volumes) in checkpoints.
-
-    Symbolic checkpointing recomputes buffered elements after a restore; the pipeline's per-sample randomness is
-    keyed by the sample's index, so the recomputed elements are the same.
-    """
-    options = tf.data.Options()
-    options.experimental_symbolic_checkpoint = True
-    return options
 
 
 def check_dataset(config: Config, dataset_dir: Path) -> None:

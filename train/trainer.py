@@ -3,9 +3,15 @@
 One epoch is ``steps_per_epoch`` steps of one global batch each (for the real stages: one random sample from
 every training subject, times ``config.training.samples_per_subject``). After every epoch the model is
 validated (loss and localization error in mm) and a checkpoint is written; checkpoints are also written every
-``config.training.checkpoint_every_steps`` steps. A checkpoint holds the model, the optimizer state, the step
-and loss counters and the position of the training data iterator, so a resumed run continues with exactly the
+``config.training.checkpoint_every_steps`` steps. A checkpoint holds every model variable (DropConnect seed
+states included), the optimizer state and the step and loss counters; the training data are one fixed, seeded
+sequence of samples whose position is ``step * global batch``, so a resumed run continues with exactly the
 batches and random numbers that the uninterrupted run would have used.
+
+Why not ``tf.train.Checkpoint(iterator=...)``: in TensorFlow 2.21 a symbolic iterator checkpoint of the crop
+pipeline (interleave or flat_map, then shuffle, then repeat) fails to restore or hangs, and a full one stores
+the prefetched crops: about 470 MB per checkpoint for the cpu preset's 256^3 coarse crops. The position costs
+nothing and restarting the pipeline there reads at most one pass of serialized records.
 
 The loop itself knows nothing about landmarks: a :class:`StageSetup` supplies the model, the per-example loss,
 the datasets and the error measure (see :mod:`train.stages` for the coarse and fine stages).
@@ -46,8 +52,9 @@ class StageSetup:
         stage: a name written to ``run.json`` (``coarse`` or ``fine``); a resume must name the same.
         build_model: makes the Keras model (called inside the strategy scope).
         per_example_loss: ``(labels, logits) -> float32 [B]`` (logits already cast to float32).
-        train_dataset: makes the endless training dataset of *global* batches ``(inputs, labels[, ...])``;
-            its iterator is saved in every checkpoint, so it must not use unseeded or stateful random ops.
+        train_dataset: ``start_index -> dataset``: the endless training dataset of *global* batches
+            ``(inputs, labels[, ...])``, starting at sample ``start_index`` of one fixed, seeded sequence
+            (a resumed run asks for ``step * global_batch_size``: the data position is part of the step).
         validation_dataset: makes the finite validation dataset of batches ``(inputs, labels, metadata)``.
         errors_mm: ``(logits, metadata) -> float [N]`` localization errors in mm of one validation batch.
         steps_per_epoch: training steps per epoch.
@@ -58,7 +65,7 @@ class StageSetup:
     stage: str
     build_model: Callable[[], keras.Model]
     per_example_loss: Callable[[Any, Any], tf.Tensor]
-    train_dataset: Callable[[], tf.data.Dataset]
+    train_dataset: Callable[[int], tf.data.Dataset]
     validation_dataset: Callable[[], tf.data.Dataset]
     errors_mm: Callable[[Any, Any], np.ndarray]
     steps_per_epoch: int
@@ -235,10 +242,7 @@ class Trainer:
         progress.epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)
         progress.epoch_loss_count = tf.Variable(0, dtype=tf.int64, trainable=False)
         progress.elapsed_s = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        train_iterator = iter(setup.train_dataset())
-        checkpoint = tf.train.Checkpoint(
-            model=model_variables(model), optimizer=optimizer, progress=progress, data=train_iterator
-        )
+        checkpoint = tf.train.Checkpoint(model=model_variables(model), optimizer=optimizer, progress=progress)
         store = CheckpointStore(
             self.run_dir / "checkpoints",
             checkpoint,
@@ -273,6 +277,8 @@ class Trainer:
                 self._write_run_description()
 
         global_batch = setup.global_batch_size
+        # The data position is the number of samples drawn: resume where the checkpointed step left off.
+        train_iterator = iter(setup.train_dataset(int(progress.step.numpy()) * global_batch))
         per_example_loss = setup.per_example_loss
         replicas = strategy.num_replicas_in_sync
 

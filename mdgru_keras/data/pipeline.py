@@ -198,6 +198,7 @@ def make_dataset(
     repeat: bool = True,
     batch: bool = True,
     with_metadata: bool = False,
+    start_index: int = 0,
 ) -> tf.data.Dataset:
     """Random training crops from a prepared dataset (``mdgru-localize prepare``).
 
@@ -211,7 +212,13 @@ def make_dataset(
     order; ``deterministic=False`` lets parallel work finish out of order (faster). The record order is
     shuffled in both cases (reshuffled every epoch unless deterministic). ``repeat=False`` gives one pass:
     one sample per subject.
+
+    ``start_index`` (with ``repeat`` and ``deterministic``): begin at sample ``start_index`` of that endless
+    sequence, exactly as if that many samples had been drawn before (how a resumed training run continues).
+    It reads and skips ``start_index mod N`` serialized records (N: subjects in the split); nothing is decoded.
     """
+    if start_index and not (repeat and deterministic):
+        raise ValueError("start_index needs repeat=True and deterministic=True")
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     dataset_dir = Path(dataset_dir)
@@ -239,7 +246,9 @@ def make_dataset(
                               reshuffle_each_iteration=reshuffle)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.enumerate()
+    if start_index:  # every pass has the same record order (deterministic): skip within the first pass only
+        dataset = dataset.skip(start_index % max(len(entry["subjects"]), 1))
+    dataset = dataset.enumerate(start=start_index)
     sample = make_sample_fn(config, stage, spacing_mm, landmark_indices, sample_seed, with_metadata)
     dataset = dataset.map(lambda index, serialized: sample(serialized, index),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
