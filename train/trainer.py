@@ -84,7 +84,8 @@ class TrainResult:
     last_validation: dict[str, float] | None
     best: tuple[int, float] | None
     wall_s: float
-    step_time_s_median: float | None
+    step_time_s_median: float | None  # training steps of this process after its first one
+    first_step_s: float | None  # the first step of this process: tracing included
     resumed_from_step: int | None
 
 
@@ -119,13 +120,15 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def model_variables(model: keras.Model) -> dict[str, tf.Variable]:
-    """All variables of ``model`` by position and path, for ``tf.train.Checkpoint``.
+    """All variables of ``model`` by position, for ``tf.train.Checkpoint``.
 
     A Keras 3 model handed to ``tf.train.Checkpoint`` as it is contributes only what other objects reach (the
     optimizer's trainable variables); its non-trainable state, such as the seed generators that draw the
     DropConnect masks, would be lost. Listing every variable keeps a resumed run on the same random numbers.
+    Keys are positions, not paths: seed generators get process-wide counters in their names
+    (``seed_generator_57``), and a resume checks that the config, hence the variable list, is the same.
     """
-    return {f"{i:04d}-{variable.path.replace('/', '.')}": variable for i, variable in enumerate(model.variables)}
+    return {f"v{index:04d}": variable for index, variable in enumerate(model.variables)}
 
 
 class Trainer:
@@ -430,6 +433,7 @@ class Trainer:
             best=store.best(),
             wall_s=time.monotonic() - started,
             step_time_s_median=statistics.median(timed) if timed else None,
+            first_step_s=step_times[0] if step_times else None,
             resumed_from_step=resumed_from,
         )
         if self.chief:
