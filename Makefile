@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench-layer
+.PHONY: install test lint bench-layer bench-data
 
 install: $(STAMP)
 
@@ -22,3 +22,6 @@ lint: $(STAMP)
 
 bench-layer: $(STAMP)
 	$(BIN)/python -m bench.bench_layer
+
+bench-data: $(STAMP)
+	$(BIN)/python -m bench.bench_data

@@ -360,33 +360,39 @@ def sample_window_affine_tf(
     channels = volume.shape[-1]
     shape = tf.shape(volume)[:3]
     flat = tf.reshape(volume, [-1, channels])
+    strides = tf.stack([shape[1] * shape[2], shape[2], 1])
     sx, sy, sz = window_size
     slab = min(slab, sx)
     if sx % slab:
         slab = sx
-    yz = tf.stack(tf.meshgrid(tf.range(sy, dtype=tf.float32), tf.range(sz, dtype=tf.float32), indexing="ij"), -1)
+    y = tf.range(sy, dtype=tf.float32)[None, :, None]
+    z = tf.range(sz, dtype=tf.float32)[None, None, :]
 
     def one_slab(start: tf.Tensor) -> tf.Tensor:
-        x = tf.cast(tf.range(slab) + start, tf.float32)
-        grid = tf.concat(
-            [tf.broadcast_to(x[:, None, None, None], [slab, sy, sz, 1]), tf.broadcast_to(yz[None], [slab, sy, sz, 2])],
-            axis=-1,
-        )
-        source = tf.reshape(grid, [-1, 3]) @ tf.transpose(linear) + offset
-        base = tf.floor(source)
-        fraction = source - base
-        base = tf.cast(base, tf.int32)
-        out = tf.zeros([slab * sy * sz, channels], volume.dtype)
-        for corner in range(8):
-            step = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
-            index = base + step
-            inside = tf.reduce_all((index >= 0) & (index < shape), axis=1)
-            linear_index = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
-            weight = tf.reduce_prod(tf.where(step > 0, fraction, 1.0 - fraction), axis=1)
-            weight = tf.where(inside, weight, 0.0)
-            values = tf.gather(flat, tf.where(inside, linear_index, 0))
-            out += tf.cast(weight, volume.dtype)[:, None] * values
-        return tf.reshape(out, [slab, sy, sz, channels])
+        x = tf.cast(tf.range(slab) + start, tf.float32)[:, None, None]
+        # per source axis: the two neighbours' flat-index parts and their weights (0 outside the volume)
+        parts, weights = [], []
+        for axis in range(3):
+            source = linear[axis, 0] * x + linear[axis, 1] * y + linear[axis, 2] * z + offset[axis]  # [slab, sy, sz]
+            base = tf.floor(source)
+            upper_weight = source - base
+            lower = tf.cast(base, tf.int32)
+            upper = lower + 1
+            size = shape[axis]
+            parts.append([tf.clip_by_value(i, 0, size - 1) * strides[axis] for i in (lower, upper)])
+            weights.append([
+                tf.where((lower >= 0) & (lower < size), 1.0 - upper_weight, 0.0),
+                tf.where((upper >= 0) & (upper < size), upper_weight, 0.0),
+            ])
+        out = tf.zeros([slab, sy, sz, channels], volume.dtype)
+        for a in range(2):
+            for b in range(2):
+                index_xy = parts[0][a] + parts[1][b]
+                weight_xy = weights[0][a] * weights[1][b]
+                for c in range(2):
+                    values = tf.gather(flat, index_xy + parts[2][c])
+                    out += tf.cast(weight_xy * weights[2][c], volume.dtype)[..., None] * values
+        return out
 
     if slab == sx:
         window = one_slab(tf.constant(0))
