@@ -1,0 +1,346 @@
+"""The localization network of Andermatt et al. (2017), its coarse and fine models, and K-landmark heads.
+
+One localization network serves both stages::
+
+    input [B, N, N, N, C]
+      -> 3 x ( MDGRU(units_i, stride 2, DropConnect) -> 1x1x1 conv (fc_channels_i) -> tanh )   # N -> N/8
+      -> flatten [B, (N/8)^3 * fc_channels_last]
+      -> LandmarkHeads: shared Dense(H) -> leaky ReLU(0.01) -> per-landmark Dense(Cx + Cy + Cz) -> split x/y/z
+
+with ``H = (Cx + Cy + Cz) * head_hidden_factor``. ``C = n * window / factor`` coordinate classes per axis
+(:func:`mdgru_keras.geometry.num_classes`). Every axis is its own classifier (softmax over its logits).
+
+Several landmarks share the trunk *and* the first dense layer: the paper's first dense layer alone is
+``(8^3 * 192) x 3072`` (302 M weights, 1.2 GB float32), so K copies of it are out of the question. Each
+landmark owns only its output layer ``H x (Cx + Cy + Cz)``. With K = 1 this is exactly the paper's network.
+
+Models (the contract in ``docs/ARCHITECTURE.md``):
+
+* coarse: ``{"volume": [B, P, P, P, 2]}`` -> strided conv (stride s, filter 2s + 1) -> network ->
+  ``{"x": [B, K, Cx], "y": [B, K, Cy], "z": [B, K, Cz]}`` logits (``factor = s``, window ``P``).
+* fine: ``{"window": [B, W, W, W, 2], "landmark_index": int32 [B]}`` -> network ->
+  ``{"x": [B, Cx], "y": [B, Cy], "z": [B, Cz]}`` logits of that sample's landmark (``factor = 1``, window ``W``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mdgru_keras.config import Config, NetworkConfig
+from mdgru_keras.geometry import num_classes
+from mdgru_keras.layers import CGRU, MDGRU
+
+AXES = ("x", "y", "z")
+INPUT_CHANNELS = 2  # volume and its high-pass (mdgru_keras.preprocessing)
+
+
+def head_initializer() -> keras.initializers.Initializer:
+    """Uniform in ``[-sqrt(3 / N_in), +sqrt(3 / N_in)]``, ``N_in`` the layer's number of inputs (the paper's)."""
+    return keras.initializers.VarianceScaling(scale=1.0, mode="fan_in", distribution="uniform")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layers
+
+
+@keras.saving.register_keras_serializable(package="mdgru_keras")
+class LandmarkHeads(keras.layers.Layer):
+    """Per-landmark coordinate classifiers on a shared hidden layer.
+
+    ``hidden = leaky_relu(features @ W_shared + b_shared, 0.01)``, then landmark ``k`` gets
+    ``logits_k = hidden @ W_k + b_k`` (``W_k``: ``[H, Cx + Cy + Cz]``), split into the three axes.
+
+    Two modes:
+
+    * all landmarks (``call(features)``): features ``[B, F]`` -> ``{"x": [B, K, Cx], "y": ..., "z": ...}``.
+    * one landmark per sample (``call(features, landmark_index)``): ``landmark_index`` int ``[B]`` ->
+      ``{"x": [B, Cx], ...}``. Only the selected output layers are read (a gather), so a batch of all K
+      landmarks costs one matrix-vector product per sample, not K.
+
+    Args:
+        num_landmarks: K.
+        classes: ``(Cx, Cy, Cz)``.
+        hidden_units: H; the paper uses ``(Cx + Cy + Cz) * 4``.
+        negative_slope: of the leaky ReLU.
+    """
+
+    def __init__(
+        self,
+        num_landmarks: int,
+        classes: tuple[int, int, int],
+        hidden_units: int,
+        negative_slope: float = 0.01,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_landmarks = int(num_landmarks)
+        self.classes = tuple(int(c) for c in classes)
+        self.hidden_units = int(hidden_units)
+        self.negative_slope = float(negative_slope)
+
+    def build(self, features_shape: tuple, landmark_index_shape: tuple | None = None) -> None:
+        features = int(features_shape[-1])
+        total = sum(self.classes)
+        self.hidden_kernel = self.add_weight(
+            name="hidden_kernel", shape=(features, self.hidden_units), initializer=head_initializer()
+        )
+        self.hidden_bias = self.add_weight(name="hidden_bias", shape=(self.hidden_units,), initializer="zeros")
+        self.output_kernel = self.add_weight(
+            name="output_kernel",
+            shape=(self.num_landmarks, self.hidden_units, total),
+            initializer=_PerLandmarkFanIn(),
+        )
+        self.output_bias = self.add_weight(
+            name="output_bias", shape=(self.num_landmarks, total), initializer="zeros"
+        )
+
+    def compute_output_shape(self, features_shape: tuple, landmark_index_shape: tuple | None = None) -> dict:
+        batch = features_shape[0]
+        if landmark_index_shape is None:
+            return {axis: (batch, self.num_landmarks, c) for axis, c in zip(AXES, self.classes)}
+        return {axis: (batch, c) for axis, c in zip(AXES, self.classes)}
+
+    def call(self, features: tf.Tensor, landmark_index: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        hidden = tf.matmul(features, self.hidden_kernel) + self.hidden_bias
+        hidden = tf.nn.leaky_relu(hidden, alpha=self.negative_slope)  # [B, H]
+        if landmark_index is None:
+            logits = tf.einsum("bh,khc->bkc", hidden, self.output_kernel) + self.output_bias  # [B, K, C]
+        else:
+            index = tf.cast(tf.reshape(landmark_index, [-1]), tf.int32)
+            kernel = tf.gather(self.output_kernel, index)  # [B, H, C]
+            logits = tf.linalg.matvec(kernel, hidden, transpose_a=True) + tf.gather(self.output_bias, index)
+        parts = tf.split(logits, list(self.classes), axis=-1)
+        return dict(zip(AXES, parts))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            num_landmarks=self.num_landmarks,
+            classes=list(self.classes),
+            hidden_units=self.hidden_units,
+            negative_slope=self.negative_slope,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="mdgru_keras")
+class _PerLandmarkFanIn(keras.initializers.Initializer):
+    """The head initializer for a stack of K kernels ``[K, N_in, N_out]``: each uniform in ±sqrt(3 / N_in)."""
+
+    def __call__(self, shape, dtype=None):
+        limit = math.sqrt(3.0 / shape[-2])
+        return keras.random.uniform(shape, -limit, limit, dtype=dtype)
+
+    def get_config(self) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sizes
+
+
+def stage_classes(config: Config, stage: str) -> tuple[int, int, int]:
+    """``(Cx, Cy, Cz)`` of a stage: ``n * window / factor`` per axis (cubic windows)."""
+    if stage == "coarse":
+        size, factor = config.coarse.padded_size, config.coarse.input_stride
+    elif stage == "fine":
+        size, factor = config.fine.window_size, 1
+    else:
+        raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
+    return (num_classes(size, config.superresolution, factor),) * 3
+
+
+def network_input_size(config: Config, stage: str) -> int:
+    """Voxels per axis that enter the localization network of a stage (after the coarse input conv)."""
+    if stage == "coarse":
+        return config.coarse.padded_size // config.coarse.input_stride
+    return config.fine.window_size
+
+
+def count_parameters(config: Config, stage: str) -> dict[str, int]:
+    """Trainable parameters of a stage's model, computed analytically (without building it).
+
+    Returns ``{"input_conv", "trunk", "head_hidden", "head_output", "total"}``; tests check it against Keras.
+    """
+    net = config.coarse.network if stage == "coarse" else config.fine.network
+    counts = {"input_conv": 0}
+    channels = INPUT_CHANNELS
+    if stage == "coarse":
+        s = config.coarse.input_stride
+        counts["input_conv"] = (2 * s + 1) ** 3 * channels * config.coarse.input_channels + config.coarse.input_channels
+        channels = config.coarse.input_channels
+    trunk = 0
+    for units, fc in zip(net.mdgru_units, net.fc_channels):
+        per_cgru = net.input_filter**2 * channels * 3 * units + net.state_filter**2 * units * 3 * units + 3 * units
+        trunk += 6 * per_cgru + units * fc + fc
+        channels = fc
+    counts["trunk"] = trunk
+    size = network_input_size(config, stage) // net.mdgru_stride ** len(net.mdgru_units)
+    features = size**3 * channels
+    total_classes = sum(stage_classes(config, stage))
+    hidden = total_classes * net.head_hidden_factor
+    counts["head_hidden"] = features * hidden + hidden
+    counts["head_output"] = config.num_landmarks * (hidden * total_classes + total_classes)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# builders
+
+
+def localization_trunk(x: keras.KerasTensor, net: NetworkConfig, name: str) -> keras.KerasTensor:
+    """The [strided MD-GRU -> voxelwise dense -> tanh] compositions, then flatten: ``[B, F]``."""
+    for i, (units, fc) in enumerate(zip(net.mdgru_units, net.fc_channels)):
+        x = MDGRU(
+            units,
+            strides=net.mdgru_stride,
+            input_filter=net.input_filter,
+            state_filter=net.state_filter,
+            dropconnect=net.dropconnect,
+            combine=net.combine,
+            name=f"{name}_mdgru{i}",
+        )(x)
+        x = keras.layers.Conv3D(
+            fc,
+            1,
+            activation="tanh",
+            kernel_initializer="glorot_uniform",
+            bias_initializer="zeros",
+            name=f"{name}_voxelwise{i}",
+        )(x)
+    return keras.layers.Flatten(name=f"{name}_flatten")(x)
+
+
+def build_coarse_model(config: Config) -> keras.Model:
+    """Coarse model: ``{"volume": [B, P, P, P, 2]}`` -> ``{"x": [B, K, Cx], "y": ..., "z": ...}`` logits."""
+    size, stride = config.coarse.padded_size, config.coarse.input_stride
+    net = config.coarse.network
+    volume = keras.Input(shape=(size, size, size, INPUT_CHANNELS), name="volume")
+    # The paper reduces the padded scan with one strided convolution of filter 2s + 1 (linear).
+    x = keras.layers.Conv3D(
+        config.coarse.input_channels,
+        2 * stride + 1,
+        strides=stride,
+        padding="same",
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        name="coarse_input_conv",
+    )(volume)
+    features = localization_trunk(x, net, "coarse")
+    classes = stage_classes(config, "coarse")
+    heads = LandmarkHeads(
+        config.num_landmarks, classes, sum(classes) * net.head_hidden_factor, name="coarse_heads"
+    )(features)
+    outputs = {axis: keras.layers.Identity(name=axis)(heads[axis]) for axis in AXES}
+    return keras.Model(inputs={"volume": volume}, outputs=outputs, name="coarse")
+
+
+def build_fine_model(config: Config) -> keras.Model:
+    """Fine model: ``{"window": [B, W, W, W, 2], "landmark_index": int32 [B]}`` -> ``{"x": [B, Cx], ...}``."""
+    size = config.fine.window_size
+    net = config.fine.network
+    window = keras.Input(shape=(size, size, size, INPUT_CHANNELS), name="window")
+    landmark_index = keras.Input(shape=(), dtype="int32", name="landmark_index")
+    features = localization_trunk(window, net, "fine")
+    classes = stage_classes(config, "fine")
+    heads = LandmarkHeads(
+        config.num_landmarks, classes, sum(classes) * net.head_hidden_factor, name="fine_heads"
+    )(features, landmark_index)
+    outputs = {axis: keras.layers.Identity(name=axis)(heads[axis]) for axis in AXES}
+    return keras.Model(inputs={"window": window, "landmark_index": landmark_index}, outputs=outputs, name="fine")
+
+
+def build_model(config: Config, stage: str) -> keras.Model:
+    """:func:`build_coarse_model` or :func:`build_fine_model` by name."""
+    if stage == "coarse":
+        return build_coarse_model(config)
+    if stage == "fine":
+        return build_fine_model(config)
+    raise ValueError(f"stage must be 'coarse' or 'fine', got {stage!r}")
+
+
+def custom_objects() -> dict[str, type]:
+    """The classes needed to load a saved model (``keras.saving.load_model(path, custom_objects=...)``)."""
+    return {
+        "MDGRU": MDGRU,
+        "CGRU": CGRU,
+        "LandmarkHeads": LandmarkHeads,
+        "AxisCrossEntropy": AxisCrossEntropy,
+    }
+
+
+def load_model(path: str) -> keras.Model:
+    """Load a coarse or fine model saved with ``model.save(path)`` (``.keras``)."""
+    return keras.saving.load_model(path, custom_objects=custom_objects(), compile=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss and training
+
+
+@keras.saving.register_keras_serializable(package="mdgru_keras")
+class AxisCrossEntropy(keras.losses.Loss):
+    """Cross-entropy of one axis' logits, summed over landmarks.
+
+    ``y_true`` int class indices ``[B]`` or ``[B, K]``, ``y_pred`` logits ``[B, C]`` or ``[B, K, C]``; the
+    per-sample loss is the sum over landmarks, and Keras averages it over the batch. With one such loss per
+    axis (``compile_for_training``) the total is the paper's loss: the sum of the three cross-entropies,
+    summed over landmarks (mean over the batch).
+    """
+
+    def __init__(self, name: str = "axis_cross_entropy", **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        labels = tf.cast(tf.reshape(y_true, tf.shape(y_pred)[:-1]), tf.int32)
+        per_landmark = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=y_pred)
+        if len(y_pred.shape) == 3:
+            return tf.reduce_sum(per_landmark, axis=-1)
+        return per_landmark
+
+
+def localization_loss(labels: dict[str, tf.Tensor], logits: dict[str, tf.Tensor]) -> tf.Tensor:
+    """The paper's loss for custom loops: sum over axes and landmarks of the cross-entropies, batch mean.
+
+    ``labels[axis]``: int ``[B]`` or ``[B, K]``; ``logits[axis]``: ``[B, C]`` or ``[B, K, C]``.
+    """
+    loss = AxisCrossEntropy()
+    return tf.add_n([loss(labels[axis], logits[axis]) for axis in AXES])
+
+
+def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
+    """The optimizer of ``config.training`` (the paper: AdaDelta, learning rate 0.001)."""
+    name, rate = config.training.optimizer, config.training.learning_rate
+    if name == "adadelta":
+        return keras.optimizers.Adadelta(learning_rate=rate)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=rate)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=rate, momentum=0.9)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=rate)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def compile_for_training(model: keras.Model, config: Config, jit_compile: bool | str = False) -> keras.Model:
+    """Compile a coarse or fine model with the paper's loss and ``config.training``'s optimizer.
+
+    Labels are ``{"x", "y", "z"}`` int class indices (``[B, K]`` coarse, ``[B]`` fine), as produced by
+    ``mdgru_keras.data.pipeline.make_dataset``.
+    """
+    model.compile(
+        optimizer=make_optimizer(config),
+        loss={axis: AxisCrossEntropy(name=f"{axis}_cross_entropy") for axis in AXES},
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def parameter_bytes(count: int, dtype: str = "float32") -> int:
+    """Bytes of ``count`` parameters of ``dtype``."""
+    return int(count) * np.dtype(dtype).itemsize
