@@ -214,12 +214,11 @@ def make_dataset(
 
     dataset = tf.data.Dataset.from_tensor_slices(files)
     dataset = dataset.shuffle(len(files), seed=file_seed, reshuffle_each_iteration=reshuffle)
-    dataset = dataset.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 4),
-        num_parallel_calls=tf.data.AUTOTUNE if len(files) > 1 else None,
-        deterministic=deterministic,
-    )
+    if len(files) > 1:
+        dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 4),
+                                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    else:
+        dataset = dataset.flat_map(tf.data.TFRecordDataset)
     dataset = dataset.shuffle(min(SHUFFLE_BUFFER, max(len(entry["subjects"]), 1)), seed=record_seed,
                               reshuffle_each_iteration=reshuffle)
     if repeat:
