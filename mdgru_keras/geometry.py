@@ -848,3 +848,52 @@ def map_voxel(voxel: np.ndarray, voxel_map: np.ndarray) -> np.ndarray:
 def map_voxel_tf(voxel: tf.Tensor, voxel_map: tf.Tensor) -> tf.Tensor:
     """TensorFlow form of :func:`map_voxel` (float64)."""
     return voxel_to_world_tf(voxel, voxel_map)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RAS <-> LPS (ITK / SimpleITK world convention)
+#
+# Our world coordinates are RAS millimetres (NIfTI, nibabel, 3D Slicer): +x right, +y anterior, +z superior.
+# ITK and SimpleITK use LPS: +x left, +y posterior, +z superior. The two differ by negating x and y. Every
+# crossing between the two conventions goes through the functions below and nowhere else.
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # 4x4; its own inverse
+
+
+def ras_to_lps(world_mm_ras: np.ndarray) -> np.ndarray:
+    """RAS millimetres ``[..., 3]`` to LPS millimetres ``[..., 3]`` (negate x and y)."""
+    return np.asarray(world_mm_ras, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+def lps_to_ras(world_mm_lps: np.ndarray) -> np.ndarray:
+    """LPS millimetres ``[..., 3]`` to RAS millimetres ``[..., 3]`` (negate x and y)."""
+    return np.asarray(world_mm_lps, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+def itk_geometry_from_affine(
+    voxel_to_world_affine: np.ndarray, atol: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ITK image geometry of an array ``[x, y, z]`` with a RAS ``voxel_to_world`` affine.
+
+    Returns ``(origin_lps [3], spacing_mm [3], direction_lps [3, 3])``: ITK's physical point of index
+    ``(i, j, k)`` is ``origin + direction @ (spacing * (i, j, k))`` in LPS mm, with ITK's index ``(i, j, k)``
+    being our voxel ``[i, j, k]`` (SimpleITK's *NumPy view* is ``[k, j, i]``, i.e. the array transposed).
+    Raises ``ValueError`` for a sheared affine, which an ITK image cannot represent.
+    """
+    affine_lps = RAS_TO_LPS @ np.asarray(voxel_to_world_affine, dtype=np.float64)
+    spacing = voxel_spacing_mm(voxel_to_world_affine)
+    direction = affine_lps[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=atol):
+        raise ValueError("the voxel_to_world affine has shear; ITK images need orthogonal axes")
+    return affine_lps[:3, 3].copy(), spacing, direction
+
+
+def affine_from_itk_geometry(origin_lps: np.ndarray, spacing_mm: np.ndarray, direction_lps: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`itk_geometry_from_affine`: the RAS ``voxel_to_world`` 4x4 of an ITK image.
+
+    ``direction_lps`` may be given flat (9 values, row-major as SimpleITK's ``GetDirection()``) or ``[3, 3]``.
+    """
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3) * np.asarray(spacing_mm)
+    affine_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
+    return RAS_TO_LPS @ affine_lps
