@@ -43,6 +43,8 @@ MODEL_INFO_FILE = "model_info.json"
 RUN_CONFIG_FILE = "config.json"
 RUN_MODEL_FILE = "model.keras"
 RUN_DATASET_FILE = "dataset.json"
+RUN_INFO_FILE = "run.json"
+RUN_SUMMARY_FILE = "summary.json"
 EXPORT_FORMAT = "mdgru-keras localizer export 1"
 
 # Config keys both stages must agree on: they fix the model grid, the preprocessing and the class decoding.
@@ -218,12 +220,19 @@ class ExportedLocalizer(tf.Module):
 
 @dataclass(frozen=True)
 class TrainingRun:
-    """A training run directory: ``config.json`` (the resolved config), ``model.keras``, maybe ``dataset.json``."""
+    """A training run directory (written by ``mdgru-localize train``).
+
+    ``config.json`` (the resolved config) and ``model.keras`` (the trained stage model) are required;
+    ``run.json`` (stage, dataset path, ...), ``summary.json`` (final validation) and the dataset's
+    ``dataset.json`` are recorded when present.
+    """
 
     path: Path
     stage: str
     config: Config
     model: keras.Model
+    run_info: dict | None
+    summary: dict | None
     dataset: dict | None
 
 
@@ -237,6 +246,29 @@ def model_stage(model: keras.Model) -> str | None:
     return None
 
 
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"not valid JSON ({error})") from None
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _dataset_description(run_dir: Path, run_info: dict | None) -> dict | None:
+    """The run's ``dataset.json``: in the run directory, or in the dataset directory named by ``run.json``."""
+    candidates = [run_dir / RUN_DATASET_FILE]
+    recorded = (run_info or {}).get("dataset")
+    if isinstance(recorded, str) and recorded:
+        where = Path(recorded) if Path(recorded).is_absolute() else run_dir / recorded
+        candidates += [Path(recorded) / RUN_DATASET_FILE, where / RUN_DATASET_FILE, Path(recorded)]
+    for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".json":
+            return _read_json(candidate)
+    return {"path": recorded} if recorded else None
+
+
 def load_run(run_dir: str | Path, stage: str) -> TrainingRun:
     """Load the ``stage`` model of a training run, checking it is that stage's and fits the run's config."""
     from mdgru_keras.networks import load_model, stage_classes
@@ -247,13 +279,15 @@ def load_run(run_dir: str | Path, stage: str) -> TrainingRun:
     config_path, model_path = path / RUN_CONFIG_FILE, path / RUN_MODEL_FILE
     for required in (config_path, model_path):
         if not required.is_file():
-            raise InputError(path, f"not a training run: {required.name} is missing")
+            raise InputError(path, f"not a finished training run: {required.name} is missing")
     try:
-        config = config_from_dict(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-    except json.JSONDecodeError as error:
-        raise InputError(config_path, f"not valid JSON ({error})") from None
+        config = config_from_dict(_read_json(config_path) or {}, str(config_path))
     except ConfigError as error:
         raise InputError(None, str(error)) from None
+    run_info = _read_json(path / RUN_INFO_FILE)
+    recorded_stage = (run_info or {}).get("stage")
+    if recorded_stage is not None and recorded_stage != stage:
+        raise InputError(path, f"a {recorded_stage} run (run.json), but a {stage} run is needed here")
     try:
         model = load_model(str(model_path))
     except Exception as error:  # Keras raises many kinds for corrupt or foreign files
@@ -261,18 +295,19 @@ def load_run(run_dir: str | Path, stage: str) -> TrainingRun:
     found = model_stage(model)
     if found != stage:
         raise InputError(model_path, f"a {found or 'unknown'}-stage model, but a {stage} run is needed here")
-    classes = tuple(int(output.shape[-1]) for output in (model.outputs if isinstance(model.outputs, list) else []))
+    classes = tuple(int(output.shape[-1]) for output in model.outputs)
     expected = stage_classes(config, stage)
-    if classes and sorted(classes) != sorted(expected):
-        raise InputError(model_path, f"outputs {classes} classes per axis, its config.json says {expected}")
-    dataset = None
-    dataset_path = path / RUN_DATASET_FILE
-    if dataset_path.is_file():
-        try:
-            dataset = json.loads(dataset_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise InputError(dataset_path, f"not valid JSON ({error})") from None
-    return TrainingRun(path=path, stage=stage, config=config, model=model, dataset=dataset)
+    if sorted(classes) != sorted(expected):
+        raise InputError(model_path, f"outputs {classes} classes per axis, but its config.json says {expected}")
+    return TrainingRun(
+        path=path,
+        stage=stage,
+        config=config,
+        model=model,
+        run_info=run_info,
+        summary=_read_json(path / RUN_SUMMARY_FILE),
+        dataset=_dataset_description(path, run_info),
+    )
 
 
 def combine_configs(coarse: Config, fine: Config, coarse_source: str = "coarse", fine_source: str = "fine") -> Config:
@@ -401,8 +436,13 @@ def export_runs(
     localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size)
     info = {
         "runs": {
-            "coarse": {"path": str(coarse.path.resolve()), "config": coarse.config.to_dict()},
-            "fine": {"path": str(fine.path.resolve()), "config": fine.config.to_dict()},
+            run.stage: {
+                "path": str(run.path.resolve()),
+                "config": run.config.to_dict(),
+                "run": run.run_info,
+                "summary": run.summary,
+            }
+            for run in (coarse, fine)
         },
         "dataset": {"coarse": coarse.dataset, "fine": fine.dataset},
     }
