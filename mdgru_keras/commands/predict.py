@@ -109,9 +109,7 @@ def predict(
     )
     from serving import ServingError
 
-    client, known = _open_client(model_dir, server, model_name, timeout_s)
-    if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
-        raise click.UsageError(f"--landmarks: {problem}")
+    client = _open_client(model_dir, server, model_name, timeout_s, requested)
 
     predictions, done, failed = [], [], []  # done: the index in IMAGES of each prediction
     figure_paths = per_scan_paths(images, figure_dir, ".png") if figure_dir is not None else None
@@ -153,7 +151,7 @@ def predict(
     summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
     if figure_dir is not None:
         summary += f"; figures in {figure_dir}"
-    failed_files = sorted({path for path, _ in failed})
+    failed_files = list(dict.fromkeys(path for path, _ in failed))  # in the order given
     if failed_files:
         summary += f"; {len(failed_files)} failed: {', '.join(failed_files)}"
     click.echo(f"Wrote {written} ({summary})", err=out is None)
@@ -161,22 +159,27 @@ def predict(
         sys.exit(1)
 
 
-def _open_client(model_dir: Path | None, server: str | None, model_name: str, timeout_s: float):
-    """``(client, landmark names or None)``; the names come from the export's model_info.json when local."""
+def _open_client(
+    model_dir: Path | None, server: str | None, model_name: str, timeout_s: float, requested: list[str] | None
+):
+    """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
+    ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
     from mdgru_keras.errors import InputError
+    from mdgru_keras.prediction import unknown_landmarks
     from serving import ServingError
 
     try:
         if model_dir is not None:
             from serving.export import read_model_info
-            from serving.servable import LocalLocalizationClient
+            from serving.servable import LocalLocalizationClient, resolve_version_dir
 
-            client = LocalLocalizationClient(model_dir)
-            known = read_model_info(client.servable.version_dir).get("landmarks")
-            return client, known
+            known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
+            if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
+                raise click.UsageError(f"--landmarks: {problem}")
+            return LocalLocalizationClient(model_dir)
         from serving import connect
 
-        return connect(server, model_name, timeout_s=timeout_s), None
+        return connect(server, model_name, timeout_s=timeout_s)
     except (InputError, ServingError, ValueError) as error:
         raise click.ClickException(str(error)) from None
 
