@@ -57,10 +57,10 @@ def export(
     Signatures: serving_default (float32 volume), localize_int16 (int16 volume), coarse (coarse stage only);
     assets/model_info.json records both stages' configs, the landmarks, the training data and the version.
 
-    Example:
+    Example, then serve it (see docs/SERVING.md) or predict with it:
 
+    \b
       mdgru-localize export --coarse runs/coarse --fine runs/fine --out export --name mdgru
-
       mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
     """
     import time

@@ -80,10 +80,9 @@ def predict(
 
     Examples:
 
+    \b
       mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
-
       mdgru-localize predict scans/*.nii.gz --model export/mdgru --out landmarks.json --figure figures/
-
       mdgru-localize predict scans/*.nii.gz --server 127.0.0.1:8500 --format csv --out landmarks.csv
     """
     if (model_dir is None) == (server is None):
