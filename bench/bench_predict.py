@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--scans", type=int, default=5, help="timed scans per preset and transport (after one warm-up)")
     parser.add_argument("--paper-scans", type=int, default=3, help="timed scans for the paper preset")
     parser.add_argument("--shape", type=int, nargs=3, default=[176, 208, 176], help="scan shape (voxels)")
-    parser.add_argument("--transports", nargs="+", default=["local", "grpc"], choices=["local", "grpc"])
+    parser.add_argument(
+        "--transports", nargs="+", default=["local", "grpc"], choices=["local", "grpc"], help="in this order"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -140,14 +142,15 @@ def main() -> None:
             scans = args.paper_scans if preset == "paper" else args.scans
             model_dir, export_seconds = export_random(preset, Path(tmp) / "export")
             run = {"preset": preset, "export_seconds": round(export_seconds, 1)}
-            if "local" in args.transports:
-                started = time.perf_counter()
-                client = LocalLocalizationClient(model_dir, preset)
-                load = time.perf_counter() - started
-                run["local"] = {"load_seconds": round(load, 3), **time_calls(client, scan, scans)}
-                del client  # free its memory before the server process loads the model
-            if "grpc" in args.transports:
-                run["grpc"] = bench_grpc(model_dir, preset, scan, scans)
+            for transport in args.transports:  # in the order given
+                if transport == "local":
+                    started = time.perf_counter()
+                    client = LocalLocalizationClient(model_dir, preset)
+                    load = time.perf_counter() - started
+                    run["local"] = {"load_seconds": round(load, 3), **time_calls(client, scan, scans)}
+                    del client  # free its memory before the server process loads the model
+                else:
+                    run["grpc"] = bench_grpc(model_dir, preset, scan, scans)
             print(json.dumps(run), flush=True)
             runs.append(run)
     result = {
