@@ -151,9 +151,7 @@ def per_scan_paths(paths: Sequence[str | Path], directory: Path, suffix: str) ->
     return result
 
 
-def predictions_json(
-    predictions: Sequence[ScanPrediction], failed: Sequence[tuple[str, str]], model: str
-) -> str:
+def predictions_json(predictions: Sequence[ScanPrediction], failed: Sequence[tuple[str, str]], model: str) -> str:
     """The JSON document (see the module docstring); ``failed`` holds ``(file, one-line error)`` pairs."""
     document = {
         "format": PREDICTIONS_FORMAT,
@@ -197,6 +195,4 @@ def write_prediction_figure(prediction: ScanPrediction, out_png: str | Path) -> 
         }
         for label, world_mm in (("prediction", prediction.world_mm), ("coarse estimate", prediction.coarse_world_mm))
     }
-    return landmark_figure(
-        volume.data, volume.voxel_to_world, points, out_png, title=Path(prediction.path).name
-    )
+    return landmark_figure(volume.data, volume.voxel_to_world, points, out_png, title=Path(prediction.path).name)
