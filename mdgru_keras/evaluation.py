@@ -27,7 +27,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import numpy as np
 
@@ -429,14 +429,15 @@ def evaluate(
     predictions: Iterable[Prediction],
     ground_truth: Iterable[GroundTruth] | Mapping[str, GroundTruth],
     json_path: str | Path | None = None,
-    stream: TextIO | None = sys.stdout,
+    stream: TextIO | Literal["stdout"] | None = "stdout",
 ) -> ErrorTable:
-    """Errors → :class:`ErrorTable`; prints the Markdown to ``stream`` (None: silent) and writes ``json_path``."""
+    """Errors → :class:`ErrorTable`; prints the Markdown to ``stream`` (``"stdout"``: the current ``sys.stdout``,
+    None: silent) and writes ``json_path`` (atomically)."""
     truths = list(ground_truth.values()) if isinstance(ground_truth, Mapping) else list(ground_truth)
     landmark_order = list(dict.fromkeys(name for truth in truths for name in truth.landmarks_world_mm))
     table = ErrorTable.from_errors(compute_errors(predictions, truths), landmarks=landmark_order)
     if stream is not None:
-        stream.write(table.to_markdown())
+        (sys.stdout if stream == "stdout" else stream).write(table.to_markdown())
     if json_path is not None:
         table.write_json(json_path)
     return table

@@ -391,8 +391,9 @@ def sample_window_affine_tf(
     if slab == sx:
         window = one_slab(tf.constant(0))
     else:
-        slabs = tf.map_fn(one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels],
-                                                                                              volume.dtype))
+        slabs = tf.map_fn(
+            one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels], volume.dtype)
+        )
         window = tf.reshape(slabs, [sx, sy, sz, channels])
     return tf.ensure_shape(window, tuple(window_size) + (channels,))
 

@@ -238,3 +238,8 @@ def test_empty_table() -> None:
     table = ErrorTable.from_errors([])
     assert table.rows == {}
     assert table.to_markdown() == "No predictions to evaluate.\n"
+
+
+def test_evaluate_prints_the_markdown_to_stdout(capsys) -> None:
+    table = evaluate(shifted("registration", SHIFTS_MM), truths())
+    assert capsys.readouterr().out == table.to_markdown()

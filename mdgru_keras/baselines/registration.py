@@ -173,12 +173,12 @@ def register_landmarks(
     Returns:
         landmark name -> RAS mm ``(3,)`` float64 in the target scan, in the template's order.
     """
-    template = to_sitk_image(template_volume, template_voxel_to_world)
-    target = to_sitk_image(target_volume, target_voxel_to_world)
-    transform = register(template, target, settings, seed)
     names = list(template_landmarks_world_mm)
     if not names:
         return {}
+    template = to_sitk_image(template_volume, template_voxel_to_world)
+    target = to_sitk_image(target_volume, target_voxel_to_world)
+    transform = register(template, target, settings, seed)
     template_world_mm = np.stack([np.asarray(template_landmarks_world_mm[n], dtype=np.float64) for n in names])
     mapped = transform_world_mm(transform, template_world_mm)
     return {name: mapped[i] for i, name in enumerate(names)}

@@ -100,7 +100,7 @@ def synth(
     \b
       mdgru-localize synth --image demo/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz
       --image2 demo/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz
-      --landmarks demo/tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv --n 40 --out synth --seed 1
+      --landmarks demo/afids.fcsv --n 40 --out synth --seed 1
     """
     from mdgru_keras.data.synth import SynthOptions, load_template, synthesize_population
     from mdgru_keras.errors import InputError
