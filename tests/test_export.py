@@ -386,3 +386,28 @@ def test_tensorflow_model_server_serves_the_export(base_dir: Path, tmp_path: Pat
                 client.localize(np.full(shape, np.nan, np.float32), voxel_to_world, signature="serving_default")
     assert caught.value.code == "INVALID_ARGUMENT"
     np.testing.assert_allclose(remote["world_mm"], local["world_mm"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the grid crop behind the oversized-input rule
+
+
+def test_central_grid_crop_keeps_the_coarse_region_and_matches_its_tf_form(rng: np.random.Generator) -> None:
+    size, window = CONFIG.coarse.padded_size, CONFIG.fine.window_size
+    limit = size + window
+    for _ in range(50):
+        shape = tuple(int(n) for n in rng.integers(2, 3 * limit, size=3))
+        new_to_old = affine(np.diag(rng.uniform(0.5, 2.0, size=3)), tuple(rng.uniform(-5, 5, size=3)))
+        cropped_shape, cropped_to_old, origin = geometry.central_grid_crop(shape, new_to_old, limit)
+        assert cropped_shape == tuple(min(n, limit) for n in shape)
+        # the coarse region (central P^3) is the same voxels of the uncropped grid, cropped or not
+        np.testing.assert_array_equal(
+            origin + geometry.centered_window_origin(cropped_shape, size), geometry.centered_window_origin(shape, size)
+        )
+        np.testing.assert_allclose(cropped_to_old, new_to_old @ geometry.translation_affine(origin))
+        tf_shape, tf_to_old, tf_origin = geometry.central_grid_crop_tf(
+            tf.constant(shape), tf.constant(new_to_old), limit
+        )
+        assert tuple(tf_shape.numpy()) == cropped_shape
+        np.testing.assert_array_equal(tf_origin.numpy(), origin)
+        np.testing.assert_allclose(tf_to_old.numpy(), cropped_to_old)
