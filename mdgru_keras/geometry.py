@@ -795,6 +795,69 @@ def peak_mass_tf(probabilities: tf.Tensor) -> tf.Tensor:
     return total
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the exported model's grid: a bounded central region of the resampled scan
+#
+# The exported SavedModel resamples a scan of any size to the model's grid (``canonical_resampling_grid``), but
+# it only ever looks at the central ``max_size^3`` voxels of that grid: the coarse stage sees the central
+# ``P^3`` region and the fine windows (``W^3``) around its estimates reach at most ``W/2`` beyond it, so
+# ``max_size = P + W`` covers everything the two stages can see while bounding time and memory for huge
+# inputs. The crop is a shift of the grid, folded into ``new_to_old``, so only the kept voxels are resampled.
+# With ``max_size - P`` even, the coarse region of the cropped grid is exactly that of the full grid.
+
+
+def translation_affine(offset_voxel: np.ndarray) -> np.ndarray:
+    """4x4 float64 map ``v -> v + offset_voxel``."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = np.asarray(offset_voxel, dtype=np.float64)
+    return matrix
+
+
+def translation_affine_tf(offset_voxel: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`translation_affine` (float64)."""
+    offset = tf.reshape(tf.cast(offset_voxel, tf.float64), [3, 1])
+    top = tf.concat([tf.eye(3, dtype=tf.float64), offset], axis=1)
+    return tf.concat([top, tf.constant([[0.0, 0.0, 0.0, 1.0]], tf.float64)], axis=0)
+
+
+def central_grid_crop(
+    new_shape: tuple[int, int, int], new_to_old: np.ndarray, max_size: int
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
+    """Crop a resampling grid to its central ``max_size`` voxels along each axis that is longer.
+
+    Returns ``(cropped_shape, cropped_to_old, origin_voxel int64 [3])``: cropped voxel ``c`` is voxel
+    ``c + origin_voxel`` of the uncropped grid (origin 0 along axes that fit), and
+    ``cropped_to_old = new_to_old @ translation_affine(origin_voxel)``. The origin follows
+    :func:`centered_window_origin`.
+    """
+    shape = np.asarray(new_shape, dtype=np.int64)
+    origin = np.maximum(centered_window_origin(shape, np.full(3, max_size)), 0)
+    cropped_shape = tuple(int(n) for n in np.minimum(shape, max_size))
+    return cropped_shape, np.asarray(new_to_old, dtype=np.float64) @ translation_affine(origin), origin
+
+
+def central_grid_crop_tf(
+    new_shape: tf.Tensor, new_to_old: tf.Tensor, max_size: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """TensorFlow form of :func:`central_grid_crop`: ``(cropped_shape int32 [3], cropped_to_old float64 [4, 4],
+    origin_voxel int32 [3])``."""
+    shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
+    origin = tf.maximum(centered_window_origin_tf(shape, max_size), 0)
+    cropped_to_old = tf.matmul(tf.cast(new_to_old, tf.float64), translation_affine_tf(origin))
+    return tf.minimum(shape, max_size), cropped_to_old, origin
+
+
+def map_voxel(voxel: np.ndarray, voxel_map: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 voxel->voxel map (e.g. ``new_to_old``) to points ``[..., 3]`` (float64)."""
+    return voxel_to_world(voxel, voxel_map)
+
+
+def map_voxel_tf(voxel: tf.Tensor, voxel_map: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`map_voxel` (float64)."""
+    return voxel_to_world_tf(voxel, voxel_map)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # RAS <-> LPS (ITK / SimpleITK world convention)
 #
 # Our world coordinates are RAS millimetres (NIfTI, nibabel, 3D Slicer): +x right, +y anterior, +z superior.
