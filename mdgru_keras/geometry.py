@@ -264,6 +264,137 @@ def decode_axis_tf(probabilities: tf.Tensor, superresolution: int, factor: int =
 
 
 # ---------------------------------------------------------------------------------------------------------
+# training crops: window placement and affine resampling of windows
+#
+# A training crop is a window of ``window_size`` voxels per axis whose voxel ``c`` (window coordinates) shows
+# the volume at ``volume_voxel = linear @ c + offset`` (one affine map ``window -> volume``; zero outside the
+# volume). Integer crops have ``linear = I`` and an integer offset (the window origin); sub-voxel shifts,
+# rotations and scalings change ``offset`` and ``linear``. Landmarks move with the image exactly:
+# ``window_voxel = linear^-1 @ (volume_voxel - offset)``.
+
+
+def centered_window_origin_tf(volume_shape: tf.Tensor, window_size: int | tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`centered_window_origin` (int32)."""
+    return (tf.cast(volume_shape, tf.int32) - tf.cast(window_size, tf.int32)) // 2
+
+
+def window_origin_bounds_tf(
+    volume_shape: tf.Tensor, landmarks_voxel: tf.Tensor, window_size: int, offset_range_voxel: int, margin_voxel: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Inclusive integer bounds ``(low, high)`` ``[3]`` for the origin of a training window.
+
+    The origin is the centred origin (:func:`centered_window_origin`) plus at most ``offset_range_voxel`` per
+    axis, restricted so that every landmark ``[K, 3]`` lies in ``[margin, window_size - 1 - margin]`` window
+    voxels. Where both cannot hold (landmarks spread wider than the window), the bounds collapse to the
+    middle of the landmark-derived range, which keeps the landmarks as central as possible.
+    """
+    centre = centered_window_origin_tf(volume_shape, window_size)
+    landmarks = tf.cast(landmarks_voxel, tf.float32)
+    need_low = tf.cast(tf.math.ceil(tf.reduce_max(landmarks, axis=0) - (window_size - 1 - margin_voxel)), tf.int32)
+    need_high = tf.cast(tf.floor(tf.reduce_min(landmarks, axis=0) - margin_voxel), tf.int32)
+    low = tf.maximum(centre - offset_range_voxel, need_low)
+    high = tf.minimum(centre + offset_range_voxel, need_high)
+    feasible = low <= high
+    nearest = tf.clip_by_value(centre, need_low, tf.maximum(need_low, need_high))
+    fallback = tf.where(need_low <= need_high, nearest, (need_low + need_high) // 2)
+    return tf.where(feasible, low, fallback), tf.where(feasible, high, fallback)
+
+
+def rotation_matrix(angles_rad: np.ndarray) -> np.ndarray:
+    """3x3 rotation ``Rz @ Ry @ Rx`` for angles ``[3]`` (radians) about the x, y and z axes."""
+    ax, ay, az = (float(a) for a in angles_rad)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rotation_matrix_tf(angles_rad: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`rotation_matrix` (float32)."""
+    angles = tf.cast(angles_rad, tf.float32)
+    c, s = tf.cos(angles), tf.sin(angles)
+    one, zero = tf.ones([], tf.float32), tf.zeros([], tf.float32)
+    rx = tf.stack([[one, zero, zero], [zero, c[0], -s[0]], [zero, s[0], c[0]]])
+    ry = tf.stack([[c[1], zero, s[1]], [zero, one, zero], [-s[1], zero, c[1]]])
+    rz = tf.stack([[c[2], -s[2], zero], [s[2], c[2], zero], [zero, zero, one]])
+    return rz @ ry @ rx
+
+
+def volume_voxel_to_window_voxel_tf(volume_voxel: tf.Tensor, linear: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+    """Window coordinates ``[..., 3]`` of volume voxels under the window map ``volume = linear @ c + offset``."""
+    linear = tf.cast(linear, tf.float32)
+    shifted = tf.cast(volume_voxel, tf.float32) - tf.cast(offset, tf.float32)
+    return tf.linalg.matvec(tf.linalg.inv(linear), shifted)
+
+
+def crop_with_shift_tf(volume: tf.Tensor, origin_voxel: tf.Tensor, window_size: tuple[int, int, int]) -> tf.Tensor:
+    """Window at a continuous ``origin_voxel`` [3] (``linear = I``), trilinear, zero outside the volume.
+
+    Separable and cheap: an integer crop one voxel larger, then linear interpolation along each axis. Equal to
+    :func:`sample_window_affine_tf` with the identity matrix.
+    """
+    origin = tf.cast(origin_voxel, tf.float32)
+    base = tf.floor(origin)
+    fraction = origin - base
+    region = crop_with_padding_tf(volume, tf.cast(base, tf.int32), tuple(s + 1 for s in window_size))
+    for axis in range(3):
+        lower = region[(slice(None),) * axis + (slice(0, -1),)]
+        upper = region[(slice(None),) * axis + (slice(1, None),)]
+        region = lower + fraction[axis] * (upper - lower)
+    return tf.ensure_shape(region, tuple(window_size) + tuple(volume.shape[3:]))
+
+
+def sample_window_affine_tf(
+    volume: tf.Tensor, linear: tf.Tensor, offset: tf.Tensor, window_size: tuple[int, int, int], slab: int = 32
+) -> tf.Tensor:
+    """Window ``[*window_size, C]`` of ``volume[x, y, z, C]`` under ``volume_voxel = linear @ c + offset``.
+
+    Trilinear interpolation with the volume zero-padded outside (each of the 8 neighbours outside counts as
+    0, as in :func:`crop_with_padding_tf`). Only window-sized work: the volume itself is never resampled.
+    Processes ``slab`` window planes along x at a time to bound memory for large windows.
+    """
+    linear = tf.cast(linear, tf.float32)
+    offset = tf.cast(offset, tf.float32)
+    channels = volume.shape[-1]
+    shape = tf.shape(volume)[:3]
+    flat = tf.reshape(volume, [-1, channels])
+    sx, sy, sz = window_size
+    slab = min(slab, sx)
+    if sx % slab:
+        slab = sx
+    yz = tf.stack(tf.meshgrid(tf.range(sy, dtype=tf.float32), tf.range(sz, dtype=tf.float32), indexing="ij"), -1)
+
+    def one_slab(start: tf.Tensor) -> tf.Tensor:
+        x = tf.cast(tf.range(slab) + start, tf.float32)
+        grid = tf.concat(
+            [tf.broadcast_to(x[:, None, None, None], [slab, sy, sz, 1]), tf.broadcast_to(yz[None], [slab, sy, sz, 2])],
+            axis=-1,
+        )
+        source = tf.reshape(grid, [-1, 3]) @ tf.transpose(linear) + offset
+        base = tf.floor(source)
+        fraction = source - base
+        base = tf.cast(base, tf.int32)
+        out = tf.zeros([slab * sy * sz, channels], volume.dtype)
+        for corner in range(8):
+            step = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
+            index = base + step
+            inside = tf.reduce_all((index >= 0) & (index < shape), axis=1)
+            linear_index = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
+            weight = tf.reduce_prod(tf.where(step > 0, fraction, 1.0 - fraction), axis=1)
+            weight = tf.where(inside, weight, 0.0)
+            values = tf.gather(flat, tf.where(inside, linear_index, 0))
+            out += tf.cast(weight, volume.dtype)[:, None] * values
+        return tf.reshape(out, [slab, sy, sz, channels])
+
+    if slab == sx:
+        window = one_slab(tf.constant(0))
+    else:
+        slabs = tf.map_fn(one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels],
+                                                                                              volume.dtype))
+        window = tf.reshape(slabs, [sx, sy, sz, channels])
+    return tf.ensure_shape(window, tuple(window_size) + (channels,))
+
+
 # heatmaps (the 3D U-Net baseline, ``mdgru_keras/baselines/unet.py``)
 #
 # A heatmap of a point at continuous ``window_voxel`` is the isotropic Gaussian
