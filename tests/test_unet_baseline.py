@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,11 +17,13 @@ from mdgru_keras.baselines.unet import (
     UNetLocalizer,
     build_unet,
     compile_unet,
+    fit_unet,
     heatmap_example,
     load_unet,
     train_unet,
 )
 from mdgru_keras.config import load_preset, with_landmarks
+from mdgru_keras.data.records import Subject, write_dataset
 from mdgru_keras.geometry import (
     crop_with_padding,
     gaussian_heatmap,
@@ -204,8 +208,43 @@ def test_localizer_refuses_mismatched_inputs(trained):
     model, config, _ = trained
     localizer = UNetLocalizer(model, config)
     with pytest.raises(ValueError, match=r"\[X, Y, Z, 2\]"):
-        localizer.localize(np.zeros((20, 20, 20), np.float32), np.zeros((2, 3)))
+        localizer.localize(np.zeros((20, 20, 20, 3), np.float32), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="3 coarse estimates for 2 landmarks"):
         localizer.localize(np.zeros((20, 20, 20, 2), np.float32), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="window_size"):
         UNetLocalizer(model, config.replace(fine=config.fine.__class__(window_size=8, network=config.fine.network)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fit_unet on a prepared dataset, through the fine pipeline
+
+
+def test_fit_unet_trains_on_the_fine_pipeline_and_writes_model_and_summary(tmp_path):
+    config = with_landmarks(load_preset("tiny"), ["A", "B"])
+    rng = np.random.default_rng(3)
+    subjects = {}
+    for i in range(6):
+        # a raw scan (arbitrary intensity units) at 1 mm; preprocessing is the pipeline's job
+        volume, landmarks_voxel = _synthetic_subject(rng)
+        subjects[f"s{i}"] = Subject(f"s{i}", 100.0 + 40.0 * volume[..., 0], np.eye(4), landmarks_voxel, ("A", "B"))
+    (tmp_path / "data").mkdir()
+    write_dataset(tmp_path / "data", {"train": ["s0", "s1", "s2", "s3"], "val": ["s4", "s5"]}, subjects.__getitem__,
+                  ["A", "B"], spacing_mm=1.0)
+    out = tmp_path / "models" / "unet.keras"
+    summary = fit_unet(tmp_path / "data", config, budget_seconds=120.0, out_path=out, seed=1,
+                       unet=UNetConfig(base_filters=4, norm_groups=2, upsampling="upsample"), max_steps=25,
+                       progress=False)
+    print(f"fit_unet: {summary}")
+    assert summary.steps == 25 and summary.samples_per_step == config.training.batch_size
+    assert summary.final_loss < summary.first_loss
+    assert json.loads(out.with_suffix(".json").read_text())["steps"] == 25
+    assert sorted(p.name for p in out.parent.iterdir()) == ["unet.json", "unet.keras"]  # no temp files left
+    # the saved model serves a raw scan (preprocessed by the localizer as in training)
+    localizer = UNetLocalizer.load(out, config)
+    subject = subjects["s4"]
+    voxel = localizer.localize(subject.volume, subject.landmarks_voxel + 1.0)
+    assert voxel.shape == (2, 3) and np.isfinite(voxel).all()
+    window_voxel = voxel - np.stack([window_origin_around(c, (W, W, W)) for c in subject.landmarks_voxel + 1.0])
+    assert np.all((window_voxel >= 0) & (window_voxel <= W - 1))
+    with pytest.raises(ValueError, match=".keras"):
+        fit_unet(tmp_path / "data", config, 1.0, tmp_path / "unet.h5")

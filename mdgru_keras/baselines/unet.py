@@ -38,6 +38,7 @@ from mdgru_keras.geometry import (
     heatmap_peak,
     window_origin_around,
 )
+from mdgru_keras.preprocessing import preprocess
 
 _PACKAGE = "mdgru_keras.baselines"
 
@@ -210,6 +211,7 @@ class UNetTrainingSummary:
     seconds: float
     first_step_seconds: float  # from the start of fit: graph tracing, filling buffers, the first step
     median_step_seconds: float  # of the steps after the first (the first traces the graph)
+    first_loss: float  # loss of the first step
     final_loss: float  # mean loss of the last min(50, steps) steps
     parameters: int
     unet: dict
@@ -230,6 +232,7 @@ class _TimeBudget(keras.callbacks.Callback):
         self.progress = progress
         self.step_seconds: list[float] = []
         self.losses: list[float] = []
+        self.epoch_mean = 0.0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.start = self.last = time.perf_counter()
@@ -240,7 +243,10 @@ class _TimeBudget(keras.callbacks.Callback):
         self.step_seconds.append(now - self.last)
         self.last = now
         if logs and "loss" in logs:
-            self.losses.append(float(logs["loss"]))
+            # Keras logs the running mean over the epoch so far; unroll it to this step's own loss
+            mean = float(logs["loss"])
+            self.losses.append((batch + 1) * mean - batch * self.epoch_mean if batch else mean)
+            self.epoch_mean = mean
         elapsed = now - self.start
         self.bar.update(min(round(elapsed), self.bar.total) - self.bar.n)
         if self.losses:
@@ -281,6 +287,7 @@ def train_unet(
         seconds=budget.seconds,
         first_step_seconds=budget.step_seconds[0] if steps else float("nan"),
         median_step_seconds=float(np.median(later)) if later else float("nan"),
+        first_loss=budget.losses[0] if budget.losses else float("nan"),
         final_loss=float(np.mean(budget.losses[-50:])) if budget.losses else float("nan"),
         parameters=int(model.count_params()),
         unet=unet.to_dict(),
@@ -376,12 +383,12 @@ class UNetLocalizer:
     def heatmaps(self, volume: np.ndarray, coarse_voxel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Window origins ``[K, 3]`` (int64, volume voxels) and heatmaps ``[K, W, W, W]`` around the estimates."""
         volume = np.asarray(volume, dtype=np.float32)
-        if volume.ndim == 3 and self.input_channels == 1:
-            volume = volume[..., None]
+        if volume.ndim == 3:
+            volume = preprocess(volume, self.config.spacing_mm, self.config.highpass_sigma_mm).numpy()
         if volume.ndim != 4 or volume.shape[-1] != self.input_channels:
             raise ValueError(
-                f"volume of shape {volume.shape}: expected the preprocessed [X, Y, Z, {self.input_channels}] array "
-                "(volume and high-pass, as the fine windows of training)"
+                f"volume of shape {volume.shape}: expected a scan [X, Y, Z] or its preprocessed "
+                f"[X, Y, Z, {self.input_channels}] network input"
             )
         coarse_voxel = np.asarray(coarse_voxel, dtype=np.float64).reshape(-1, 3)
         num_landmarks = coarse_voxel.shape[0]
@@ -401,8 +408,9 @@ class UNetLocalizer:
     def localize(self, volume: np.ndarray, coarse_voxel: np.ndarray) -> np.ndarray:
         """Refined landmark positions ``[K, 3]`` (float64, continuous voxels of ``volume``).
 
-        ``volume``: the preprocessed scan ``[X, Y, Z, C]`` in RAS order at the model spacing (``[X, Y, Z]`` for
-        a one-channel model); ``coarse_voxel``: ``[K, 3]`` estimates in the same voxels, in landmark order.
+        ``volume``: the scan ``[X, Y, Z]`` in RAS order at the model spacing (``config.spacing_mm``), which is
+        preprocessed here as in training (:func:`mdgru_keras.preprocessing.preprocess`), or that network input
+        ``[X, Y, Z, C]`` already; ``coarse_voxel``: ``[K, 3]`` estimates in the same voxels, landmark order.
         """
         origins, heatmaps = self.heatmaps(volume, coarse_voxel)
         return origins + heatmap_peak(heatmaps)
