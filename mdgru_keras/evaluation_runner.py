@@ -33,14 +33,12 @@ from mdgru_keras.config import Config, config_from_dict
 from mdgru_keras.errors import InputError
 from mdgru_keras.evaluation import COARSE, REGISTRATION, UNET, GroundTruth, LandmarkError, Prediction, method_name
 
-# The export's decodings (``serving.export.DECODINGS``) in Table 1a's row order.
-DECODINGS = ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola")
 MODEL = "model"  # key of the export's time in EvaluationRun.seconds
 
 
 def decoding_methods(superresolution: int) -> dict[str, str]:
-    """Export decoding -> Table-1a row name (``method_name``). With ``n = 1`` the pooled decodings are the
-    model's own and are left out (they would be the same rows twice)."""
+    """Export decoding (``serving.export.DECODINGS``) -> Table-1a row name (``method_name``), in row order.
+    With ``n = 1`` the pooled decodings are the model's own and are left out (the same rows twice)."""
     methods = {
         "coarse": COARSE,
         "fine_n1_argmax": method_name("fine", 1, parabola=False),

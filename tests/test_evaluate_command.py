@@ -406,3 +406,18 @@ def test_usage_errors_stop_before_loading_anything(model_base: Path, data: dict,
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith(f"Error: {tmp_path}: ")
     result = run("evaluate", "--model", str(model_base), "--manifest", manifest, "--split", "val")
     assert result.exit_code == 1 and "no subject in split 'val'" in result.output
+
+
+def test_a_unet_trained_for_other_landmarks_is_refused(model_base: Path, data: dict, unet_model: Path,
+                                                      tmp_path: Path) -> None:
+    other = tmp_path / "unet.keras"
+    other.write_bytes(unet_model.read_bytes())
+    summary = json.loads(unet_model.with_suffix(".json").read_text())
+    summary["config"]["landmarks"] = ["B", "A"]  # the heatmap channels would be swapped
+    other.with_suffix(".json").write_text(json.dumps(summary))
+    result = run("evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]),
+                 "--baseline", "unet", "--unet-model", str(other))  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {other}: trained with another config than the export's: landmarks ['B', 'A'] (export: ['A', 'B'])"
+    )
