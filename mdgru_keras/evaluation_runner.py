@@ -296,7 +296,10 @@ def evaluate_case(
         start = time.perf_counter()
         landmarks_world_mm = baseline(scan)
         seconds[baseline.name] = time.perf_counter() - start
-        predictions.append(Prediction(case.subject, baseline.name, landmarks_world_mm, voxel_to_world))
+        try:
+            predictions.append(Prediction(case.subject, baseline.name, landmarks_world_mm, voxel_to_world))
+        except ValueError as error:  # e.g. a non-finite point from a diverged registration or a broken U-Net
+            raise InputError(case.image, f"{baseline.name}: {error}") from None
     return truth, predictions, seconds
 
 
