@@ -972,3 +972,48 @@ def heatmap_peak(heatmap: np.ndarray, floor_fraction: float = 1e-3) -> np.ndarra
             if curvature < -1e-12:
                 result[b, axis] += np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)
     return result.reshape(batch_shape + (3,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pooled decoding: the n = 1 rows of Table 1a from a model trained with superresolution n
+#
+# With superresolution ``n`` the classes are aligned with the classes of ``n = 1``: class ``k`` (width
+# ``w = factor / n``) lies inside the ``n = 1`` class ``k // n`` (width ``factor``), so ``n = 1`` class ``j``
+# is exactly the union of the ``n`` classes ``j*n .. j*n + n - 1`` (for the fine stage, ``factor = 1``: voxel
+# ``j``). Summing each group of ``n`` probabilities therefore gives the model's own distribution over ``n = 1``
+# classes, which decodes with ``superresolution = 1`` like the output of a model trained with ``n = 1``.
+
+
+def pool_classes(probabilities: np.ndarray, superresolution: int) -> np.ndarray:
+    """Probabilities of the ``n = 1`` classes: ``probabilities[..., C]`` -> ``[..., C // n]``, summing each
+    class group ``j*n .. j*n + n - 1``. ``C`` must be a multiple of ``n``."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    classes = p.shape[-1]
+    if superresolution < 1 or classes % superresolution:
+        raise ValueError(f"{classes} classes cannot be pooled in groups of superresolution {superresolution}")
+    return p.reshape(p.shape[:-1] + (classes // superresolution, superresolution)).sum(axis=-1)
+
+
+def pool_classes_tf(probabilities: tf.Tensor, superresolution: int) -> tf.Tensor:
+    """TensorFlow form of :func:`pool_classes` (float32)."""
+    p = tf.cast(probabilities, tf.float32)
+    if superresolution == 1:
+        return p
+    shape = tf.shape(p)
+    grouped = tf.reshape(p, tf.concat([shape[:-1], [shape[-1] // superresolution, superresolution]], axis=0))
+    return tf.reduce_sum(grouped, axis=-1)
+
+
+def decode_axis_pooled(
+    probabilities: np.ndarray, superresolution: int, factor: int = 1, parabola: bool = True
+) -> np.ndarray:
+    """Window coordinate decoded from the ``n = 1`` pooling of ``superresolution``-class probabilities ``[..., C]``
+    (:func:`pool_classes`, then :func:`decode_axis` with ``superresolution = 1``)."""
+    return decode_axis(pool_classes(probabilities, superresolution), 1, factor, parabola)
+
+
+def decode_axis_pooled_tf(
+    probabilities: tf.Tensor, superresolution: int, factor: int = 1, parabola: bool = True
+) -> tf.Tensor:
+    """TensorFlow form of :func:`decode_axis_pooled` (float32)."""
+    return decode_axis_tf(pool_classes_tf(probabilities, superresolution), 1, factor, parabola)

@@ -12,7 +12,10 @@ The graph takes a scan as its file stores it and does everything else itself (th
 3. run :class:`mdgru_keras.localizer.TwoStageLocalizer` (preprocessing, coarse, fine windows, decoding);
 4. map the model-grid voxels back to the given array (``new_to_old``) and to RAS millimetres (the given affine).
 
-Signatures (``serving_default``, ``localize_int16``, ``coarse``) and outputs are listed in :data:`OUTPUTS`.
+Signatures (``serving_default``, ``localize_int16``, ``coarse``, ``decodings``) and outputs are listed in
+:data:`OUTPUTS`. ``decodings`` gives every row of the paper's Table 1a that one model can give (:data:`DECODINGS`:
+coarse; fine with ``n = 1`` classes per voxel, pooled from the model's ``n`` (``geometry.pool_classes``), and
+with the model's ``n``; each by argmax and by parabola), for ``mdgru-localize evaluate``.
 ``assets/model_info.json`` records both stages' configs, the landmark names, the training data description
 and the version.
 """
@@ -37,7 +40,8 @@ from mdgru_keras import geometry
 from mdgru_keras.config import Config, ConfigError, config_from_dict
 from mdgru_keras.errors import InputError
 from mdgru_keras.localizer import TwoStageLocalizer
-from serving import COARSE_SIGNATURE, DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, INT16_SIGNATURE
+from mdgru_keras.networks import AXES
+from serving import COARSE_SIGNATURE, DECODINGS_SIGNATURE, DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, INT16_SIGNATURE
 
 MODEL_INFO_FILE = "model_info.json"
 RUN_CONFIG_FILE = "config.json"
@@ -50,11 +54,18 @@ EXPORT_FORMAT = "mdgru-keras localizer export 1"
 # Config keys both stages must agree on: they fix the model grid, the preprocessing and the class decoding.
 SHARED_CONFIG_KEYS = ("landmarks", "spacing_mm", "highpass_sigma_mm", "superresolution", "parabola")
 
+# The decodings of the ``decodings`` signature (Table 1a's rows): each gives ``{name}_world_mm`` and ``{name}_voxel``.
+# coarse: the coarse stage as used (parabola per the config); fine_n1_*: the fine probabilities pooled to one
+# class per voxel (geometry.pool_classes), as a model trained with n = 1; fine_*: the model's own n classes.
+DECODINGS: tuple[str, ...] = ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola")
+
 # signature -> its outputs (all share the inputs volume [X,Y,Z] and voxel_to_world float64 [4,4])
 OUTPUTS: dict[str, tuple[str, ...]] = {
     DEFAULT_SIGNATURE: ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence"),
     INT16_SIGNATURE: ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence"),
     COARSE_SIGNATURE: ("landmark_names", "coarse_world_mm", "coarse_voxel", "confidence"),
+    DECODINGS_SIGNATURE: ("landmark_names",)
+    + tuple(f"{decoding}_{space}" for decoding in DECODINGS for space in ("world_mm", "voxel")),
 }
 
 
@@ -131,33 +142,52 @@ class LocalizationGraph:
         voxel = tf.ensure_shape(geometry.map_voxel_tf(model_voxel, model_to_given), [self._num_landmarks, 3])
         return voxel, tf.ensure_shape(geometry.voxel_to_world_tf(voxel, voxel_to_world), [self._num_landmarks, 3])
 
+    def _pooled_fine_voxel(self, result: dict[str, tf.Tensor], parabola: bool) -> tf.Tensor:
+        """Model-grid voxels ``[K, 3]`` of the fine probabilities pooled to one class per voxel (n = 1)."""
+        superresolution = self.localizer.config.superresolution
+        window_voxel = tf.stack(
+            [geometry.decode_axis_pooled_tf(result[f"probabilities_{axis}"], superresolution, 1, parabola)
+             for axis in AXES],
+            axis=-1,
+        )  # fmt: skip
+        return geometry.window_to_volume_voxel_tf(window_voxel, result["window_origin_voxel"])
+
     @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])
     def _localize(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:
-        """The whole localization; one traced graph that the float32 and int16 signatures both call."""
+        """The whole localization with every decoding; one traced graph that all localizing signatures call
+        (each returns its subset of these outputs)."""
         model_volume, model_to_given = self._model_grid(volume, voxel_to_world)
         result = self.localizer.localize(model_volume)
-        voxel, world_mm = self._report(result["voxel"], model_to_given, voxel_to_world)
-        coarse_voxel, coarse_world_mm = self._report(result["coarse_voxel"], model_to_given, voxel_to_world)
-        return {
+        outputs = {
             "landmark_names": tf.identity(self.localizer.landmark_names),
-            "world_mm": world_mm,
-            "voxel": voxel,
-            "coarse_world_mm": coarse_world_mm,
-            "coarse_voxel": coarse_voxel,
             "confidence": tf.ensure_shape(result["confidence"], [self._num_landmarks]),
         }
+        model_voxels = {
+            "": result["voxel"],
+            "coarse_": result["coarse_voxel"],
+            "fine_n1_argmax_": self._pooled_fine_voxel(result, parabola=False),
+            "fine_n1_parabola_": self._pooled_fine_voxel(result, parabola=True),
+            "fine_argmax_": result["voxel_argmax"],
+            "fine_parabola_": result["voxel_parabola"],
+        }
+        for prefix, model_voxel in model_voxels.items():
+            voxel, world_mm = self._report(model_voxel, model_to_given, voxel_to_world)
+            outputs[f"{prefix}voxel"], outputs[f"{prefix}world_mm"] = voxel, world_mm
+        return outputs
 
     # -- the signatures -------------------------------------------------------------------------------------
 
     @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])
     def serving_default(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:
         """The whole localization of a float32 scan (the file's array and affine, any orientation)."""
-        return self._localize(volume, voxel_to_world)
+        outputs = self._localize(volume, voxel_to_world)
+        return {name: outputs[name] for name in OUTPUTS[DEFAULT_SIGNATURE]}
 
     @tf.function(input_signature=[_volume_spec(tf.int16), AFFINE_SPEC])
     def localize_int16(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:
         """:meth:`serving_default` for an int16 scan (half the bytes on the wire, lossless)."""
-        return self._localize(tf.cast(volume, tf.float32), voxel_to_world)
+        outputs = self._localize(tf.cast(volume, tf.float32), voxel_to_world)
+        return {name: outputs[name] for name in OUTPUTS[INT16_SIGNATURE]}
 
     @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])
     def coarse(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -172,12 +202,20 @@ class LocalizationGraph:
             "confidence": tf.ensure_shape(result["coarse_confidence"], [self._num_landmarks]),
         }
 
+    @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])
+    def decodings(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Every decoding of :data:`DECODINGS` (Table 1a's rows): ``{name}_world_mm`` and ``{name}_voxel``
+        ``[K, 3]`` float64 in the given array, for a float32 scan."""
+        outputs = self._localize(volume, voxel_to_world)
+        return {name: outputs[name] for name in OUTPUTS[DECODINGS_SIGNATURE]}
+
     def signatures(self) -> dict[str, Any]:
-        """The three signatures as concrete functions (each traced once)."""
+        """The four signatures as concrete functions (each traced once; the localizing ones share one graph)."""
         return {
             DEFAULT_SIGNATURE: self.serving_default.get_concrete_function(),
             INT16_SIGNATURE: self.localize_int16.get_concrete_function(),
             COARSE_SIGNATURE: self.coarse.get_concrete_function(),
+            DECODINGS_SIGNATURE: self.decodings.get_concrete_function(),
         }
 
 
@@ -189,7 +227,7 @@ class _Untracked:
 
 
 class ExportedLocalizer(tf.Module):
-    """What is saved: the stage models' variables, ``assets/model_info.json`` and the three signatures.
+    """What is saved: the stage models' variables, ``assets/model_info.json`` and the four signatures.
 
     Only variables and the asset are tracked (as Keras' own ``ExportArchive`` does). Tracking the localizer,
     the Keras models or tf.functions would make ``tf.saved_model.save`` retrace each of their functions in

@@ -204,6 +204,24 @@ def test_int16_signature_equals_float_signature(servable: Servable) -> None:
     assert [name.decode() for name in coarse["landmark_names"].numpy()] == list(LANDMARKS)
 
 
+def test_decodings_signature_agrees_with_serving_default(servable: Servable) -> None:
+    """The Table-1a decodings: the model's own n with parabola (tiny preset: parabola on) is serving_default's
+    answer, coarse is its coarse answer; every decoding is in the given array and its world mm alike."""
+    shape, voxel_to_world, _ = SCANS["oblique_anisotropic"]
+    inputs = {"volume": make_volume(shape, "f4", 5), "voxel_to_world": voxel_to_world}
+    decodings = servable.predict("decodings", inputs)
+    default = servable.predict("serving_default", inputs)
+    assert set(decodings) == set(OUTPUTS["decodings"])
+    assert CONFIG.parabola
+    np.testing.assert_allclose(decodings["fine_parabola_world_mm"], default["world_mm"], atol=1e-9)
+    np.testing.assert_allclose(decodings["coarse_voxel"], default["coarse_voxel"], atol=1e-9)
+    for name in ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola"):
+        np.testing.assert_allclose(
+            geometry.voxel_to_world(decodings[f"{name}_voxel"], voxel_to_world), decodings[f"{name}_world_mm"],
+            atol=1e-9, err_msg=name,
+        )  # fmt: skip
+
+
 def test_oversized_scans_are_cropped_to_the_central_region_not_refused(servable: Servable) -> None:
     """A scan several times the coarse field of view: an answer inside the central (P+W)^3 region."""
     shape = (150, 40, 130)
@@ -235,7 +253,7 @@ def test_saved_model_cli_lists_the_signatures_with_dtypes_and_shapes(base_dir: P
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
     blocks = dict(re.findall(r"signature_def\['(\w+)'\]:\n(.*?)Method name is: (?:\S*)", text, flags=re.S))
-    assert set(blocks) == {"__saved_model_init_op", "serving_default", "localize_int16", "coarse"}
+    assert set(blocks) == {"__saved_model_init_op", "serving_default", "localize_int16", "coarse", "decodings"}
 
     def tensors(block: str, kind: str) -> dict[str, tuple[str, str]]:
         part = block.split("output(s):")[0 if kind == "inputs" else 1]
@@ -255,10 +273,13 @@ def test_saved_model_cli_lists_the_signatures_with_dtypes_and_shapes(base_dir: P
         "coarse_voxel": ("DT_DOUBLE", f"({k}, 3)"),
         "confidence": ("DT_FLOAT", f"({k})"),
     }
+    for name in ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola"):
+        full[f"{name}_world_mm"] = full[f"{name}_voxel"] = ("DT_DOUBLE", f"({k}, 3)")
     for signature, volume_dtype in (
         ("serving_default", "DT_FLOAT"),
         ("localize_int16", "DT_INT16"),
         ("coarse", "DT_FLOAT"),
+        ("decodings", "DT_FLOAT"),
     ):
         block = blocks[signature]
         assert tensors(block, "inputs") == {
