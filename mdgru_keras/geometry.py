@@ -18,6 +18,8 @@ Every function here has a NumPy form; those that run inside the exported graph a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -378,10 +380,12 @@ def sample_window_affine_tf(
             upper = lower + 1
             size = shape[axis]
             parts.append([tf.clip_by_value(i, 0, size - 1) * strides[axis] for i in (lower, upper)])
-            weights.append([
-                tf.where((lower >= 0) & (lower < size), 1.0 - upper_weight, 0.0),
-                tf.where((upper >= 0) & (upper < size), upper_weight, 0.0),
-            ])
+            weights.append(
+                [
+                    tf.where((lower >= 0) & (lower < size), 1.0 - upper_weight, 0.0),
+                    tf.where((upper >= 0) & (upper < size), upper_weight, 0.0),
+                ]
+            )
         out = tf.zeros([slab, sy, sz, channels], volume.dtype)
         for a in range(2):
             for b in range(2):
@@ -395,8 +399,9 @@ def sample_window_affine_tf(
     if slab == sx:
         window = one_slab(tf.constant(0))
     else:
-        slabs = tf.map_fn(one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels],
-                                                                                              volume.dtype))
+        slabs = tf.map_fn(
+            one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels], volume.dtype)
+        )
         window = tf.reshape(slabs, [sx, sy, sz, channels])
     return tf.ensure_shape(window, tuple(window_size) + (channels,))
 
@@ -620,9 +625,7 @@ def resample_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape: tf.Tensor) 
     for corner in range(8):
         offset = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
         index = tf.minimum(lower + offset, old_shape - 1)
-        corner_weight = tf.reduce_prod(
-            tf.where(tf.cast(offset, tf.bool), weight, 1.0 - weight), axis=1
-        )
+        corner_weight = tf.reduce_prod(tf.where(tf.cast(offset, tf.bool), weight, 1.0 - weight), axis=1)
         result += corner_weight * tf.gather_nd(volume, index)
     return tf.reshape(result, new_shape)
 
@@ -659,6 +662,86 @@ def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape
         positions = slope * tf.range(new_shape[new_axis], dtype=tf.float64) + tf.gather(matrix[:3, 3], old)
         out = _interpolate_axis_tf(out, positions, new_axis)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rigid poses and smooth deformations (the synthetic population)
+#
+# A synthetic subject is made by a *pull-back* map from subject world to template world,
+#   template_mm = rigid^-1(subject_mm + displacement(subject_mm)),
+# which resamples the template image directly. Landmarks need the *forward* map: rigid forward, then
+# the displacement inverted numerically at the point (:func:`invert_displacement`).
+
+
+def rotation_matrix_deg(angles_deg: np.ndarray) -> np.ndarray:
+    """Rotation ``Rz @ Ry @ Rx`` (3x3) for angles ``[ax, ay, az]`` in degrees about the world x, y, z axes."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rigid_affine(rotation: np.ndarray, translation_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
+    """4x4 world map ``x -> rotation @ (x - centre) + centre + translation`` (rotation about ``centre_mm``)."""
+    rotation = np.asarray(rotation, dtype=np.float64)
+    centre = np.asarray(centre_mm, dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation
+    affine[:3, 3] = centre - rotation @ centre + np.asarray(translation_mm, dtype=np.float64)
+    return affine
+
+
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 affine to points ``[..., 3]`` (any space to any space)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def interpolate_at(field: np.ndarray, voxel: np.ndarray) -> np.ndarray:
+    """Trilinear value of ``field[x, y, z, ...]`` at continuous voxel positions ``[N, 3]`` -> ``[N, ...]``.
+
+    Positions are clamped to the grid, exactly as in :func:`resample_axis_aligned`, so a field evaluated here
+    and a field resampled there agree.
+    """
+    field = np.asarray(field)
+    voxel = np.asarray(voxel, dtype=np.float64).reshape(-1, 3)
+    shape = np.asarray(field.shape[:3])
+    voxel = np.clip(voxel, 0.0, shape - 1.0)
+    lower = np.floor(voxel).astype(np.int64)
+    upper = np.minimum(lower + 1, shape - 1)
+    weight = voxel - lower
+    result = 0.0
+    for corner in range(8):
+        pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = tuple(np.where(pick[axis], upper[:, axis], lower[:, axis]) for axis in range(3))
+        corner_weight = np.prod([weight[:, a] if pick[a] else 1.0 - weight[:, a] for a in range(3)], axis=0)
+        corner_weight = corner_weight.reshape((-1,) + (1,) * (field.ndim - 3))
+        result = result + corner_weight * field[index]
+    return np.asarray(result, dtype=np.float64)
+
+
+def invert_displacement(
+    target_mm: np.ndarray,
+    displacement_at: Callable[[np.ndarray], np.ndarray],
+    tolerance_mm: float = 1e-6,
+    max_iterations: int = 200,
+) -> np.ndarray:
+    """Points ``y [N, 3]`` with ``y + displacement_at(y) = target_mm``, by the fixed-point iteration
+    ``y <- target - displacement_at(y)``.
+
+    Converges when the displacement's Jacobian has norm < 1 (a smooth, moderate deformation); raises
+    ``ValueError`` otherwise.
+    """
+    target = np.asarray(target_mm, dtype=np.float64).reshape(-1, 3)
+    points = target - displacement_at(target)
+    for _ in range(max_iterations):
+        updated = target - displacement_at(points)
+        change = np.max(np.abs(updated - points)) if len(points) else 0.0
+        points = updated
+        if change < tolerance_mm:
+            return points
+    raise ValueError(f"displacement inversion did not converge in {max_iterations} iterations (step {change:g} mm)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -712,3 +795,225 @@ def peak_mass_tf(probabilities: tf.Tensor) -> tf.Tensor:
         value = tf.gather(p, tf.clip_by_value(neighbour, 0, classes - 1), batch_dims=batch_dims)
         total = total + tf.where(inside, value, tf.zeros_like(value))
     return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the exported model's grid: a bounded central region of the resampled scan
+#
+# The exported SavedModel resamples a scan of any size to the model's grid (``canonical_resampling_grid``), but
+# it only ever looks at the central ``max_size^3`` voxels of that grid: the coarse stage sees the central
+# ``P^3`` region and the fine windows (``W^3``) around its estimates reach at most ``W/2`` beyond it, so
+# ``max_size = P + W`` covers everything the two stages can see while bounding time and memory for huge
+# inputs. The crop is a shift of the grid, folded into ``new_to_old``, so only the kept voxels are resampled.
+# With ``max_size - P`` even, the coarse region of the cropped grid is exactly that of the full grid.
+
+
+def translation_affine(offset_voxel: np.ndarray) -> np.ndarray:
+    """4x4 float64 map ``v -> v + offset_voxel``."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = np.asarray(offset_voxel, dtype=np.float64)
+    return matrix
+
+
+def translation_affine_tf(offset_voxel: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`translation_affine` (float64)."""
+    offset = tf.reshape(tf.cast(offset_voxel, tf.float64), [3, 1])
+    top = tf.concat([tf.eye(3, dtype=tf.float64), offset], axis=1)
+    return tf.concat([top, tf.constant([[0.0, 0.0, 0.0, 1.0]], tf.float64)], axis=0)
+
+
+def central_grid_crop(
+    new_shape: tuple[int, int, int], new_to_old: np.ndarray, max_size: int
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
+    """Crop a resampling grid to its central ``max_size`` voxels along each axis that is longer.
+
+    Returns ``(cropped_shape, cropped_to_old, origin_voxel int64 [3])``: cropped voxel ``c`` is voxel
+    ``c + origin_voxel`` of the uncropped grid (origin 0 along axes that fit), and
+    ``cropped_to_old = new_to_old @ translation_affine(origin_voxel)``. The origin follows
+    :func:`centered_window_origin`.
+    """
+    shape = np.asarray(new_shape, dtype=np.int64)
+    origin = np.maximum(centered_window_origin(shape, np.full(3, max_size)), 0)
+    cropped_shape = tuple(int(n) for n in np.minimum(shape, max_size))
+    return cropped_shape, np.asarray(new_to_old, dtype=np.float64) @ translation_affine(origin), origin
+
+
+def central_grid_crop_tf(
+    new_shape: tf.Tensor, new_to_old: tf.Tensor, max_size: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """TensorFlow form of :func:`central_grid_crop`: ``(cropped_shape int32 [3], cropped_to_old float64 [4, 4],
+    origin_voxel int32 [3])``."""
+    shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
+    origin = tf.maximum(centered_window_origin_tf(shape, max_size), 0)
+    cropped_to_old = tf.matmul(tf.cast(new_to_old, tf.float64), translation_affine_tf(origin))
+    return tf.minimum(shape, max_size), cropped_to_old, origin
+
+
+def map_voxel(voxel: np.ndarray, voxel_map: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 voxel->voxel map (e.g. ``new_to_old``) to points ``[..., 3]`` (float64)."""
+    return voxel_to_world(voxel, voxel_map)
+
+
+def map_voxel_tf(voxel: tf.Tensor, voxel_map: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`map_voxel` (float64)."""
+    return voxel_to_world_tf(voxel, voxel_map)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RAS <-> LPS (ITK / SimpleITK world convention)
+#
+# Our world coordinates are RAS millimetres (NIfTI, nibabel, 3D Slicer): +x right, +y anterior, +z superior.
+# ITK and SimpleITK use LPS: +x left, +y posterior, +z superior. The two differ by negating x and y. Every
+# crossing between the two conventions goes through the functions below and nowhere else.
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # 4x4; its own inverse
+
+
+def ras_to_lps(world_mm_ras: np.ndarray) -> np.ndarray:
+    """RAS millimetres ``[..., 3]`` to LPS millimetres ``[..., 3]`` (negate x and y)."""
+    return np.asarray(world_mm_ras, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+def lps_to_ras(world_mm_lps: np.ndarray) -> np.ndarray:
+    """LPS millimetres ``[..., 3]`` to RAS millimetres ``[..., 3]`` (negate x and y)."""
+    return np.asarray(world_mm_lps, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+def itk_geometry_from_affine(
+    voxel_to_world_affine: np.ndarray, atol: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ITK image geometry of an array ``[x, y, z]`` with a RAS ``voxel_to_world`` affine.
+
+    Returns ``(origin_lps [3], spacing_mm [3], direction_lps [3, 3])``: ITK's physical point of index
+    ``(i, j, k)`` is ``origin + direction @ (spacing * (i, j, k))`` in LPS mm, with ITK's index ``(i, j, k)``
+    being our voxel ``[i, j, k]`` (SimpleITK's *NumPy view* is ``[k, j, i]``, i.e. the array transposed).
+    Raises ``ValueError`` for a sheared affine, which an ITK image cannot represent.
+    """
+    affine_lps = RAS_TO_LPS @ np.asarray(voxel_to_world_affine, dtype=np.float64)
+    spacing = voxel_spacing_mm(voxel_to_world_affine)
+    direction = affine_lps[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=atol):
+        raise ValueError("the voxel_to_world affine has shear; ITK images need orthogonal axes")
+    return affine_lps[:3, 3].copy(), spacing, direction
+
+
+def affine_from_itk_geometry(origin_lps: np.ndarray, spacing_mm: np.ndarray, direction_lps: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`itk_geometry_from_affine`: the RAS ``voxel_to_world`` 4x4 of an ITK image.
+
+    ``direction_lps`` may be given flat (9 values, row-major as SimpleITK's ``GetDirection()``) or ``[3, 3]``.
+    """
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3) * np.asarray(spacing_mm)
+    affine_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
+    return RAS_TO_LPS @ affine_lps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heatmaps (the 3D U-Net baseline, ``mdgru_keras/baselines/unet.py``)
+#
+# A heatmap of a point at continuous ``window_voxel`` is the isotropic Gaussian
+# ``amplitude * exp(-|v - window_voxel|^2 / (2 sigma^2))`` sampled at the voxel centres ``v`` (integers) of a
+# ``size^3`` window. Its logarithm is a quadratic in each axis, so a parabola through the log-values at the
+# peak voxel and its two neighbours recovers a sub-voxel centre exactly; that is how it is decoded.
+
+
+def gaussian_heatmap(
+    window_voxel: np.ndarray, window_size: int, sigma_voxel: float, amplitude: float = 1.0
+) -> np.ndarray:
+    """Gaussian heatmaps ``[..., W, W, W]`` (float32) centred at continuous ``window_voxel[..., 3]``."""
+    centre = np.asarray(window_voxel, dtype=np.float64)[..., None]  # [..., 3, 1]
+    grid = np.arange(window_size, dtype=np.float64)
+    per_axis = np.exp(-((grid - centre) ** 2) / (2.0 * sigma_voxel**2))  # [..., 3, W]
+    heatmap = per_axis[..., 0, :, None, None] * per_axis[..., 1, None, :, None] * per_axis[..., 2, None, None, :]
+    return (amplitude * heatmap).astype(np.float32)
+
+
+def gaussian_heatmap_tf(
+    window_voxel: tf.Tensor, window_size: int, sigma_voxel: float, amplitude: float = 1.0
+) -> tf.Tensor:
+    """TensorFlow form of :func:`gaussian_heatmap` (float32)."""
+    centre = tf.cast(window_voxel, tf.float32)[..., None]
+    grid = tf.range(window_size, dtype=tf.float32)
+    per_axis = tf.exp(-tf.square(grid - centre) / (2.0 * sigma_voxel**2))
+    heatmap = per_axis[..., 0, :, None, None] * per_axis[..., 1, None, :, None] * per_axis[..., 2, None, None, :]
+    return amplitude * heatmap
+
+
+def heatmap_peak(heatmap: np.ndarray, floor_fraction: float = 1e-3) -> np.ndarray:
+    """Sub-voxel window coordinate ``[..., 3]`` of the maximum of ``heatmap[..., W, W, W]``.
+
+    The integer argmax, refined per axis by the vertex of the parabola through the *log* values at the peak
+    and its two neighbours along that axis (exact for a Gaussian). Values below ``floor_fraction`` of the
+    peak are raised to it first, so a network output that is zero or negative beside its peak still gives a
+    finite log; at the window border, or where the three points are not concave, that axis keeps the integer
+    peak. The offset is clipped to ``[-0.5, 0.5]``.
+    """
+    h = np.asarray(heatmap, dtype=np.float64)
+    batch_shape, spatial = h.shape[:-3], h.shape[-3:]
+    flat = h.reshape((-1,) + spatial)
+    result = np.zeros((flat.shape[0], 3), dtype=np.float64)
+    for b, volume in enumerate(flat):
+        peak = np.array(np.unravel_index(np.argmax(volume), spatial))
+        result[b] = peak
+        top = volume[tuple(peak)]
+        if not top > 0:  # no positive peak: nothing to refine on a log scale
+            continue
+        floor = top * floor_fraction
+        for axis in range(3):
+            if peak[axis] == 0 or peak[axis] == spatial[axis] - 1:
+                continue
+            index = list(peak)
+            index[axis] = peak[axis] - 1
+            left = np.log(max(volume[tuple(index)], floor))
+            index[axis] = peak[axis] + 1
+            right = np.log(max(volume[tuple(index)], floor))
+            mid = np.log(top)
+            curvature = left - 2.0 * mid + right
+            if curvature < -1e-12:
+                result[b, axis] += np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)
+    return result.reshape(batch_shape + (3,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pooled decoding: the n = 1 rows of Table 1a from a model trained with superresolution n
+#
+# With superresolution ``n`` the classes are aligned with the classes of ``n = 1``: class ``k`` (width
+# ``w = factor / n``) lies inside the ``n = 1`` class ``k // n`` (width ``factor``), so ``n = 1`` class ``j``
+# is exactly the union of the ``n`` classes ``j*n .. j*n + n - 1`` (for the fine stage, ``factor = 1``: voxel
+# ``j``). Summing each group of ``n`` probabilities therefore gives the model's own distribution over ``n = 1``
+# classes, which decodes with ``superresolution = 1`` like the output of a model trained with ``n = 1``.
+
+
+def pool_classes(probabilities: np.ndarray, superresolution: int) -> np.ndarray:
+    """Probabilities of the ``n = 1`` classes: ``probabilities[..., C]`` -> ``[..., C // n]``, summing each
+    class group ``j*n .. j*n + n - 1``. ``C`` must be a multiple of ``n``."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    classes = p.shape[-1]
+    if superresolution < 1 or classes % superresolution:
+        raise ValueError(f"{classes} classes cannot be pooled in groups of superresolution {superresolution}")
+    return p.reshape(p.shape[:-1] + (classes // superresolution, superresolution)).sum(axis=-1)
+
+
+def pool_classes_tf(probabilities: tf.Tensor, superresolution: int) -> tf.Tensor:
+    """TensorFlow form of :func:`pool_classes` (float32)."""
+    p = tf.cast(probabilities, tf.float32)
+    if superresolution == 1:
+        return p
+    shape = tf.shape(p)
+    grouped = tf.reshape(p, tf.concat([shape[:-1], [shape[-1] // superresolution, superresolution]], axis=0))
+    return tf.reduce_sum(grouped, axis=-1)
+
+
+def decode_axis_pooled(
+    probabilities: np.ndarray, superresolution: int, factor: int = 1, parabola: bool = True
+) -> np.ndarray:
+    """Window coordinate decoded from the ``n = 1`` pooling of ``superresolution``-class probabilities ``[..., C]``
+    (:func:`pool_classes`, then :func:`decode_axis` with ``superresolution = 1``)."""
+    return decode_axis(pool_classes(probabilities, superresolution), 1, factor, parabola)
+
+
+def decode_axis_pooled_tf(
+    probabilities: tf.Tensor, superresolution: int, factor: int = 1, parabola: bool = True
+) -> tf.Tensor:
+    """TensorFlow form of :func:`decode_axis_pooled` (float32)."""
+    return decode_axis_tf(pool_classes_tf(probabilities, superresolution), 1, factor, parabola)

@@ -130,3 +130,33 @@ def test_real_download_extracts_the_afids_template(tmp_path: Path) -> None:
     assert volume.shape == (193, 229, 193)
     np.testing.assert_allclose(volume.voxel_to_world[:3, 3], [-96.0, -132.0, -78.0])
     assert "MIT License" in (out / demo.LICENCE_NAME).read_text()
+
+
+def test_named_afids_relabel_numbered_file(tmp_path) -> None:
+    """afids.fcsv carries the protocol's short names on the same coordinates, PMJ being AFID 4."""
+    import numpy as np
+
+    from mdgru_keras.data.demo import AFID_NAMES, write_named_afids
+    from mdgru_keras.io.landmarks import read_landmarks, write_landmarks
+
+    rng = np.random.default_rng(0)
+    numbered = {str(i): rng.uniform(-50, 50, 3) for i in range(1, 33)}
+    write_landmarks(tmp_path / "gt.fcsv", numbered)
+    write_named_afids(tmp_path / "gt.fcsv", tmp_path / "afids.fcsv")
+    named = read_landmarks(tmp_path / "afids.fcsv")
+    assert list(named) == list(AFID_NAMES)
+    np.testing.assert_allclose(named["PMJ"], numbered["4"], atol=1e-6)
+    np.testing.assert_allclose(named["LOSF"], numbered["32"], atol=1e-6)
+
+
+def test_named_afids_refuse_other_files(tmp_path) -> None:
+    import numpy as np
+    import pytest
+
+    from mdgru_keras.data.demo import write_named_afids
+    from mdgru_keras.errors import InputError
+    from mdgru_keras.io.landmarks import write_landmarks
+
+    write_landmarks(tmp_path / "gt.fcsv", {"1": np.zeros(3), "2": np.ones(3)})
+    with pytest.raises(InputError, match="gt.fcsv: expected the 32 AFIDs"):
+        write_named_afids(tmp_path / "gt.fcsv", tmp_path / "afids.fcsv")

@@ -288,3 +288,12 @@ def test_write_volume_round_trip_is_atomic(tmp_path: Path, rng: np.random.Genera
     assert int(image.header["sform_code"]) == 1
     with pytest.raises(InputError):
         write_volume(tmp_path / "out.nrrd", data, affine)
+
+
+def test_write_volume_rescaled_int16_keeps_float_values(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = rng.uniform(-0.5, 2.5, size=(6, 7, 8)).astype(np.float32)
+    path = write_volume(tmp_path / "scaled.nii.gz", data, np.eye(4), dtype="int16", rescale=True)
+    image = nib.load(str(path))
+    assert image.get_data_dtype() == np.int16
+    step = 3.0 / 65535
+    np.testing.assert_allclose(read_volume(path).data, data, atol=step)

@@ -27,13 +27,15 @@ def demo_data(out_dir: Path, wheel: Path | None, force: bool) -> None:
 
     The files are taken from the autoafids 0.1.4 wheel on PyPI (downloaded with pip, 27 MB, checked against
     a pinned SHA-256) and written to OUT with the wheel's MIT licence and the template's attribution. When
-    the files are already in OUT and intact, nothing is downloaded.
+    the files are already in OUT and intact, nothing is downloaded. OUT/afids.fcsv holds the same 32 AFIDs
+    labelled with the protocol's short names (AC, PC, ICS, PMJ, ...), the names that --landmarks options take.
 
     Next step, a synthetic training population from the template:
 
+    \b
       mdgru-localize synth --image OUT/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz
       --image2 OUT/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz
-      --landmarks OUT/tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv --n 40 --out synth/
+      --landmarks OUT/afids.fcsv --n 40 --out synth/
     """
     from mdgru_keras.data.demo import DownloadError, fetch_demo_data
     from mdgru_keras.errors import InputError
@@ -45,5 +47,5 @@ def demo_data(out_dir: Path, wheel: Path | None, force: bool) -> None:
     how = "extracted" if result.downloaded else "already present, nothing downloaded"
     click.echo(
         f"Wrote demo data to {result.directory} ({how}): {result.t1w.name}, {result.t2w.name}, "
-        f"{result.landmarks.name}, {result.licence.name}, {result.attribution.name}"
+        f"{result.landmarks.name}, {result.named_landmarks.name}, {result.licence.name}, {result.attribution.name}"
     )

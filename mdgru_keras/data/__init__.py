@@ -1,2 +1,2 @@
-"""Datasets: TFRecords and the ``tf.data`` pipeline, augmentation, the AFIDs demo data and the synthetic
-population (see ``docs/ARCHITECTURE.md``)."""
+"""Data: the TFRecord dataset on disk (``records``), the ``tf.data`` crop pipeline (``pipeline``) and its
+augmentation (``augment``); demo data and the synthetic population."""

