@@ -38,7 +38,7 @@ def _train(*args: str) -> object:
 def runs(population, config, tmp_path_factory) -> dict[str, tuple[Path, object]]:
     out = tmp_path_factory.mktemp("runs")
     results = {}
-    for stage, epochs in (("coarse", 12), ("fine", 8)):
+    for stage, epochs in (("coarse", 12), ("fine", 10)):
         run_dir = out / stage
         result = _train("--stage", stage, "--config", str(config), "--data", str(population), "--out", str(run_dir),
                         "--epochs", str(epochs))
@@ -51,12 +51,13 @@ def runs(population, config, tmp_path_factory) -> dict[str, tuple[Path, object]]
 def test_both_stages_learn_and_the_run_directory_is_complete(runs, config, population, stage):
     run_dir, result = runs[stage]
     log = read_csv(run_dir / "log.csv")
-    epochs = 12 if stage == "coarse" else 8
+    epochs = 12 if stage == "coarse" else 10
     assert [row["epoch"] for row in log] == list(range(1, epochs + 1))
     first, last = log[0], log[-1]
-    # The validation error (decoded, in mm) falls by more than half, and so do both losses.
-    best_late = min(row["val_error_mm_mean"] for row in log[-3:])
-    assert best_late < 0.5 * first["val_error_mm_mean"], [round(row["val_error_mm_mean"], 2) for row in log]
+    # The validation error (decoded, in mm) falls by more than half, and so do both losses. Medians: with 6
+    # validation subjects one miss moves the mean by several mm.
+    best_late = min(row["val_error_mm_median"] for row in log[-3:])
+    assert best_late < 0.5 * first["val_error_mm_median"], [round(row["val_error_mm_median"], 2) for row in log]
     assert last["val_loss"] < first["val_loss"] and last["train_loss"] < first["train_loss"]
     assert all(row["val_error_mm_median"] <= row["val_error_mm_max"] for row in log)
 
@@ -92,8 +93,8 @@ def test_both_stages_learn_and_the_run_directory_is_complete(runs, config, popul
 
 def test_time_budget_stops_the_run_and_resume_continues(population, config, tmp_path):
     run_dir = tmp_path / "budget"
-    common = ["--stage", "fine", "--config", str(config), "--data", str(population), "--out", str(run_dir),
-              "--epochs", "1"]
+    common = ["--stage", "fine", "--config", str(config), "--landmarks", "all", "--data", str(population),
+              "--out", str(run_dir), "--epochs", "1"]
     result = _train(*common, "--max-seconds", "0.001")
     assert result.exit_code == 0, result.output[-3000:]
     assert "time budget" in result.output
@@ -137,13 +138,10 @@ def test_resume_with_another_config_is_refused(runs, config, population, tmp_pat
     assert result.exit_code == 1 and "add --resume" in result.output
 
 
-def test_dataset_without_the_config_landmarks_is_refused(population, tmp_path):
-    config = write_config(tmp_path / "b.yaml")
-    data = yaml.safe_load(config.read_text())
-    data["landmarks"] = ["A", "B"]
-    config.write_text(yaml.safe_dump(data))
+def test_landmarks_missing_from_the_dataset_are_refused(population, config, tmp_path):
     run_dir = tmp_path / "run"
-    result = _train("--stage", "coarse", "--config", str(config), "--data", str(population), "--out", str(run_dir))
+    result = _train("--stage", "coarse", "--config", str(config), "--landmarks", "A,B", "--data", str(population),
+                    "--out", str(run_dir))
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"Error: {population / 'dataset.json'}: has no landmark(s) B of config 'tiny' (the dataset has A)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -18,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from mdgru_keras import geometry
-from mdgru_keras.config import Config
+from mdgru_keras.config import Config, with_landmarks
 from mdgru_keras.errors import InputError
 from train.trainer import StageSetup, Trainer, TrainResult
 
@@ -182,8 +183,20 @@ def check_dataset(config: Config, dataset_dir: Path) -> None:
             )
 
 
-def resolve_config(config: Config, epochs: int | None = None, max_seconds: float | None = None) -> Config:
-    """``config`` with the command line's run-length overrides."""
+def resolve_config(
+    config: Config,
+    epochs: int | None = None,
+    max_seconds: float | None = None,
+    landmarks: Sequence[str] | None = None,
+    dataset_dir: str | Path | None = None,
+) -> Config:
+    """``config`` with the command line's overrides; ``landmarks=("all",)`` takes the dataset's landmarks."""
+    if landmarks is not None:
+        if tuple(landmarks) == ("all",):
+            from mdgru_keras.data.records import read_description
+
+            landmarks = read_description(dataset_dir)["landmarks"]
+        config = with_landmarks(config, landmarks)
     changes = {}
     if epochs is not None:
         changes["epochs"] = int(epochs)
@@ -203,6 +216,7 @@ def train_stage(
     resume: bool = False,
     epochs: int | None = None,
     max_seconds: float | None = None,
+    landmarks: Sequence[str] | None = None,
     deterministic: bool = True,
     verbose: int = 1,
 ) -> TrainResult:
@@ -210,11 +224,12 @@ def train_stage(
 
     See :class:`train.trainer.Trainer` for what the run directory holds. ``deterministic`` turns on
     TensorFlow's op determinism, so that a run repeats exactly on the same machine (for a given seed).
+    ``landmarks`` replaces the config's landmark list (``("all",)``: every landmark of the dataset).
     """
     from train.callbacks import loss_curve_figure
     from train.strategy import make_strategy
 
-    config = resolve_config(config, epochs, max_seconds)
+    config = resolve_config(config, epochs, max_seconds, landmarks, dataset_dir)
     # The strategy first: a multi-worker strategy must exist before other TensorFlow work starts.
     strategy = make_strategy(config.training.distribution)
     if deterministic:

@@ -16,6 +16,9 @@ import click
               help="A dataset made by `mdgru-localize prepare` (with 'train' and 'val' subjects).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory: config, checkpoints, logs, and at the end model.keras and loss.png.")
+@click.option("--landmarks", default=None, metavar="A,B,...|all",
+              help="Comma-separated landmark names to train (all must be in the dataset), or 'all' for every "
+                   "landmark of the dataset. Default: the config's landmarks.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its newest valid checkpoint (exactly where it stopped: "
                    "same optimizer state, step and data position). Starts fresh if --out holds no run.")
@@ -27,8 +30,8 @@ import click
 @click.option("--deterministic/--fast", default=True, show_default=True,
               help="TensorFlow op determinism: a run repeats exactly on the same machine for the same seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no line per epoch.")
-def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, resume: bool, epochs: int | None,
-          max_seconds: float | None, deterministic: bool, quiet: bool) -> None:
+def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landmarks: str | None, resume: bool,
+          epochs: int | None, max_seconds: float | None, deterministic: bool, quiet: bool) -> None:
     """Train one stage of the landmark localizer on a prepared dataset.
 
     As in the paper, one epoch is one random sample from every training subject (times
@@ -40,8 +43,8 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, resume
     OUT/tensorboard/. Example, both stages of the CPU preset:
 
     \b
-      mdgru-localize train --stage coarse --config cpu --data demo/dataset --out runs/cpu/coarse
-      mdgru-localize train --stage fine   --config cpu --data demo/dataset --out runs/cpu/fine
+      mdgru-localize train --stage coarse --config cpu --landmarks PMJ --data demo/dataset --out runs/cpu/coarse
+      mdgru-localize train --stage fine --config cpu --landmarks PMJ --data demo/dataset --out runs/cpu/fine
 
     A killed run continues with the same command plus --resume. Several GPUs: set
     training.distribution: mirrored in the config; several machines: multi_worker and TF_CONFIG on each.
@@ -50,11 +53,17 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, resume
     from mdgru_keras.config import ConfigError, load_config
     from mdgru_keras.errors import InputError
 
+    names = None
+    if landmarks is not None:
+        names = tuple(name.strip() for name in landmarks.split(",") if name.strip())
+        if not names or len(set(names)) != len(names):
+            raise click.BadParameter("give unique names, e.g. --landmarks AC,PC, or --landmarks all",
+                                     param_hint="--landmarks")
     try:
         config = load_config(config_name)
         from train.stages import train_stage
 
-        result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs,
+        result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=names,
                              max_seconds=max_seconds, deterministic=deterministic, verbose=0 if quiet else 1)
     except (ConfigError, InputError) as error:
         raise click.ClickException(str(error)) from None
