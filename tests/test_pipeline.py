@@ -279,3 +279,24 @@ def test_bad_requests_are_refused(dataset):
         make_dataset(dataset.path, "train", "medium", config)
     with pytest.raises(InputError, match="dataset.json"):
         make_dataset(dataset.path / "nowhere", "train", "coarse", config)
+
+
+def test_cached_preprocessing_gives_the_same_samples_as_decoding_every_sample(dataset):
+    """The per-subject cache changes nothing in the samples: for the one validation subject, sample i is the
+    same crop with the same labels whether the volume is decoded each time or once and cached."""
+    config = _tiny(rotation_deg=10.0, scaling=0.1)  # crop-level augmentation only: the cache applies
+    for stage in ("coarse", "fine"):
+        kwargs = dict(seed=3, deterministic=True, batch=False, with_metadata=True)
+        cached = make_dataset(dataset.path, "val", stage, config, cache_preprocessed=True, **kwargs).take(3)
+        plain = make_dataset(dataset.path, "val", stage, config, cache_preprocessed=False, **kwargs).take(3)
+        key = "volume" if stage == "coarse" else "window"
+        for (features, labels, meta), (other_features, other_labels, other_meta) in zip(cached, plain, strict=True):
+            np.testing.assert_allclose(features[key].numpy(), other_features[key].numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(meta["window_voxel"].numpy(), other_meta["window_voxel"].numpy(), atol=1e-5)
+            for axis in "xyz":
+                np.testing.assert_array_equal(labels[axis].numpy(), other_labels[axis].numpy())
+
+
+def test_cache_is_refused_with_raw_intensity_augmentation(dataset):
+    with pytest.raises(ValueError, match="raw-intensity augmentation"):
+        make_dataset(dataset.path, "val", "fine", _tiny(gamma=0.2), cache_preprocessed=True)
