@@ -1,10 +1,29 @@
 # mdgru-keras — every target runs inside .venv, created by `make install`.
+# Variables: CONFIG (preset name or YAML file), LANDMARKS (comma-separated AFIDs names, or "all"),
+# DATA (a prepared dataset), RUN (a run folder holding coarse/ and fine/), EXPORT and NAME (the SavedModel).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CLI := $(BIN)/mdgru-localize
 
-.PHONY: install test lint bench-layer
+CONFIG ?= cpu
+LANDMARKS ?= PMJ
+DEMO ?= demo
+DEMO_TRAIN_SUBJECTS ?= 32
+DEMO_TEST_SUBJECTS ?= 6
+DEMO_TRAIN_SECONDS ?= 240
+DATA ?= $(DEMO)/dataset
+RUN ?= runs/$(CONFIG)
+RUN_COARSE ?= $(RUN)/coarse
+RUN_FINE ?= $(RUN)/fine
+EXPORT ?= exports
+NAME ?= mdgru
+VERSION ?=
+TRAIN_ARGS ?=
+
+.PHONY: install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
+	bench-layer bench-data bench-localize bench-predict bench-accuracy clean-demo
 
 install: $(STAMP)
 
@@ -20,5 +39,63 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# ---- the demo: AFIDs template -> synthetic population -> train coarse + fine -> export -> evaluate --------
+demo-data: $(DEMO)/afids.fcsv
+$(DEMO)/afids.fcsv: | $(STAMP)
+	$(CLI) demo-data --out $(DEMO)
+
+# Training/validation subjects (seed 1) and held-out test subjects (seed 2: deformations and fields of view
+# never seen in training), T1w and T2w mixed.
+demo-population: $(DEMO)/dataset/dataset.json $(DEMO)/test/manifest.csv
+$(DEMO)/train/manifest.csv: $(DEMO)/afids.fcsv
+	$(CLI) synth --image $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz \
+		--image2 $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz --landmarks $(DEMO)/afids.fcsv \
+		--n $(DEMO_TRAIN_SUBJECTS) --seed 1 --workers 2 --out $(DEMO)/train
+$(DEMO)/test/manifest.csv: $(DEMO)/afids.fcsv
+	$(CLI) synth --image $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz \
+		--image2 $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz --landmarks $(DEMO)/afids.fcsv \
+		--n $(DEMO_TEST_SUBJECTS) --seed 2 --workers 2 --out $(DEMO)/test
+$(DEMO)/dataset/dataset.json: $(DEMO)/train/manifest.csv
+	$(CLI) prepare $(DEMO)/train/manifest.csv --out $(DEMO)/dataset --val-fraction 0.15 --test-fraction 0 --overwrite
+
+train-coarse: $(STAMP)
+	$(CLI) train --stage coarse --config $(CONFIG) --landmarks $(LANDMARKS) --data $(DATA) --out $(RUN_COARSE) $(TRAIN_ARGS)
+
+train-fine: $(STAMP)
+	$(CLI) train --stage fine --config $(CONFIG) --landmarks $(LANDMARKS) --data $(DATA) --out $(RUN_FINE) $(TRAIN_ARGS)
+
+train: train-coarse train-fine
+
+export: $(STAMP)
+	$(CLI) export --coarse $(RUN_COARSE) --fine $(RUN_FINE) --out $(EXPORT) --name $(NAME) \
+		$(if $(VERSION),--version $(VERSION),)
+
+evaluate-demo: $(STAMP)
+	$(CLI) evaluate --model $(EXPORT)/$(NAME) --manifest $(DEMO)/test/manifest.csv \
+		--json $(RUN)/evaluation.json --figures $(RUN)/figures
+	$(CLI) predict $(DEMO)/test/images/*.nii --model $(EXPORT)/$(NAME) --format fcsv --out $(RUN)/predictions
+
+# The demo trains afresh into $(DEMO)/run each time (the population above is made once and reused).
+demo: demo-population
+	rm -rf $(DEMO)/run
+	$(MAKE) train-coarse RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_TRAIN_SECONDS) $(TRAIN_ARGS)"
+	$(MAKE) train-fine RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_TRAIN_SECONDS) $(TRAIN_ARGS)"
+	$(MAKE) export RUN=$(DEMO)/run EXPORT=$(DEMO)/run/export
+	$(MAKE) evaluate-demo RUN=$(DEMO)/run EXPORT=$(DEMO)/run/export
+	@echo "Demo done: table above, figures in $(DEMO)/run/figures, Slicer files in $(DEMO)/run/predictions"
+
+clean-demo:
+	rm -rf $(DEMO)
+
+# ---- benchmarks: JSON under bench/results/, summaries in docs/ ------------------------------------------
 bench-layer: $(STAMP)
 	$(BIN)/python -m bench.bench_layer
+
+bench-data: $(STAMP)
+	$(BIN)/python -m bench.bench_data
+
+bench-localize: $(STAMP)
+	$(BIN)/python -m bench.bench_localize
+
+bench-predict: $(STAMP)
+	$(BIN)/python -m bench.bench_predict

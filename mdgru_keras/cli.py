@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "export": "mdgru_keras.commands.export:export",
     "predict": "mdgru_keras.commands.predict:predict",
     "evaluate": "mdgru_keras.commands.evaluate:evaluate",
+    "train-unet": "mdgru_keras.commands.train_unet:train_unet",
 }
 
 

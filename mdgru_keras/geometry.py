@@ -360,33 +360,41 @@ def sample_window_affine_tf(
     channels = volume.shape[-1]
     shape = tf.shape(volume)[:3]
     flat = tf.reshape(volume, [-1, channels])
+    strides = tf.stack([shape[1] * shape[2], shape[2], 1])
     sx, sy, sz = window_size
     slab = min(slab, sx)
     if sx % slab:
         slab = sx
-    yz = tf.stack(tf.meshgrid(tf.range(sy, dtype=tf.float32), tf.range(sz, dtype=tf.float32), indexing="ij"), -1)
+    y = tf.range(sy, dtype=tf.float32)[None, :, None]
+    z = tf.range(sz, dtype=tf.float32)[None, None, :]
 
     def one_slab(start: tf.Tensor) -> tf.Tensor:
-        x = tf.cast(tf.range(slab) + start, tf.float32)
-        grid = tf.concat(
-            [tf.broadcast_to(x[:, None, None, None], [slab, sy, sz, 1]), tf.broadcast_to(yz[None], [slab, sy, sz, 2])],
-            axis=-1,
-        )
-        source = tf.reshape(grid, [-1, 3]) @ tf.transpose(linear) + offset
-        base = tf.floor(source)
-        fraction = source - base
-        base = tf.cast(base, tf.int32)
-        out = tf.zeros([slab * sy * sz, channels], volume.dtype)
-        for corner in range(8):
-            step = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
-            index = base + step
-            inside = tf.reduce_all((index >= 0) & (index < shape), axis=1)
-            linear_index = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
-            weight = tf.reduce_prod(tf.where(step > 0, fraction, 1.0 - fraction), axis=1)
-            weight = tf.where(inside, weight, 0.0)
-            values = tf.gather(flat, tf.where(inside, linear_index, 0))
-            out += tf.cast(weight, volume.dtype)[:, None] * values
-        return tf.reshape(out, [slab, sy, sz, channels])
+        x = tf.cast(tf.range(slab) + start, tf.float32)[:, None, None]
+        # per source axis: the two neighbours' flat-index parts and their weights (0 outside the volume)
+        parts, weights = [], []
+        for axis in range(3):
+            source = linear[axis, 0] * x + linear[axis, 1] * y + linear[axis, 2] * z + offset[axis]  # [slab, sy, sz]
+            base = tf.floor(source)
+            upper_weight = source - base
+            lower = tf.cast(base, tf.int32)
+            upper = lower + 1
+            size = shape[axis]
+            parts.append([tf.clip_by_value(i, 0, size - 1) * strides[axis] for i in (lower, upper)])
+            weights.append(
+                [
+                    tf.where((lower >= 0) & (lower < size), 1.0 - upper_weight, 0.0),
+                    tf.where((upper >= 0) & (upper < size), upper_weight, 0.0),
+                ]
+            )
+        out = tf.zeros([slab, sy, sz, channels], volume.dtype)
+        for a in range(2):
+            for b in range(2):
+                index_xy = parts[0][a] + parts[1][b]
+                weight_xy = weights[0][a] * weights[1][b]
+                for c in range(2):
+                    values = tf.gather(flat, index_xy + parts[2][c])
+                    out += tf.cast(weight_xy * weights[2][c], volume.dtype)[..., None] * values
+        return out
 
     if slab == sx:
         window = one_slab(tf.constant(0))
@@ -789,6 +797,69 @@ def peak_mass_tf(probabilities: tf.Tensor) -> tf.Tensor:
     return total
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the exported model's grid: a bounded central region of the resampled scan
+#
+# The exported SavedModel resamples a scan of any size to the model's grid (``canonical_resampling_grid``), but
+# it only ever looks at the central ``max_size^3`` voxels of that grid: the coarse stage sees the central
+# ``P^3`` region and the fine windows (``W^3``) around its estimates reach at most ``W/2`` beyond it, so
+# ``max_size = P + W`` covers everything the two stages can see while bounding time and memory for huge
+# inputs. The crop is a shift of the grid, folded into ``new_to_old``, so only the kept voxels are resampled.
+# With ``max_size - P`` even, the coarse region of the cropped grid is exactly that of the full grid.
+
+
+def translation_affine(offset_voxel: np.ndarray) -> np.ndarray:
+    """4x4 float64 map ``v -> v + offset_voxel``."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = np.asarray(offset_voxel, dtype=np.float64)
+    return matrix
+
+
+def translation_affine_tf(offset_voxel: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`translation_affine` (float64)."""
+    offset = tf.reshape(tf.cast(offset_voxel, tf.float64), [3, 1])
+    top = tf.concat([tf.eye(3, dtype=tf.float64), offset], axis=1)
+    return tf.concat([top, tf.constant([[0.0, 0.0, 0.0, 1.0]], tf.float64)], axis=0)
+
+
+def central_grid_crop(
+    new_shape: tuple[int, int, int], new_to_old: np.ndarray, max_size: int
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
+    """Crop a resampling grid to its central ``max_size`` voxels along each axis that is longer.
+
+    Returns ``(cropped_shape, cropped_to_old, origin_voxel int64 [3])``: cropped voxel ``c`` is voxel
+    ``c + origin_voxel`` of the uncropped grid (origin 0 along axes that fit), and
+    ``cropped_to_old = new_to_old @ translation_affine(origin_voxel)``. The origin follows
+    :func:`centered_window_origin`.
+    """
+    shape = np.asarray(new_shape, dtype=np.int64)
+    origin = np.maximum(centered_window_origin(shape, np.full(3, max_size)), 0)
+    cropped_shape = tuple(int(n) for n in np.minimum(shape, max_size))
+    return cropped_shape, np.asarray(new_to_old, dtype=np.float64) @ translation_affine(origin), origin
+
+
+def central_grid_crop_tf(
+    new_shape: tf.Tensor, new_to_old: tf.Tensor, max_size: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """TensorFlow form of :func:`central_grid_crop`: ``(cropped_shape int32 [3], cropped_to_old float64 [4, 4],
+    origin_voxel int32 [3])``."""
+    shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
+    origin = tf.maximum(centered_window_origin_tf(shape, max_size), 0)
+    cropped_to_old = tf.matmul(tf.cast(new_to_old, tf.float64), translation_affine_tf(origin))
+    return tf.minimum(shape, max_size), cropped_to_old, origin
+
+
+def map_voxel(voxel: np.ndarray, voxel_map: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 voxel->voxel map (e.g. ``new_to_old``) to points ``[..., 3]`` (float64)."""
+    return voxel_to_world(voxel, voxel_map)
+
+
+def map_voxel_tf(voxel: tf.Tensor, voxel_map: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`map_voxel` (float64)."""
+    return voxel_to_world_tf(voxel, voxel_map)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # RAS <-> LPS (ITK / SimpleITK world convention)
 #
 # Our world coordinates are RAS millimetres (NIfTI, nibabel, 3D Slicer): +x right, +y anterior, +z superior.
@@ -835,3 +906,114 @@ def affine_from_itk_geometry(origin_lps: np.ndarray, spacing_mm: np.ndarray, dir
     affine_lps[:3, :3] = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3) * np.asarray(spacing_mm)
     affine_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
     return RAS_TO_LPS @ affine_lps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heatmaps (the 3D U-Net baseline, ``mdgru_keras/baselines/unet.py``)
+#
+# A heatmap of a point at continuous ``window_voxel`` is the isotropic Gaussian
+# ``amplitude * exp(-|v - window_voxel|^2 / (2 sigma^2))`` sampled at the voxel centres ``v`` (integers) of a
+# ``size^3`` window. Its logarithm is a quadratic in each axis, so a parabola through the log-values at the
+# peak voxel and its two neighbours recovers a sub-voxel centre exactly; that is how it is decoded.
+
+
+def gaussian_heatmap(
+    window_voxel: np.ndarray, window_size: int, sigma_voxel: float, amplitude: float = 1.0
+) -> np.ndarray:
+    """Gaussian heatmaps ``[..., W, W, W]`` (float32) centred at continuous ``window_voxel[..., 3]``."""
+    centre = np.asarray(window_voxel, dtype=np.float64)[..., None]  # [..., 3, 1]
+    grid = np.arange(window_size, dtype=np.float64)
+    per_axis = np.exp(-((grid - centre) ** 2) / (2.0 * sigma_voxel**2))  # [..., 3, W]
+    heatmap = per_axis[..., 0, :, None, None] * per_axis[..., 1, None, :, None] * per_axis[..., 2, None, None, :]
+    return (amplitude * heatmap).astype(np.float32)
+
+
+def gaussian_heatmap_tf(
+    window_voxel: tf.Tensor, window_size: int, sigma_voxel: float, amplitude: float = 1.0
+) -> tf.Tensor:
+    """TensorFlow form of :func:`gaussian_heatmap` (float32)."""
+    centre = tf.cast(window_voxel, tf.float32)[..., None]
+    grid = tf.range(window_size, dtype=tf.float32)
+    per_axis = tf.exp(-tf.square(grid - centre) / (2.0 * sigma_voxel**2))
+    heatmap = per_axis[..., 0, :, None, None] * per_axis[..., 1, None, :, None] * per_axis[..., 2, None, None, :]
+    return amplitude * heatmap
+
+
+def heatmap_peak(heatmap: np.ndarray, floor_fraction: float = 1e-3) -> np.ndarray:
+    """Sub-voxel window coordinate ``[..., 3]`` of the maximum of ``heatmap[..., W, W, W]``.
+
+    The integer argmax, refined per axis by the vertex of the parabola through the *log* values at the peak
+    and its two neighbours along that axis (exact for a Gaussian). Values below ``floor_fraction`` of the
+    peak are raised to it first, so a network output that is zero or negative beside its peak still gives a
+    finite log; at the window border, or where the three points are not concave, that axis keeps the integer
+    peak. The offset is clipped to ``[-0.5, 0.5]``.
+    """
+    h = np.asarray(heatmap, dtype=np.float64)
+    batch_shape, spatial = h.shape[:-3], h.shape[-3:]
+    flat = h.reshape((-1,) + spatial)
+    result = np.zeros((flat.shape[0], 3), dtype=np.float64)
+    for b, volume in enumerate(flat):
+        peak = np.array(np.unravel_index(np.argmax(volume), spatial))
+        result[b] = peak
+        top = volume[tuple(peak)]
+        if not top > 0:  # no positive peak: nothing to refine on a log scale
+            continue
+        floor = top * floor_fraction
+        for axis in range(3):
+            if peak[axis] == 0 or peak[axis] == spatial[axis] - 1:
+                continue
+            index = list(peak)
+            index[axis] = peak[axis] - 1
+            left = np.log(max(volume[tuple(index)], floor))
+            index[axis] = peak[axis] + 1
+            right = np.log(max(volume[tuple(index)], floor))
+            mid = np.log(top)
+            curvature = left - 2.0 * mid + right
+            if curvature < -1e-12:
+                result[b, axis] += np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)
+    return result.reshape(batch_shape + (3,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pooled decoding: the n = 1 rows of Table 1a from a model trained with superresolution n
+#
+# With superresolution ``n`` the classes are aligned with the classes of ``n = 1``: class ``k`` (width
+# ``w = factor / n``) lies inside the ``n = 1`` class ``k // n`` (width ``factor``), so ``n = 1`` class ``j``
+# is exactly the union of the ``n`` classes ``j*n .. j*n + n - 1`` (for the fine stage, ``factor = 1``: voxel
+# ``j``). Summing each group of ``n`` probabilities therefore gives the model's own distribution over ``n = 1``
+# classes, which decodes with ``superresolution = 1`` like the output of a model trained with ``n = 1``.
+
+
+def pool_classes(probabilities: np.ndarray, superresolution: int) -> np.ndarray:
+    """Probabilities of the ``n = 1`` classes: ``probabilities[..., C]`` -> ``[..., C // n]``, summing each
+    class group ``j*n .. j*n + n - 1``. ``C`` must be a multiple of ``n``."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    classes = p.shape[-1]
+    if superresolution < 1 or classes % superresolution:
+        raise ValueError(f"{classes} classes cannot be pooled in groups of superresolution {superresolution}")
+    return p.reshape(p.shape[:-1] + (classes // superresolution, superresolution)).sum(axis=-1)
+
+
+def pool_classes_tf(probabilities: tf.Tensor, superresolution: int) -> tf.Tensor:
+    """TensorFlow form of :func:`pool_classes` (float32)."""
+    p = tf.cast(probabilities, tf.float32)
+    if superresolution == 1:
+        return p
+    shape = tf.shape(p)
+    grouped = tf.reshape(p, tf.concat([shape[:-1], [shape[-1] // superresolution, superresolution]], axis=0))
+    return tf.reduce_sum(grouped, axis=-1)
+
+
+def decode_axis_pooled(
+    probabilities: np.ndarray, superresolution: int, factor: int = 1, parabola: bool = True
+) -> np.ndarray:
+    """Window coordinate decoded from the ``n = 1`` pooling of ``superresolution``-class probabilities ``[..., C]``
+    (:func:`pool_classes`, then :func:`decode_axis` with ``superresolution = 1``)."""
+    return decode_axis(pool_classes(probabilities, superresolution), 1, factor, parabola)
+
+
+def decode_axis_pooled_tf(
+    probabilities: tf.Tensor, superresolution: int, factor: int = 1, parabola: bool = True
+) -> tf.Tensor:
+    """TensorFlow form of :func:`decode_axis_pooled` (float32)."""
+    return decode_axis_tf(pool_classes_tf(probabilities, superresolution), 1, factor, parabola)

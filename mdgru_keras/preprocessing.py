@@ -81,8 +81,8 @@ def z_normalize_tf(volume: tf.Tensor, min_std: float | tf.Tensor = 0.0) -> tf.Te
     at most ``min_std`` (a constant tensor, up to round-off)."""
     mean, variance = tf.nn.moments(volume, axes=list(range(len(volume.shape))))
     std = tf.sqrt(variance)
-    varying = std > min_std
-    return tf.where(varying, (volume - mean) / tf.where(varying, std, tf.ones_like(std)), tf.zeros_like(volume))
+    factor = tf.where(std > min_std, 1.0 / tf.maximum(std, 1e-30), 0.0)  # a scalar: one pass over the volume
+    return (volume - mean) * factor
 
 
 # Standard deviations below this fraction of the volume's largest magnitude are float32 round-off (e.g. the

@@ -24,6 +24,7 @@ DEFAULT_MODEL_NAME = "mdgru"
 DEFAULT_SIGNATURE = "serving_default"
 INT16_SIGNATURE = "localize_int16"
 COARSE_SIGNATURE = "coarse"
+DECODINGS_SIGNATURE = "decodings"  # every decoding of Table 1a (mdgru-localize evaluate)
 # A 256^3 float32 scan is 64 MiB; leave ample room for larger scans and for the float64 outputs.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 LOCALIZE_OUTPUTS = ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence")

@@ -19,7 +19,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from mdgru_keras.errors import InputError
-from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, ServingError
+from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, LocalizationClient, ServingError, decode_strings
 
 # tf.errors codes are the gRPC status codes: index -> name.
 STATUS_NAMES = (
@@ -204,3 +204,19 @@ class Servable:
             raise ServingError("INTERNAL", f"{type(error).__name__}: {error}") from error
         self._count(signature_name)
         return result
+
+
+class LocalLocalizationClient(LocalizationClient):
+    """The :class:`serving.LocalizationClient` interface on a SavedModel loaded in this process (no server).
+
+    ``predict --model`` uses it: the same requests, checks and ``ServingError`` codes as through a server.
+    """
+
+    def __init__(self, model_path: str | Path, model_name: str = DEFAULT_MODEL_NAME) -> None:
+        self.servable = Servable(model_path, model_name)
+        self.server = str(self.servable.version_dir)
+        self.model_name = model_name
+
+    def predict(self, inputs: dict[str, np.ndarray], signature: str = DEFAULT_SIGNATURE) -> dict[str, np.ndarray]:
+        outputs = self.servable.predict(signature, inputs)
+        return {name: decode_strings(value) for name, value in outputs.items()}

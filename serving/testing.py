@@ -17,7 +17,8 @@ a singular affine and a volume with fewer than K voxels raise ``InvalidArgumentE
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tensorflow as tf
@@ -108,3 +109,101 @@ def save_toy_localizer(export_dir: str | Path, landmark_names: Sequence[str] = T
     export_dir = Path(export_dir)
     tf.saved_model.save(module, str(export_dir), signatures=signatures)
     return export_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiny training runs, for tests of the real export
+
+
+def save_training_run(
+    run_dir: str | Path,
+    stage: str,
+    config: object,
+    seed: int = 0,
+    dataset: dict | None = None,
+) -> Path:
+    """A training run directory as ``mdgru-localize train`` leaves it, with random weights.
+
+    ``config.json``, ``run.json`` (``stage``) and ``model.keras`` (the ``stage`` model of ``config`` built with
+    ``seed``); with ``dataset``, also ``dataset.json``. Returns ``run_dir``.
+    """
+    import json
+
+    import keras
+
+    from mdgru_keras.networks import build_model
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    build_model(config, stage).save(run_dir / "model.keras")
+    (run_dir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
+    (run_dir / "run.json").write_text(json.dumps({"stage": stage, "dataset": ""}) + "\n", encoding="utf-8")
+    if dataset is not None:
+        (run_dir / "dataset.json").write_text(json.dumps(dataset) + "\n", encoding="utf-8")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a real tensorflow_model_server, when installed
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (right now)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def model_server(
+    model_base: str | Path, model_name: str, log_path: str | Path, binary: str = "tensorflow_model_server"
+) -> Iterator[tuple[str, str]]:
+    """Run ``tensorflow_model_server`` on ``model_base`` (``BASE/NAME``); yields ``(grpc_address, rest_url)``
+    on 127.0.0.1 once the model is AVAILABLE. Raises ``RuntimeError`` (with the log's tail) if it is not within
+    120 s. The server has no bind-address flag; only 127.0.0.1 is ever used here.
+    """
+    import subprocess
+    import time
+
+    import requests
+
+    grpc_port, rest_port = free_port(), free_port()
+    log_path = Path(log_path)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--port={grpc_port}",
+                f"--rest_api_port={rest_port}",
+                f"--model_name={model_name}",
+                f"--model_base_path={Path(model_base).resolve()}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    rest_url = f"http://127.0.0.1:{rest_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{binary} exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                status = requests.get(f"{rest_url}/v1/models/{model_name}", timeout=2).json()
+                if status["model_version_status"][0]["state"] == "AVAILABLE":
+                    break
+            except (requests.ConnectionError, KeyError, IndexError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{binary}: model not AVAILABLE after 120 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{grpc_port}", rest_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

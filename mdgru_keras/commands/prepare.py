@@ -55,7 +55,7 @@ def prepare(manifest: Path, out_dir: Path, landmarks: tuple[str, ...] | None, sp
     OUT/dataset.json and OUT/{split}-*.tfrecord, is written to a temporary directory and moved into place
     only when complete: a bad file stops with a one-line error naming it and leaves nothing behind.
 
-    Next step: mdgru-localize train OUT --config paper (or cpu, tiny).
+    Next step: train on OUT with `mdgru-localize train` (see its --help).
     """
     from mdgru_keras.data.records import prepare_dataset
     from mdgru_keras.errors import InputError

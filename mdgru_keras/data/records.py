@@ -314,8 +314,11 @@ class ManifestRow:
     line: int
 
 
-def read_manifest(manifest_csv: str | Path) -> list[ManifestRow]:
-    """Rows of a manifest CSV with header ``subject,image,landmarks[,split]``; paths relative to the manifest."""
+def read_manifest(manifest_csv: str | Path, check_files: bool = True) -> list[ManifestRow]:
+    """Rows of a manifest CSV with header ``subject,image,landmarks[,split]``; paths relative to the manifest.
+
+    ``check_files=False`` leaves missing image and landmark files to the caller (``evaluate`` reports them per
+    subject and goes on with the others)."""
     manifest_csv = Path(manifest_csv)
     if not manifest_csv.is_file():
         raise InputError(manifest_csv, "no such manifest file")
@@ -346,7 +349,7 @@ def read_manifest(manifest_csv: str | Path) -> list[ManifestRow]:
             raise InputError(manifest_csv, f"line {line}: split {split!r} is not one of {', '.join(SPLITS)}")
         seen[subject] = line
         image_path, landmark_path = base / image, base / landmarks
-        for path in (image_path, landmark_path):
+        for path in (image_path, landmark_path) if check_files else ():
             if not path.is_file():
                 raise InputError(path, f"no such file (manifest {manifest_csv.name}, line {line})")
         rows.append(ManifestRow(subject, image_path, landmark_path, split, line))

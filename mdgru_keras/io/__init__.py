@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Volume": "nifti",
     "is_nifti_path": "nifti",
+    "read_nifti_array": "nifti",
     "read_volume": "nifti",
     "write_volume": "nifti",
     "check_landmarks_inside": "landmarks",
@@ -30,6 +31,7 @@ __all__ = [
     "is_nifti_path",
     "landmark_format",
     "read_landmarks",
+    "read_nifti_array",
     "read_volume",
     "require_landmarks",
     "write_bytes_atomic",
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
         require_landmarks,
         write_landmarks,
     )
-    from mdgru_keras.io.nifti import Volume, is_nifti_path, read_volume, write_volume
+    from mdgru_keras.io.nifti import Volume, is_nifti_path, read_nifti_array, read_volume, write_volume
 
 
 def __getattr__(name: str) -> Any:

@@ -88,6 +88,15 @@ def _short(error: Exception) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def read_nifti_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The file's own voxel array (float32 ``[i, j, k]``, as stored: no reorientation, no resampling) and its
+    voxel->world affine (float64 4x4, RAS mm): what the exported SavedModel takes.
+
+    Raises :class:`~mdgru_keras.errors.InputError` as :func:`read_volume` does.
+    """
+    return _load_3d(Path(path))
+
+
 def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
     """Read a 3D NIfTI scan, reorient it to the closest RAS-canonical order and resample it to ``spacing_mm``.
 

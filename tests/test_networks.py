@@ -1,0 +1,182 @@
+"""Localization networks: paper sizes and parameter counts, K-landmark heads, loss, init, serialization."""
+
+import gc
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from mdgru_keras import networks as N
+from mdgru_keras.config import load_preset, with_landmarks
+from mdgru_keras.layers import CGRU, MDGRU
+
+
+def layer_params(model: keras.Model, kind: type) -> int:
+    return sum(layer.count_params() for layer in model._flatten_layers(include_self=False) if isinstance(layer, kind))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the paper preset (built, never run: 302 M weights)
+
+
+@pytest.mark.parametrize(("stage", "landmarks"), [("coarse", 1), ("coarse", 4), ("fine", 3)])
+def test_paper_models_have_the_papers_shapes_and_parameter_counts(stage, landmarks):
+    config = with_landmarks(load_preset("paper"), [f"L{i}" for i in range(landmarks)])
+    model = N.build_model(config, stage)
+    try:
+        # 256^3 padded, stride-4 conv to 64^3 (coarse) or a 64^3 window (fine): 8^3 x 192 features, n = 4.
+        classes = 4 * 64  # n * 256 / 4 and n * 64 / 1
+        names = [layer.name for layer in model.layers]
+        trunk_outputs = [model.get_layer(n).output.shape for n in names if "voxelwise" in n]
+        assert trunk_outputs == [(None, 32, 32, 32, 48), (None, 16, 16, 16, 96), (None, 8, 8, 8, 192)]
+        if stage == "coarse":
+            assert model.get_layer("coarse_input_conv").output.shape == (None, 64, 64, 64, 16)
+            assert model.get_layer("coarse_input_conv").kernel.shape == (9, 9, 9, 2, 16)
+            expected = {axis: (None, landmarks, classes) for axis in "xyz"}
+        else:
+            expected = {axis: (None, classes) for axis in "xyz"}
+        assert {name: tuple(t.shape) for name, t in zip("xyz", model.outputs)} == expected
+        heads = model.get_layer(f"{stage}_heads")
+        assert tuple(heads.hidden_kernel.shape) == (8**3 * 192, 3 * classes * 4)  # the 302 M-weight layer
+        assert tuple(heads.output_kernel.shape) == (landmarks, 3 * classes * 4, 3 * classes)
+        # Keras' count equals the analytic one, part by part.
+        counts = N.count_parameters(config, stage)
+        assert model.count_params() == counts["total"]
+        assert layer_params(model, MDGRU) + layer_params(model, keras.layers.Conv3D) == (
+            counts["trunk"] + counts["input_conv"]
+        )
+        assert heads.count_params() == counts["head_hidden"] + counts["head_output"]
+        # K landmarks share the trunk and the hidden layer: each extra landmark adds only an output layer.
+        one = N.count_parameters(with_landmarks(config, ["A"]), stage)["total"]
+        assert counts["total"] - one == (landmarks - 1) * (3 * classes * 4 * 3 * classes + 3 * classes)
+    finally:
+        del model
+        keras.backend.clear_session()
+        gc.collect()
+
+
+def test_analytic_parameter_counts_match_keras_for_other_sizes():
+    config = load_preset("tiny")
+    for landmarks in (1, 5):
+        for stage in ("coarse", "fine"):
+            cfg = with_landmarks(config, [f"L{i}" for i in range(landmarks)])
+            assert N.build_model(cfg, stage).count_params() == N.count_parameters(cfg, stage)["total"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small models: behaviour
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    config = with_landmarks(load_preset("tiny"), ["A", "B", "C"])
+    return config, N.build_coarse_model(config), N.build_fine_model(config)
+
+
+def test_forward_shapes_and_head_selection(tiny3, rng):
+    config, coarse, fine = tiny3
+    p, w = config.coarse.padded_size, config.fine.window_size
+    c_coarse = N.stage_classes(config, "coarse")[0]
+    c_fine = N.stage_classes(config, "fine")[0]
+    out = coarse({"volume": rng.normal(size=(2, p, p, p, 2)).astype("float32")})
+    assert {k: tuple(v.shape) for k, v in out.items()} == {a: (2, 3, c_coarse) for a in "xyz"}
+    windows = rng.normal(size=(3, w, w, w, 2)).astype("float32")
+    index = np.array([2, 0, 1], np.int32)
+    out = fine({"window": windows, "landmark_index": index})
+    assert {k: tuple(v.shape) for k, v in out.items()} == {a: (3, c_fine) for a in "xyz"}
+    # Sample b uses landmark index[b]'s output layer: same as evaluating all landmarks and picking that one.
+    heads = fine.get_layer("fine_heads")
+    features = keras.Model(fine.inputs, fine.get_layer("fine_flatten").output)(
+        {"window": windows, "landmark_index": index}
+    )
+    every = heads(features)
+    for axis in "xyz":
+        np.testing.assert_allclose(out[axis].numpy(), every[axis].numpy()[np.arange(3), index], rtol=1e-5, atol=1e-5)
+        # different landmarks really give different outputs
+        assert not np.allclose(every[axis].numpy()[:, 0], every[axis].numpy()[:, 1])
+
+
+def test_initialization_follows_the_paper(tiny3):
+    config, coarse, fine = tiny3
+    for model in (coarse, fine):
+        heads = [layer for layer in model.layers if isinstance(layer, N.LandmarkHeads)][0]
+        for kernel in (heads.hidden_kernel, heads.output_kernel):
+            values = kernel.numpy()
+            limit = math.sqrt(3.0 / kernel.shape[-2])
+            assert np.abs(values).max() <= limit
+            assert np.abs(values).max() > 0.9 * limit  # really uniform over the whole range
+        assert not heads.hidden_bias.numpy().any() and not heads.output_bias.numpy().any()
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.Conv3D):
+                assert not layer.bias.numpy().any()
+                fan_in = np.prod(layer.kernel.shape[:-1])
+                fan_out = np.prod(layer.kernel.shape[:-2]) * layer.kernel.shape[-1]
+                assert np.abs(layer.kernel.numpy()).max() <= math.sqrt(6.0 / (fan_in + fan_out)) + 1e-6
+            if isinstance(layer, CGRU):
+                assert not layer.bias.numpy().any()
+
+
+def test_dropconnect_only_while_training(tiny3, rng):
+    config, _, fine = tiny3
+    w = config.fine.window_size
+    inputs = {"window": rng.normal(size=(1, w, w, w, 2)).astype("float32"), "landmark_index": np.zeros(1, np.int32)}
+    a, b = fine(inputs, training=False)["x"].numpy(), fine(inputs, training=False)["x"].numpy()
+    np.testing.assert_array_equal(a, b)
+    c, d = fine(inputs, training=True)["x"].numpy(), fine(inputs, training=True)["x"].numpy()
+    assert not np.allclose(c, d)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_loss_is_the_sum_over_axes_and_landmarks_of_cross_entropies(tiny3, rng):
+    config, coarse, fine = tiny3
+    p = config.coarse.padded_size
+    c = N.stage_classes(config, "coarse")[0]
+    inputs = {"volume": rng.normal(size=(2, p, p, p, 2)).astype("float32")}
+    labels = {a: rng.integers(0, c, size=(2, 3)).astype(np.int32) for a in "xyz"}
+    logits = coarse(inputs)
+    expected = 0.0
+    for axis in "xyz":
+        lp = log_softmax(logits[axis].numpy().astype(np.float64))
+        picked = np.take_along_axis(lp, labels[axis][..., None], -1)[..., 0]  # [B, K]
+        expected += -picked.sum(axis=1).mean()  # summed over landmarks, mean over the batch
+    assert float(N.localization_loss(labels, logits)) == pytest.approx(expected, rel=1e-5)
+    N.compile_for_training(coarse, config)
+    assert float(coarse.compute_loss(x=inputs, y=labels, y_pred=logits)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_compile_uses_the_configured_optimizer():
+    paper = load_preset("paper")
+    optimizer = N.make_optimizer(paper)
+    assert isinstance(optimizer, keras.optimizers.Adadelta)
+    assert float(optimizer.learning_rate) == pytest.approx(0.001)
+    assert isinstance(N.make_optimizer(load_preset("tiny")), keras.optimizers.Adam)
+
+
+def test_models_save_and_load_as_keras_files(tiny3, tmp_path, rng):
+    config, coarse, fine = tiny3
+    w = config.fine.window_size
+    inputs = {"window": rng.normal(size=(2, w, w, w, 2)).astype("float32"), "landmark_index": np.array([1, 2])}
+    path = tmp_path / "fine.keras"
+    fine.save(path)
+    loaded = N.load_model(str(path))
+    for axis in "xyz":
+        np.testing.assert_allclose(loaded(inputs)[axis].numpy(), fine(inputs)[axis].numpy(), rtol=1e-6, atol=1e-6)
+    # get_config round trip rebuilds the same architecture
+    rebuilt = keras.Model.from_config(coarse.get_config(), custom_objects=N.custom_objects())
+    assert rebuilt.count_params() == coarse.count_params()
+
+
+def test_parameter_memory_of_the_paper_preset_for_1_and_32_landmarks():
+    paper = load_preset("paper")
+    afids = with_landmarks(paper, [f"AFID{i:02d}" for i in range(1, 33)])
+    one = N.count_parameters(paper, "fine")
+    many = N.count_parameters(afids, "fine")
+    assert one["head_hidden"] == 8**3 * 192 * 3072 + 3072  # ~302 M: the reason the hidden layer is shared
+    # 32 landmarks cost less than 1.3 x one landmark (instead of 32 x)
+    assert many["total"] < 1.3 * one["total"]
+    assert N.parameter_bytes(one["total"]) > 1.2e9

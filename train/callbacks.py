@@ -1,0 +1,209 @@
+"""What a training run reports: CSV logs, TensorBoard scalars, a progress bar and a line per epoch.
+
+Files in the run directory (written by the chief only):
+
+* ``steps.csv``: ``step, epoch, loss`` for every training step (the loss of the global batch);
+* ``log.csv``: one row per validation: ``epoch, step, train_loss, val_loss, val_error_mm_mean,
+  val_error_mm_median, val_error_mm_max, learning_rate, elapsed_s``;
+* ``tensorboard/``: the same scalars as TensorBoard events (``train/loss`` per step, ``val/*`` per epoch).
+
+On ``--resume`` rows newer than the restored step are dropped (:meth:`RunLog.truncate_after`), so a run that
+was killed after logging but before its next checkpoint does not count those steps twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from train.checkpoints import atomic_write_text
+
+STEP_FIELDS = ("step", "epoch", "loss")
+EPOCH_FIELDS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_error_mm_mean",
+    "val_error_mm_median",
+    "val_error_mm_max",
+    "learning_rate",
+    "elapsed_s",
+)
+
+
+def _scalar(tag: str, value: float, step: int) -> None:
+    """A TensorBoard scalar, written with TensorFlow's own summary op (no ``tensorboard`` package needed)."""
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), step=step, metadata=_SCALAR_METADATA)
+
+
+# What tensorboard.summary.scalar attaches: marks the tensor for TensorBoard's scalars dashboard.
+_SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
+    plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars")
+).SerializeToString()
+
+
+def read_csv(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a numeric CSV log as dicts of floats (empty when the file is missing)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def _format(value: float) -> str:
+    return repr(float(value))  # full precision: runs are compared step by step
+
+
+class RunLog:
+    """Appends to the CSV logs and TensorBoard, shows a progress bar; silent on non-chief workers."""
+
+    def __init__(self, run_dir: str | Path, steps_per_epoch: int, enabled: bool = True, verbose: int = 1) -> None:
+        self.run_dir = Path(run_dir)
+        self.steps_per_epoch = steps_per_epoch
+        self.enabled = enabled
+        self.verbose = verbose if enabled else 0
+        self.steps_path = self.run_dir / "steps.csv"
+        self.epochs_path = self.run_dir / "log.csv"
+        self._writer = None
+        self._steps_file = None
+        self._progbar: keras.utils.Progbar | None = None
+        self._progbar_epoch = -1
+
+    def open(self) -> None:
+        if not self.enabled:
+            return
+        self._writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
+        new = not self.steps_path.exists()
+        self._steps_file = open(self.steps_path, "a", encoding="utf-8", newline="")
+        if new:
+            self._steps_file.write(",".join(STEP_FIELDS) + "\n")
+        if not self.epochs_path.exists():
+            atomic_write_text(self.epochs_path, ",".join(EPOCH_FIELDS) + "\n")
+
+    def close(self) -> None:
+        if self._steps_file is not None:
+            self._steps_file.close()
+            self._steps_file = None
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+        self._progbar = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop log rows newer than ``step`` (rows written after the checkpoint that a resume starts from)."""
+        if not self.enabled:
+            return
+        for path, fields in ((self.steps_path, STEP_FIELDS), (self.epochs_path, EPOCH_FIELDS)):
+            rows = [row for row in read_csv(path) if row["step"] <= step]
+            lines = [",".join(fields)] + [",".join(_format(row[field]) for field in fields) for row in rows]
+            atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def step(self, step: int, loss: float) -> None:
+        """Record the loss of training step ``step`` (1-based: the number of steps done)."""
+        if not self.enabled:
+            return
+        epoch = step / self.steps_per_epoch
+        self._steps_file.write(f"{step},{_format(epoch)},{_format(loss)}\n")
+        self._steps_file.flush()
+        with self._writer.as_default():
+            _scalar("train/loss", loss, step)
+        if self.verbose:
+            epoch_index = (step - 1) // self.steps_per_epoch
+            if self._progbar is None or epoch_index != self._progbar_epoch:
+                self._progbar = keras.utils.Progbar(
+                    self.steps_per_epoch, verbose=self.verbose, stateful_metrics=["loss"], unit_name="step"
+                )
+                self._progbar_epoch = epoch_index
+            done = step - epoch_index * self.steps_per_epoch
+            self._progbar.update(done, values=[("loss", loss)])
+
+    def epoch(self, row: dict[str, float], epochs: int) -> str:
+        """Append a validation row (keys :data:`EPOCH_FIELDS`); print and return the one-line summary."""
+        line = (
+            f"epoch {row['epoch']:.2f}/{epochs} step {int(row['step'])}: loss {row['train_loss']:.4f}"
+            f" val_loss {row['val_loss']:.4f} val_error_mm mean {row['val_error_mm_mean']:.2f}"
+            f" median {row['val_error_mm_median']:.2f} max {row['val_error_mm_max']:.2f}"
+            f" ({row['elapsed_s']:.0f} s)"
+        )
+        if not self.enabled:
+            return line
+        with open(self.epochs_path, "a", encoding="utf-8") as handle:
+            handle.write(",".join(_format(row[field]) for field in EPOCH_FIELDS) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        step = int(row["step"])
+        with self._writer.as_default():
+            for key in ("val_loss", "val_error_mm_mean", "val_error_mm_median", "val_error_mm_max"):
+                _scalar(f"val/{key.removeprefix('val_')}", row[key], step)
+            _scalar("train/epoch_loss", row["train_loss"], step)
+            _scalar("train/learning_rate", row["learning_rate"], step)
+        self._writer.flush()
+        if self.verbose:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        return line
+
+    def message(self, text: str) -> None:
+        if self.verbose:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+
+def smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    smoothed, last, debias = [], 0.0, 0.0
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        last = weight * last + (1.0 - weight) * value
+        debias = weight * debias + (1.0 - weight)
+        smoothed.append(last / debias)
+    return smoothed
+
+
+def loss_curve_figure(epoch_rows: list[dict[str, float]], step_rows: list[dict[str, float]], path: str | Path) -> Path:
+    """Training and validation loss against epochs, smoothed (like Fig. 2 of the paper); written atomically.
+
+    ``step_rows`` are ``steps.csv`` rows (the training loss of every step), ``epoch_rows`` are ``log.csv``
+    rows (the validation loss after every epoch). Faint lines are the raw values, bold lines the smoothed ones.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path = Path(path)
+    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    if step_rows:
+        epochs = [row["epoch"] for row in step_rows]
+        losses = [row["loss"] for row in step_rows]
+        # Smooth over about a tenth of an epoch's worth of steps, at least a few steps.
+        steps_per_epoch = max(1.0, len(step_rows) / max(epochs[-1], 1e-9))
+        weight = min(0.98, max(0.6, 1.0 - 1.0 / max(1.0, steps_per_epoch / 2)))
+        axis.plot(epochs, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
+        axis.plot(epochs, smooth(losses, weight), color="tab:blue", label="training loss")
+    if epoch_rows:
+        epochs = [row["epoch"] for row in epoch_rows]
+        losses = [row["val_loss"] for row in epoch_rows]
+        axis.plot(epochs, losses, color="tab:orange", alpha=0.35, linewidth=0.8, marker=".")
+        axis.plot(epochs, smooth(losses, 0.6), color="tab:orange", label="validation loss")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss (cross-entropy, sum over axes)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    tmp = path.parent / f".{path.stem}-{os.getpid()}.png"
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
