@@ -118,8 +118,10 @@ class RunLog:
         if self.verbose:
             epoch_index = (step - 1) // self.steps_per_epoch
             if self._progbar is None or epoch_index != self._progbar_epoch:
+                # A live bar on a terminal; in a log file (not a tty) one line at the end of each epoch.
+                verbose = self.verbose if sys.stdout.isatty() else 2
                 self._progbar = keras.utils.Progbar(
-                    self.steps_per_epoch, verbose=self.verbose, stateful_metrics=["loss"], unit_name="step"
+                    self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss"], unit_name="step"
                 )
                 self._progbar_epoch = epoch_index
             done = step - epoch_index * self.steps_per_epoch
