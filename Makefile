@@ -23,7 +23,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-data bench-localize bench-predict bench-accuracy clean-demo
+	bench-layer bench-data bench-localize bench-predict bench-accuracy bench-training clean-demo
 
 install: $(STAMP)
 
@@ -99,3 +99,6 @@ bench-localize: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python -m bench.bench_predict
+
+bench-training: $(STAMP)
+	$(BIN)/python -m bench.bench_training

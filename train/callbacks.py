@@ -14,7 +14,6 @@ was killed after logging but before its next checkpoint does not count those ste
 from __future__ import annotations
 
 import csv
-import math
 import os
 import sys
 from pathlib import Path
@@ -119,8 +118,10 @@ class RunLog:
         if self.verbose:
             epoch_index = (step - 1) // self.steps_per_epoch
             if self._progbar is None or epoch_index != self._progbar_epoch:
+                # A live bar on a terminal; in a log file (not a tty) one line at the end of each epoch.
+                verbose = self.verbose if sys.stdout.isatty() else 2
                 self._progbar = keras.utils.Progbar(
-                    self.steps_per_epoch, verbose=self.verbose, stateful_metrics=["loss"], unit_name="step"
+                    self.steps_per_epoch, verbose=verbose, stateful_metrics=["loss"], unit_name="step"
                 )
                 self._progbar_epoch = epoch_index
             done = step - epoch_index * self.steps_per_epoch
@@ -157,53 +158,3 @@ class RunLog:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
-
-def smooth(values: list[float], weight: float = 0.8) -> list[float]:
-    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
-    smoothed, last, debias = [], 0.0, 0.0
-    for value in values:
-        if not math.isfinite(value):
-            smoothed.append(value)
-            continue
-        last = weight * last + (1.0 - weight) * value
-        debias = weight * debias + (1.0 - weight)
-        smoothed.append(last / debias)
-    return smoothed
-
-
-def loss_curve_figure(epoch_rows: list[dict[str, float]], step_rows: list[dict[str, float]], path: str | Path) -> Path:
-    """Training and validation loss against epochs, smoothed (like Fig. 2 of the paper); written atomically.
-
-    ``step_rows`` are ``steps.csv`` rows (the training loss of every step), ``epoch_rows`` are ``log.csv``
-    rows (the validation loss after every epoch). Faint lines are the raw values, bold lines the smoothed ones.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    path = Path(path)
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    if step_rows:
-        epochs = [row["epoch"] for row in step_rows]
-        losses = [row["loss"] for row in step_rows]
-        # Smooth over about a tenth of an epoch's worth of steps, at least a few steps.
-        steps_per_epoch = max(1.0, len(step_rows) / max(epochs[-1], 1e-9))
-        weight = min(0.98, max(0.6, 1.0 - 1.0 / max(1.0, steps_per_epoch / 2)))
-        axis.plot(epochs, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
-        axis.plot(epochs, smooth(losses, weight), color="tab:blue", label="training loss")
-    if epoch_rows:
-        epochs = [row["epoch"] for row in epoch_rows]
-        losses = [row["val_loss"] for row in epoch_rows]
-        axis.plot(epochs, losses, color="tab:orange", alpha=0.35, linewidth=0.8, marker=".")
-        axis.plot(epochs, smooth(losses, 0.6), color="tab:orange", label="validation loss")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("loss (cross-entropy, sum over axes)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    tmp = path.parent / f".{path.stem}-{os.getpid()}.png"
-    figure.savefig(tmp)
-    plt.close(figure)
-    os.replace(tmp, path)
-    return path

@@ -9,6 +9,7 @@ the config) -> window voxels -> world millimetres through each validation subjec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -183,6 +184,14 @@ def check_dataset(config: Config, dataset_dir: Path) -> None:
             )
 
 
+def loss_figure(epoch_rows: list[dict], step_rows: list[dict], path: Path, title: str) -> Path | None:
+    """The paper's Fig. 2 for one run: mean training loss of each epoch and validation loss, against epochs."""
+    from mdgru_keras.figures import loss_curve_figure
+
+    history = [{"epoch": row["epoch"], "loss": row["train_loss"], "val_loss": row["val_loss"]} for row in epoch_rows]
+    return loss_curve_figure(history, path, title=title) if history else None
+
+
 def resolve_config(
     config: Config,
     epochs: int | None = None,
@@ -226,7 +235,6 @@ def train_stage(
     TensorFlow's op determinism, so that a run repeats exactly on the same machine (for a given seed).
     ``landmarks`` replaces the config's landmark list (``("all",)``: every landmark of the dataset).
     """
-    from train.callbacks import loss_curve_figure
     from train.strategy import make_strategy
 
     config = resolve_config(config, epochs, max_seconds, landmarks, dataset_dir)
@@ -237,5 +245,6 @@ def train_stage(
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.training.seed)  # before any dataset: tf.data seeds depend on it
     setup = stage_setup(stage, config, dataset_dir)
-    trainer = Trainer(setup, config, run_dir, strategy, resume=resume, figure=loss_curve_figure, verbose=verbose)
+    figure = functools.partial(loss_figure, title=f"{stage} stage, {config.name} config")
+    trainer = Trainer(setup, config, run_dir, strategy, resume=resume, figure=figure, verbose=verbose)
     return trainer.run()

@@ -140,7 +140,7 @@ class Trainer:
         run_dir: the run directory.
         strategy: a ``tf.distribute`` strategy (:func:`train.strategy.make_strategy`); its scope is used here.
         resume: continue from the newest valid checkpoint in ``run_dir`` (start fresh when there is none).
-        figure: ``(log_rows, step_rows, path)`` -> None, draws the loss curves; None skips the figure.
+        figure: ``(log_rows, step_rows, path) -> path or None`` draws the loss curves; None skips the figure.
         verbose: 1 progress bar and a line per epoch, 0 silent.
     """
 
@@ -151,7 +151,7 @@ class Trainer:
         run_dir: str | Path,
         strategy: tf.distribute.Strategy,
         resume: bool = False,
-        figure: Callable[[list, list, Path], None] | None = None,
+        figure: Callable[[list, list, Path], Path | None] | None = None,
         verbose: int = 1,
     ) -> None:
         self.setup = setup
@@ -409,8 +409,9 @@ class Trainer:
                 model.save(tmp)
                 os.replace(tmp, model_path)
                 if self.figure is not None:
-                    figure_path = self.run_dir / "loss.png"
-                    self.figure(read_csv(log.epochs_path), read_csv(log.steps_path), figure_path)
+                    figure_path = self.figure(
+                        read_csv(log.epochs_path), read_csv(log.steps_path), self.run_dir / "loss.png"
+                    )
             if self.workers > 1:
                 # Keep the cluster up until the chief has written its files (worker 0 hosts the coordination
                 # service; a worker that outlives it logs connection errors).

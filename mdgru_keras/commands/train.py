@@ -73,5 +73,6 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landma
     validation = result.last_validation or {}
     error_text = (f", validation error {validation['val_error_mm_mean']:.2f} mm mean" if validation else "")
     stopped = " (time budget used up; --resume continues)" if result.stopped_by == "time" else ""
-    click.echo(f"wrote {result.model_path} and {result.figure_path} after {result.step} steps "
+    figure = f" and {result.figure_path}" if result.figure_path else ""
+    click.echo(f"wrote {result.model_path}{figure} after {result.step} steps "
                f"({result.epochs_done:.2f} epochs{error_text}){stopped}")
