@@ -75,7 +75,8 @@ class TwoStageLocalizer(tf.Module):
         self.config = config
         self.num_landmarks = config.num_landmarks
         self.fine_batch_size = min(fine_batch_size or self.num_landmarks, self.num_landmarks)
-        self.landmark_names = tf.constant(list(config.landmarks), dtype=tf.string)
+        # a (non-trainable) variable so that the names are saved with the module
+        self.landmark_names = tf.Variable(list(config.landmarks), dtype=tf.string, trainable=False, name="landmarks")
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="volume")])
     def __call__(self, volume: tf.Tensor) -> dict[str, tf.Tensor]:
