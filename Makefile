@@ -4,7 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench-layer
+.PHONY: install test lint bench-layer bench-data export bench-predict
+
+# `make export RUN_COARSE=runs/coarse RUN_FINE=runs/fine [EXPORT=export] [NAME=mdgru] [VERSION=3]`
+RUN_COARSE ?= runs/coarse
+RUN_FINE ?= runs/fine
+EXPORT ?= export
+NAME ?= mdgru
+VERSION ?=
 
 install: $(STAMP)
 
@@ -22,3 +29,13 @@ lint: $(STAMP)
 
 bench-layer: $(STAMP)
 	$(BIN)/python -m bench.bench_layer
+
+bench-data: $(STAMP)
+	$(BIN)/python -m bench.bench_data
+
+export: $(STAMP)
+	$(BIN)/mdgru-localize export --coarse $(RUN_COARSE) --fine $(RUN_FINE) --out $(EXPORT) --name $(NAME) \
+		$(if $(VERSION),--version $(VERSION),)
+
+bench-predict: $(STAMP)
+	$(BIN)/python -m bench.bench_predict

@@ -18,6 +18,8 @@ Every function here has a NumPy form; those that run inside the exported graph a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -358,43 +360,391 @@ def sample_window_affine_tf(
     channels = volume.shape[-1]
     shape = tf.shape(volume)[:3]
     flat = tf.reshape(volume, [-1, channels])
+    strides = tf.stack([shape[1] * shape[2], shape[2], 1])
     sx, sy, sz = window_size
     slab = min(slab, sx)
     if sx % slab:
         slab = sx
-    yz = tf.stack(tf.meshgrid(tf.range(sy, dtype=tf.float32), tf.range(sz, dtype=tf.float32), indexing="ij"), -1)
+    y = tf.range(sy, dtype=tf.float32)[None, :, None]
+    z = tf.range(sz, dtype=tf.float32)[None, None, :]
 
     def one_slab(start: tf.Tensor) -> tf.Tensor:
-        x = tf.cast(tf.range(slab) + start, tf.float32)
-        grid = tf.concat(
-            [tf.broadcast_to(x[:, None, None, None], [slab, sy, sz, 1]), tf.broadcast_to(yz[None], [slab, sy, sz, 2])],
-            axis=-1,
-        )
-        source = tf.reshape(grid, [-1, 3]) @ tf.transpose(linear) + offset
-        base = tf.floor(source)
-        fraction = source - base
-        base = tf.cast(base, tf.int32)
-        out = tf.zeros([slab * sy * sz, channels], volume.dtype)
-        for corner in range(8):
-            step = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
-            index = base + step
-            inside = tf.reduce_all((index >= 0) & (index < shape), axis=1)
-            linear_index = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
-            weight = tf.reduce_prod(tf.where(step > 0, fraction, 1.0 - fraction), axis=1)
-            weight = tf.where(inside, weight, 0.0)
-            values = tf.gather(flat, tf.where(inside, linear_index, 0))
-            out += tf.cast(weight, volume.dtype)[:, None] * values
-        return tf.reshape(out, [slab, sy, sz, channels])
+        x = tf.cast(tf.range(slab) + start, tf.float32)[:, None, None]
+        # per source axis: the two neighbours' flat-index parts and their weights (0 outside the volume)
+        parts, weights = [], []
+        for axis in range(3):
+            source = linear[axis, 0] * x + linear[axis, 1] * y + linear[axis, 2] * z + offset[axis]  # [slab, sy, sz]
+            base = tf.floor(source)
+            upper_weight = source - base
+            lower = tf.cast(base, tf.int32)
+            upper = lower + 1
+            size = shape[axis]
+            parts.append([tf.clip_by_value(i, 0, size - 1) * strides[axis] for i in (lower, upper)])
+            weights.append(
+                [
+                    tf.where((lower >= 0) & (lower < size), 1.0 - upper_weight, 0.0),
+                    tf.where((upper >= 0) & (upper < size), upper_weight, 0.0),
+                ]
+            )
+        out = tf.zeros([slab, sy, sz, channels], volume.dtype)
+        for a in range(2):
+            for b in range(2):
+                index_xy = parts[0][a] + parts[1][b]
+                weight_xy = weights[0][a] * weights[1][b]
+                for c in range(2):
+                    values = tf.gather(flat, index_xy + parts[2][c])
+                    out += tf.cast(weight_xy * weights[2][c], volume.dtype)[..., None] * values
+        return out
 
     if slab == sx:
         window = one_slab(tf.constant(0))
     else:
-        slabs = tf.map_fn(one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels],
-                                                                                              volume.dtype))
+        slabs = tf.map_fn(
+            one_slab, tf.range(0, sx, slab), fn_output_signature=tf.TensorSpec([slab, sy, sz, channels], volume.dtype)
+        )
         window = tf.reshape(slabs, [sx, sy, sz, channels])
     return tf.ensure_shape(window, tuple(window_size) + (channels,))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# closest canonical (RAS) orientation and resampling to a model spacing
+#
+# A file's voxel grid is brought to the model's grid in two exact steps that compose into one 4x4 map
+# ``new_to_old`` (new voxel coordinates -> the file's voxel coordinates):
+#   1. reorientation to the closest RAS-canonical axis order: a signed permutation of the axes (exact);
+#   2. resampling of each canonical axis to ``spacing_mm``: a per-axis scale and shift (trilinear).
+# ``new_to_old`` therefore always has exactly one non-zero entry per row and column of its linear part, which
+# lets the resampling run separably, one axis at a time (``resample_axis_aligned``), with the same result as
+# full trilinear interpolation (``resample``).
+
+# Spacings closer than this (relative) are taken as equal, so a 1 mm image is not interpolated for 1e-7 mm.
+SPACING_RELATIVE_TOLERANCE = 1e-5
+
+
+def closest_canonical_orientation(voxel_to_world_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each voxel axis of a file, the RAS world axis it runs closest to, and whether it runs backwards.
+
+    The same rule as ``nibabel.orientations.io_orientation``: the linear part, with unit columns, is replaced
+    by its closest orthogonal matrix (polar factor of the SVD); voxel axes 0, 1, 2 in turn take the world
+    axis of their largest absolute component among the world axes not taken yet.
+    Returns ``(world_axis int64 [3], flip bool [3])``.
+    """
+    linear = np.asarray(voxel_to_world_affine, dtype=np.float64)[:3, :3]
+    spacing = np.sqrt((linear**2).sum(axis=0))
+    unit = linear / np.where(spacing > 0, spacing, 1.0)
+    u, _, vt = np.linalg.svd(unit)
+    rotation = u @ vt
+    world_axis = np.zeros(3, dtype=np.int64)
+    flip = np.zeros(3, dtype=bool)
+    for voxel_axis in range(3):
+        column = rotation[:, voxel_axis]
+        axis = int(np.argmax(np.abs(column)))
+        world_axis[voxel_axis] = axis
+        flip[voxel_axis] = column[axis] < 0
+        rotation[axis, :] = 0.0
+    return world_axis, flip
+
+
+def canonical_to_file_voxel(
+    shape: tuple[int, int, int], voxel_to_world_affine: np.ndarray
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
+    """The RAS-canonical grid of a file: ``(canonical_shape, canonical_voxel_to_world, canonical_to_file)``.
+
+    ``canonical_to_file`` (4x4, a signed permutation plus shift) maps canonical voxel coordinates to the
+    file's voxel coordinates; ``canonical_voxel_to_world = voxel_to_world_affine @ canonical_to_file``.
+    """
+    world_axis, flip = closest_canonical_orientation(voxel_to_world_affine)
+    shape = tuple(int(n) for n in shape)
+    canonical_to_file = np.zeros((4, 4))
+    canonical_to_file[3, 3] = 1.0
+    canonical_shape = [0, 0, 0]
+    for file_axis in range(3):
+        axis = int(world_axis[file_axis])
+        canonical_shape[axis] = shape[file_axis]
+        canonical_to_file[file_axis, axis] = -1.0 if flip[file_axis] else 1.0
+        canonical_to_file[file_axis, 3] = shape[file_axis] - 1.0 if flip[file_axis] else 0.0
+    canonical_affine = np.asarray(voxel_to_world_affine, dtype=np.float64) @ canonical_to_file
+    return tuple(canonical_shape), canonical_affine, canonical_to_file
+
+
+def _axis_scale(old_spacing_mm: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Old voxels per new voxel along each axis; exactly 1 where the spacings agree within the tolerance."""
+    scale = spacing_mm / old_spacing_mm
+    return np.where(np.abs(scale - 1.0) < SPACING_RELATIVE_TOLERANCE, 1.0, scale)
+
+
+def canonical_resampling_grid(
+    shape: tuple[int, int, int], voxel_to_world_affine: np.ndarray, spacing_mm: float | None
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
+    """The model's grid for a file: RAS-canonical axes, isotropic ``spacing_mm`` voxels (None: keep spacing).
+
+    Returns ``(new_shape, new_voxel_to_world, new_to_old)``; ``new_to_old`` maps new voxel coordinates to the
+    file's voxel coordinates. Along each canonical axis the new grid covers the file's field of view from its
+    first voxel corner (as :func:`resampled_shape_and_affine`): new voxel ``j`` has its centre at canonical
+    coordinate ``(j + 0.5) * scale - 0.5`` with ``scale = spacing_mm / old_spacing``.
+    """
+    canonical_shape, canonical_affine, canonical_to_file = canonical_to_file_voxel(shape, voxel_to_world_affine)
+    if spacing_mm is None:
+        return canonical_shape, canonical_affine, canonical_to_file
+    scale = _axis_scale(voxel_spacing_mm(canonical_affine), float(spacing_mm))
+    extent = np.asarray(canonical_shape, dtype=np.float64) / scale
+    new_shape = tuple(int(max(1, np.round(e))) for e in extent)
+    new_to_canonical = np.eye(4)
+    new_to_canonical[:3, :3] = np.diag(scale)
+    new_to_canonical[:3, 3] = 0.5 * scale - 0.5
+    new_to_old = canonical_to_file @ new_to_canonical
+    return new_shape, canonical_affine @ new_to_canonical, new_to_old
+
+
+def canonical_resampling_grid_tf(
+    shape: tf.Tensor, voxel_to_world_affine: tf.Tensor, spacing_mm: float | None
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """TensorFlow form of :func:`canonical_resampling_grid` for the exported graph.
+
+    ``shape`` int [3] (e.g. ``tf.shape(volume)``), ``voxel_to_world_affine`` float [4, 4]. Returns
+    ``(new_shape int32 [3], new_voxel_to_world float64 [4, 4], new_to_old float64 [4, 4])``.
+    """
+    affine = tf.cast(voxel_to_world_affine, tf.float64)
+    shape_f = tf.cast(tf.reshape(shape, [3]), tf.float64)
+    linear = affine[:3, :3]
+    spacing = tf.sqrt(tf.reduce_sum(linear**2, axis=0))
+    unit = linear / tf.where(spacing > 0, spacing, tf.ones_like(spacing))
+    _, u, v = tf.linalg.svd(unit)
+    rotation = tf.matmul(u, v, adjoint_b=True)
+    # Greedy assignment as in the NumPy form, unrolled over the three voxel axes.
+    taken = tf.zeros([3], tf.float64)  # 1 where a world axis is taken
+    columns = []
+    for voxel_axis in range(3):
+        column = rotation[:, voxel_axis] * (1.0 - taken)
+        axis = tf.argmax(tf.abs(column), output_type=tf.int32)
+        one_hot = tf.one_hot(axis, 3, dtype=tf.float64)
+        sign = tf.where(tf.gather(column, axis) < 0, tf.constant(-1.0, tf.float64), tf.constant(1.0, tf.float64))
+        taken = taken + one_hot
+        columns.append((one_hot, sign))
+    # canonical_to_file[file_axis, world_axis] = sign; rows are the file axes.
+    signed_rows = tf.stack([one_hot * sign for one_hot, sign in columns])  # [file_axis, canonical_axis]
+    flips = tf.stack([sign < 0 for _, sign in columns])
+    shift = tf.where(flips, shape_f - 1.0, tf.zeros_like(shape_f))
+    canonical_to_file = tf.concat(
+        [tf.concat([signed_rows, shift[:, None]], axis=1), tf.constant([[0.0, 0.0, 0.0, 1.0]], tf.float64)], axis=0
+    )
+    canonical_shape = tf.linalg.matvec(tf.abs(signed_rows), shape_f, transpose_a=True)
+    canonical_affine = tf.matmul(affine, canonical_to_file)
+    if spacing_mm is None:
+        return tf.cast(tf.round(canonical_shape), tf.int32), canonical_affine, canonical_to_file
+    canonical_spacing = tf.sqrt(tf.reduce_sum(canonical_affine[:3, :3] ** 2, axis=0))
+    scale = tf.constant(float(spacing_mm), tf.float64) / canonical_spacing
+    scale = tf.where(tf.abs(scale - 1.0) < SPACING_RELATIVE_TOLERANCE, tf.ones_like(scale), scale)
+    new_shape = tf.maximum(tf.round(canonical_shape / scale), 1.0)
+    new_to_canonical = tf.concat(
+        [
+            tf.concat([tf.linalg.diag(scale), (0.5 * scale - 0.5)[:, None]], axis=1),
+            tf.constant([[0.0, 0.0, 0.0, 1.0]], tf.float64),
+        ],
+        axis=0,
+    )
+    return (
+        tf.cast(new_shape, tf.int32),
+        tf.matmul(canonical_affine, new_to_canonical),
+        tf.matmul(canonical_to_file, new_to_canonical),
+    )
+
+
+def _interpolate_axis(volume: np.ndarray, old_coordinate: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``volume`` along ``axis`` at continuous positions; clamped at the edges."""
+    size = volume.shape[axis]
+    coordinate = np.clip(old_coordinate, 0.0, size - 1.0)
+    lower = np.floor(coordinate).astype(np.int64)  # at the last voxel: weight 0, so edge values stay exact
+    weight = (coordinate - lower).astype(volume.dtype)
+    below = np.take(volume, lower, axis=axis)
+    if size == 1 or not np.any(weight):
+        return below
+    above = np.take(volume, np.minimum(lower + 1, size - 1), axis=axis)
+    view = [1] * volume.ndim
+    view[axis] = -1
+    weight = weight.reshape(view)
+    return below + weight * (above - below)
+
+
+def resample_axis_aligned(volume: np.ndarray, new_to_old: np.ndarray, new_shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear resampling of ``volume[x, y, z, ...]`` for a ``new_to_old`` whose linear part is a signed,
+    scaled permutation (as made by :func:`canonical_resampling_grid`); separable, one axis at a time.
+
+    Positions outside the old grid take the value of the nearest edge voxel (coordinates clamped).
+    """
+    new_to_old = np.asarray(new_to_old, dtype=np.float64)
+    linear = new_to_old[:3, :3]
+    old_axis = np.argmax(np.abs(linear), axis=0)  # the old axis feeding each new axis
+    if sorted(old_axis.tolist()) != [0, 1, 2] or np.count_nonzero(np.abs(linear) > 0) != 3:
+        raise ValueError(f"new_to_old is not axis aligned: {new_to_old.tolist()}")
+    out = np.transpose(volume, tuple(old_axis.tolist()) + tuple(range(3, volume.ndim)))
+    for new_axis in range(3):
+        old = int(old_axis[new_axis])
+        positions = linear[old, new_axis] * np.arange(new_shape[new_axis]) + new_to_old[old, 3]
+        out = _interpolate_axis(out, positions, new_axis)
+    return np.ascontiguousarray(out)
+
+
+def resample(volume: np.ndarray, new_to_old: np.ndarray, new_shape: tuple[int, int, int]) -> np.ndarray:
+    """Trilinear resampling of a 3D ``volume`` through any 4x4 ``new_to_old`` voxel map (edges clamped).
+
+    The general (slower) form of :func:`resample_axis_aligned`; used by tests and for non-axis-aligned maps.
+    """
+    from scipy import ndimage  # imported here: only this function needs it
+
+    new_to_old = np.asarray(new_to_old, dtype=np.float64)
+    return ndimage.affine_transform(
+        np.asarray(volume),
+        new_to_old[:3, :3],
+        offset=new_to_old[:3, 3],
+        output_shape=tuple(int(n) for n in new_shape),
+        order=1,
+        mode="nearest",
+    )
+
+
+def resample_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`resample`: trilinear, any 4x4 ``new_to_old``, edges clamped (float32).
+
+    ``volume`` [X, Y, Z]; ``new_shape`` int [3]. Memory grows with 8 gathers of the whole output; prefer
+    :func:`resample_axis_aligned_tf` for maps made by :func:`canonical_resampling_grid_tf`.
+    """
+    volume = tf.cast(volume, tf.float32)
+    new_shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
+    matrix = tf.cast(new_to_old, tf.float64)
+    grids = tf.meshgrid(*[tf.range(new_shape[a], dtype=tf.float64) for a in range(3)], indexing="ij")
+    new_voxel = tf.stack([tf.reshape(g, [-1]) for g in grids], axis=1)  # [N, 3]
+    old_voxel = tf.matmul(new_voxel, matrix[:3, :3], transpose_b=True) + matrix[:3, 3]
+    old_shape = tf.shape(volume, out_type=tf.int32)
+    upper = tf.cast(old_shape - 1, tf.float64)
+    old_voxel = tf.clip_by_value(old_voxel, tf.zeros_like(upper), upper)
+    lower = tf.floor(old_voxel)
+    weight = tf.cast(old_voxel - lower, tf.float32)
+    lower = tf.cast(lower, tf.int32)
+    result = tf.zeros(tf.shape(new_voxel)[:1], tf.float32)
+    for corner in range(8):
+        offset = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
+        index = tf.minimum(lower + offset, old_shape - 1)
+        corner_weight = tf.reduce_prod(tf.where(tf.cast(offset, tf.bool), weight, 1.0 - weight), axis=1)
+        result += corner_weight * tf.gather_nd(volume, index)
+    return tf.reshape(result, new_shape)
+
+
+def _interpolate_axis_tf(volume: tf.Tensor, old_coordinate: tf.Tensor, axis: int) -> tf.Tensor:
+    size = tf.shape(volume)[axis]
+    upper = tf.cast(size - 1, tf.float64)
+    coordinate = tf.clip_by_value(old_coordinate, 0.0, upper)
+    lower = tf.floor(coordinate)
+    weight = tf.cast(coordinate - lower, volume.dtype)
+    lower = tf.cast(lower, tf.int32)
+    below = tf.gather(volume, lower, axis=axis)
+    above = tf.gather(volume, tf.minimum(lower + 1, size - 1), axis=axis)
+    view = [1, 1, 1]
+    view[axis] = -1
+    return below + tf.reshape(weight, view) * (above - below)
+
+
+def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`resample_axis_aligned` for a 3D ``volume`` (float32 result).
+
+    ``new_to_old`` must be axis aligned (as made by :func:`canonical_resampling_grid_tf`); the axes are
+    permuted with a (data-dependent) transpose, then interpolated one at a time.
+    """
+    volume = tf.cast(volume, tf.float32)
+    matrix = tf.cast(new_to_old, tf.float64)
+    new_shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
+    linear = matrix[:3, :3]
+    old_axis = tf.argmax(tf.abs(linear), axis=0, output_type=tf.int32)
+    out = tf.transpose(volume, old_axis)
+    for new_axis in range(3):
+        old = old_axis[new_axis]
+        slope = tf.gather(linear[:, new_axis], old)
+        positions = slope * tf.range(new_shape[new_axis], dtype=tf.float64) + tf.gather(matrix[:3, 3], old)
+        out = _interpolate_axis_tf(out, positions, new_axis)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rigid poses and smooth deformations (the synthetic population)
+#
+# A synthetic subject is made by a *pull-back* map from subject world to template world,
+#   template_mm = rigid^-1(subject_mm + displacement(subject_mm)),
+# which resamples the template image directly. Landmarks need the *forward* map: rigid forward, then
+# the displacement inverted numerically at the point (:func:`invert_displacement`).
+
+
+def rotation_matrix_deg(angles_deg: np.ndarray) -> np.ndarray:
+    """Rotation ``Rz @ Ry @ Rx`` (3x3) for angles ``[ax, ay, az]`` in degrees about the world x, y, z axes."""
+    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rigid_affine(rotation: np.ndarray, translation_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
+    """4x4 world map ``x -> rotation @ (x - centre) + centre + translation`` (rotation about ``centre_mm``)."""
+    rotation = np.asarray(rotation, dtype=np.float64)
+    centre = np.asarray(centre_mm, dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation
+    affine[:3, 3] = centre - rotation @ centre + np.asarray(translation_mm, dtype=np.float64)
+    return affine
+
+
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 affine to points ``[..., 3]`` (any space to any space)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(points, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def interpolate_at(field: np.ndarray, voxel: np.ndarray) -> np.ndarray:
+    """Trilinear value of ``field[x, y, z, ...]`` at continuous voxel positions ``[N, 3]`` -> ``[N, ...]``.
+
+    Positions are clamped to the grid, exactly as in :func:`resample_axis_aligned`, so a field evaluated here
+    and a field resampled there agree.
+    """
+    field = np.asarray(field)
+    voxel = np.asarray(voxel, dtype=np.float64).reshape(-1, 3)
+    shape = np.asarray(field.shape[:3])
+    voxel = np.clip(voxel, 0.0, shape - 1.0)
+    lower = np.floor(voxel).astype(np.int64)
+    upper = np.minimum(lower + 1, shape - 1)
+    weight = voxel - lower
+    result = 0.0
+    for corner in range(8):
+        pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = tuple(np.where(pick[axis], upper[:, axis], lower[:, axis]) for axis in range(3))
+        corner_weight = np.prod([weight[:, a] if pick[a] else 1.0 - weight[:, a] for a in range(3)], axis=0)
+        corner_weight = corner_weight.reshape((-1,) + (1,) * (field.ndim - 3))
+        result = result + corner_weight * field[index]
+    return np.asarray(result, dtype=np.float64)
+
+
+def invert_displacement(
+    target_mm: np.ndarray,
+    displacement_at: Callable[[np.ndarray], np.ndarray],
+    tolerance_mm: float = 1e-6,
+    max_iterations: int = 200,
+) -> np.ndarray:
+    """Points ``y [N, 3]`` with ``y + displacement_at(y) = target_mm``, by the fixed-point iteration
+    ``y <- target - displacement_at(y)``.
+
+    Converges when the displacement's Jacobian has norm < 1 (a smooth, moderate deformation); raises
+    ``ValueError`` otherwise.
+    """
+    target = np.asarray(target_mm, dtype=np.float64).reshape(-1, 3)
+    points = target - displacement_at(target)
+    for _ in range(max_iterations):
+        updated = target - displacement_at(points)
+        change = np.max(np.abs(updated - points)) if len(points) else 0.0
+        points = updated
+        if change < tolerance_mm:
+            return points
+    raise ValueError(f"displacement inversion did not converge in {max_iterations} iterations (step {change:g} mm)")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # two-stage localization: the coarse region of a volume and the stage decodings (networks / localizer)
 
 
@@ -445,3 +795,180 @@ def peak_mass_tf(probabilities: tf.Tensor) -> tf.Tensor:
         value = tf.gather(p, tf.clip_by_value(neighbour, 0, classes - 1), batch_dims=batch_dims)
         total = total + tf.where(inside, value, tf.zeros_like(value))
     return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the exported model's grid: a bounded central region of the resampled scan
+#
+# The exported SavedModel resamples a scan of any size to the model's grid (``canonical_resampling_grid``), but
+# it only ever looks at the central ``max_size^3`` voxels of that grid: the coarse stage sees the central
+# ``P^3`` region and the fine windows (``W^3``) around its estimates reach at most ``W/2`` beyond it, so
+# ``max_size = P + W`` covers everything the two stages can see while bounding time and memory for huge
+# inputs. The crop is a shift of the grid, folded into ``new_to_old``, so only the kept voxels are resampled.
+# With ``max_size - P`` even, the coarse region of the cropped grid is exactly that of the full grid.
+
+
+def translation_affine(offset_voxel: np.ndarray) -> np.ndarray:
+    """4x4 float64 map ``v -> v + offset_voxel``."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = np.asarray(offset_voxel, dtype=np.float64)
+    return matrix
+
+
+def translation_affine_tf(offset_voxel: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`translation_affine` (float64)."""
+    offset = tf.reshape(tf.cast(offset_voxel, tf.float64), [3, 1])
+    top = tf.concat([tf.eye(3, dtype=tf.float64), offset], axis=1)
+    return tf.concat([top, tf.constant([[0.0, 0.0, 0.0, 1.0]], tf.float64)], axis=0)
+
+
+def central_grid_crop(
+    new_shape: tuple[int, int, int], new_to_old: np.ndarray, max_size: int
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
+    """Crop a resampling grid to its central ``max_size`` voxels along each axis that is longer.
+
+    Returns ``(cropped_shape, cropped_to_old, origin_voxel int64 [3])``: cropped voxel ``c`` is voxel
+    ``c + origin_voxel`` of the uncropped grid (origin 0 along axes that fit), and
+    ``cropped_to_old = new_to_old @ translation_affine(origin_voxel)``. The origin follows
+    :func:`centered_window_origin`.
+    """
+    shape = np.asarray(new_shape, dtype=np.int64)
+    origin = np.maximum(centered_window_origin(shape, np.full(3, max_size)), 0)
+    cropped_shape = tuple(int(n) for n in np.minimum(shape, max_size))
+    return cropped_shape, np.asarray(new_to_old, dtype=np.float64) @ translation_affine(origin), origin
+
+
+def central_grid_crop_tf(
+    new_shape: tf.Tensor, new_to_old: tf.Tensor, max_size: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """TensorFlow form of :func:`central_grid_crop`: ``(cropped_shape int32 [3], cropped_to_old float64 [4, 4],
+    origin_voxel int32 [3])``."""
+    shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
+    origin = tf.maximum(centered_window_origin_tf(shape, max_size), 0)
+    cropped_to_old = tf.matmul(tf.cast(new_to_old, tf.float64), translation_affine_tf(origin))
+    return tf.minimum(shape, max_size), cropped_to_old, origin
+
+
+def map_voxel(voxel: np.ndarray, voxel_map: np.ndarray) -> np.ndarray:
+    """Apply a 4x4 voxel->voxel map (e.g. ``new_to_old``) to points ``[..., 3]`` (float64)."""
+    return voxel_to_world(voxel, voxel_map)
+
+
+def map_voxel_tf(voxel: tf.Tensor, voxel_map: tf.Tensor) -> tf.Tensor:
+    """TensorFlow form of :func:`map_voxel` (float64)."""
+    return voxel_to_world_tf(voxel, voxel_map)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RAS <-> LPS (ITK / SimpleITK world convention)
+#
+# Our world coordinates are RAS millimetres (NIfTI, nibabel, 3D Slicer): +x right, +y anterior, +z superior.
+# ITK and SimpleITK use LPS: +x left, +y posterior, +z superior. The two differ by negating x and y. Every
+# crossing between the two conventions goes through the functions below and nowhere else.
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # 4x4; its own inverse
+
+
+def ras_to_lps(world_mm_ras: np.ndarray) -> np.ndarray:
+    """RAS millimetres ``[..., 3]`` to LPS millimetres ``[..., 3]`` (negate x and y)."""
+    return np.asarray(world_mm_ras, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+def lps_to_ras(world_mm_lps: np.ndarray) -> np.ndarray:
+    """LPS millimetres ``[..., 3]`` to RAS millimetres ``[..., 3]`` (negate x and y)."""
+    return np.asarray(world_mm_lps, dtype=np.float64) * np.array([-1.0, -1.0, 1.0])
+
+
+def itk_geometry_from_affine(
+    voxel_to_world_affine: np.ndarray, atol: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ITK image geometry of an array ``[x, y, z]`` with a RAS ``voxel_to_world`` affine.
+
+    Returns ``(origin_lps [3], spacing_mm [3], direction_lps [3, 3])``: ITK's physical point of index
+    ``(i, j, k)`` is ``origin + direction @ (spacing * (i, j, k))`` in LPS mm, with ITK's index ``(i, j, k)``
+    being our voxel ``[i, j, k]`` (SimpleITK's *NumPy view* is ``[k, j, i]``, i.e. the array transposed).
+    Raises ``ValueError`` for a sheared affine, which an ITK image cannot represent.
+    """
+    affine_lps = RAS_TO_LPS @ np.asarray(voxel_to_world_affine, dtype=np.float64)
+    spacing = voxel_spacing_mm(voxel_to_world_affine)
+    direction = affine_lps[:3, :3] / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=atol):
+        raise ValueError("the voxel_to_world affine has shear; ITK images need orthogonal axes")
+    return affine_lps[:3, 3].copy(), spacing, direction
+
+
+def affine_from_itk_geometry(origin_lps: np.ndarray, spacing_mm: np.ndarray, direction_lps: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`itk_geometry_from_affine`: the RAS ``voxel_to_world`` 4x4 of an ITK image.
+
+    ``direction_lps`` may be given flat (9 values, row-major as SimpleITK's ``GetDirection()``) or ``[3, 3]``.
+    """
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3) * np.asarray(spacing_mm)
+    affine_lps[:3, 3] = np.asarray(origin_lps, dtype=np.float64)
+    return RAS_TO_LPS @ affine_lps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# heatmaps (the 3D U-Net baseline, ``mdgru_keras/baselines/unet.py``)
+#
+# A heatmap of a point at continuous ``window_voxel`` is the isotropic Gaussian
+# ``amplitude * exp(-|v - window_voxel|^2 / (2 sigma^2))`` sampled at the voxel centres ``v`` (integers) of a
+# ``size^3`` window. Its logarithm is a quadratic in each axis, so a parabola through the log-values at the
+# peak voxel and its two neighbours recovers a sub-voxel centre exactly; that is how it is decoded.
+
+
+def gaussian_heatmap(
+    window_voxel: np.ndarray, window_size: int, sigma_voxel: float, amplitude: float = 1.0
+) -> np.ndarray:
+    """Gaussian heatmaps ``[..., W, W, W]`` (float32) centred at continuous ``window_voxel[..., 3]``."""
+    centre = np.asarray(window_voxel, dtype=np.float64)[..., None]  # [..., 3, 1]
+    grid = np.arange(window_size, dtype=np.float64)
+    per_axis = np.exp(-((grid - centre) ** 2) / (2.0 * sigma_voxel**2))  # [..., 3, W]
+    heatmap = per_axis[..., 0, :, None, None] * per_axis[..., 1, None, :, None] * per_axis[..., 2, None, None, :]
+    return (amplitude * heatmap).astype(np.float32)
+
+
+def gaussian_heatmap_tf(
+    window_voxel: tf.Tensor, window_size: int, sigma_voxel: float, amplitude: float = 1.0
+) -> tf.Tensor:
+    """TensorFlow form of :func:`gaussian_heatmap` (float32)."""
+    centre = tf.cast(window_voxel, tf.float32)[..., None]
+    grid = tf.range(window_size, dtype=tf.float32)
+    per_axis = tf.exp(-tf.square(grid - centre) / (2.0 * sigma_voxel**2))
+    heatmap = per_axis[..., 0, :, None, None] * per_axis[..., 1, None, :, None] * per_axis[..., 2, None, None, :]
+    return amplitude * heatmap
+
+
+def heatmap_peak(heatmap: np.ndarray, floor_fraction: float = 1e-3) -> np.ndarray:
+    """Sub-voxel window coordinate ``[..., 3]`` of the maximum of ``heatmap[..., W, W, W]``.
+
+    The integer argmax, refined per axis by the vertex of the parabola through the *log* values at the peak
+    and its two neighbours along that axis (exact for a Gaussian). Values below ``floor_fraction`` of the
+    peak are raised to it first, so a network output that is zero or negative beside its peak still gives a
+    finite log; at the window border, or where the three points are not concave, that axis keeps the integer
+    peak. The offset is clipped to ``[-0.5, 0.5]``.
+    """
+    h = np.asarray(heatmap, dtype=np.float64)
+    batch_shape, spatial = h.shape[:-3], h.shape[-3:]
+    flat = h.reshape((-1,) + spatial)
+    result = np.zeros((flat.shape[0], 3), dtype=np.float64)
+    for b, volume in enumerate(flat):
+        peak = np.array(np.unravel_index(np.argmax(volume), spatial))
+        result[b] = peak
+        top = volume[tuple(peak)]
+        if not top > 0:  # no positive peak: nothing to refine on a log scale
+            continue
+        floor = top * floor_fraction
+        for axis in range(3):
+            if peak[axis] == 0 or peak[axis] == spatial[axis] - 1:
+                continue
+            index = list(peak)
+            index[axis] = peak[axis] - 1
+            left = np.log(max(volume[tuple(index)], floor))
+            index[axis] = peak[axis] + 1
+            right = np.log(max(volume[tuple(index)], floor))
+            mid = np.log(top)
+            curvature = left - 2.0 * mid + right
+            if curvature < -1e-12:
+                result[b, axis] += np.clip(0.5 * (left - right) / curvature, -0.5, 0.5)
+    return result.reshape(batch_shape + (3,))

@@ -76,11 +76,18 @@ def gaussian_smooth_tf(volume: tf.Tensor, sigma_voxel: Sequence[float]) -> tf.Te
     return tf.ensure_shape(out, volume.shape)
 
 
-def z_normalize_tf(volume: tf.Tensor) -> tf.Tensor:
-    """Zero mean and unit standard deviation over the whole tensor; a constant tensor becomes zeros."""
+def z_normalize_tf(volume: tf.Tensor, min_std: float | tf.Tensor = 0.0) -> tf.Tensor:
+    """Zero mean and unit standard deviation over the whole tensor; zeros where the standard deviation is
+    at most ``min_std`` (a constant tensor, up to round-off)."""
     mean, variance = tf.nn.moments(volume, axes=list(range(len(volume.shape))))
     std = tf.sqrt(variance)
-    return (volume - mean) / tf.where(std > 0.0, std, tf.ones_like(std))
+    factor = tf.where(std > min_std, 1.0 / tf.maximum(std, 1e-30), 0.0)  # a scalar: one pass over the volume
+    return (volume - mean) * factor
+
+
+# Standard deviations below this fraction of the volume's largest magnitude are float32 round-off (e.g. the
+# high-pass of a constant volume), not signal.
+RELATIVE_STD_FLOOR = 1e-6
 
 
 def _per_axis(value: float | Sequence[float], name: str) -> tuple[float, float, float]:
@@ -97,7 +104,8 @@ def preprocess(
 
     Channel 0 is the volume, channel 1 a high-pass copy (the volume minus its Gaussian smoothing with
     ``highpass_sigma_mm / spacing_mm`` voxels standard deviation per axis); each channel is z-normalized over
-    the whole volume (zero mean, unit standard deviation; a constant channel becomes zeros).
+    the whole volume (zero mean, unit standard deviation; a channel that is constant up to float32 round-off
+    becomes zeros).
 
     ``spacing_mm`` (one number or one per axis) and ``highpass_sigma_mm`` are Python numbers: they fix the
     filter at trace time. The volume's shape may be dynamic.
@@ -106,4 +114,5 @@ def preprocess(
     sigma_voxel = tuple(max(float(highpass_sigma_mm), 0.0) / s for s in spacing)
     volume = tf.cast(tf.convert_to_tensor(volume), tf.float32)
     highpass = volume - gaussian_smooth_tf(volume, sigma_voxel)
-    return tf.stack([z_normalize_tf(volume), z_normalize_tf(highpass)], axis=-1)
+    min_std = RELATIVE_STD_FLOOR * tf.reduce_max(tf.abs(volume))
+    return tf.stack([z_normalize_tf(volume, min_std), z_normalize_tf(highpass, min_std)], axis=-1)

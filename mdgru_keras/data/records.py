@@ -9,7 +9,8 @@ chosen per volume by :func:`encode_volume`:
 1. ``int16``, scale 1, offset 0 -- when every value is an integer in ``[-32768, 32767]``: lossless. This is the
    common case for scans kept at their acquired grid (CT in HU, most MR).
 2. ``int16`` quantized linearly over ``[min, max]`` -- when the largest rounding error (half a step,
-   ``(max - min) / 131070``) is at most ``QUANTIZATION_TOLERANCE`` (1e-3) times the volume's standard deviation.
+   ``(max - min) / 131070``) is at most ``QUANTIZATION_TOLERANCE`` (1e-3) times the volume's robust standard
+   deviation (of the values clipped to their 0.1 and 99.9 percentiles, so that a few extreme voxels count).
    Resampled scans land here: their error is typically 1e-4 standard deviations, far below scanner noise, and
    the network only ever sees z-normalized values.
 3. ``float16`` of ``(value - mean) / scale`` with ``scale`` the standard deviation -- otherwise, i.e. when a
@@ -21,7 +22,6 @@ All three take 2 bytes per voxel (a 193x229x193 scan: 17 MB per example).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.io.atomic import atomic_path, write_text_atomic
 
 SPLITS = ("train", "val", "test")
 DATASET_JSON = "dataset.json"
@@ -65,6 +66,14 @@ class EncodedVolume:
         return (stored.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)).astype(np.float32)
 
 
+def _robust_std(values: np.ndarray) -> float:
+    """Standard deviation of the values clipped to their 0.1 and 99.9 percentiles: the spread of the bulk of
+    the data, which a few extreme voxels do not inflate. Falls back to the plain standard deviation if 0."""
+    low, high = np.percentile(values, [0.1, 99.9])
+    robust = float(np.clip(values, low, high).std())
+    return robust if robust > 0 else float(values.std())
+
+
 def encode_volume(volume: np.ndarray, tolerance: float = QUANTIZATION_TOLERANCE) -> EncodedVolume:
     """Store ``volume[x, y, z]`` in 2 bytes per voxel, losslessly where possible (see the module docstring)."""
     volume = np.asarray(volume)
@@ -77,7 +86,7 @@ def encode_volume(volume: np.ndarray, tolerance: float = QUANTIZATION_TOLERANCE)
     low, high = float(values.min()), float(values.max())
     if low >= _INT16_MIN and high <= _INT16_MAX and np.array_equal(values, np.round(values)):
         return EncodedVolume(values.astype("<i2").tobytes(order="C"), "int16", 1.0, 0.0, shape)
-    std = float(values.std())
+    std = _robust_std(values)
     step = (high - low) / (_INT16_MAX - _INT16_MIN)
     if step == 0.0:  # constant volume
         return EncodedVolume(np.zeros(shape, "<i2").tobytes(order="C"), "int16", 1.0, low, shape)
@@ -88,7 +97,7 @@ def encode_volume(volume: np.ndarray, tolerance: float = QUANTIZATION_TOLERANCE)
         stored = np.clip(np.round((values - offset) / step), _INT16_MIN, _INT16_MAX).astype("<i2")
         return EncodedVolume(stored.tobytes(order="C"), "int16", step, offset, shape)
     mean = float(np.float32(values.mean()))
-    scale = float(np.float32(max(std, float(np.abs(values - mean).max()) / _FLOAT16_LIMIT)))
+    scale = float(np.float32(max(std, float(np.abs(values - mean).max()) / _FLOAT16_LIMIT, 1e-30)))
     stored = ((values - mean) / scale).astype("<f2")
     return EncodedVolume(stored.tobytes(order="C"), "float16", scale, mean, shape)
 
@@ -208,35 +217,15 @@ def shard_count(num_examples: int, shard_size: int) -> int:
 
 
 def write_shard(path: str | Path, serialized_examples: Iterable[bytes]) -> Path:
-    """Write one TFRecord file atomically: a temp file in the same directory, then ``os.replace``."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        with tf.io.TFRecordWriter(temp) as writer:
-            for serialized in serialized_examples:
-                writer.write(serialized)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    return path
+    """Write one TFRecord file atomically (a temp file in the same directory, then ``os.replace``)."""
+    with atomic_path(path) as temporary, tf.io.TFRecordWriter(str(temporary)) as writer:
+        for serialized in serialized_examples:
+            writer.write(serialized)
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _version() -> str:
@@ -392,28 +381,18 @@ def load_subject_from_files(row: ManifestRow, landmark_names: Sequence[str] | No
 
     ``landmark_names=None`` keeps all landmarks of the file, in file order.
     """
-    from mdgru_keras.io import read_landmarks, read_volume
+    from mdgru_keras.io.landmarks import check_landmarks_inside, read_landmarks, require_landmarks
+    from mdgru_keras.io.nifti import read_volume
 
-    volume = read_volume(row.image, spacing_mm=spacing_mm)
     landmarks_world_mm = read_landmarks(row.landmarks)
     names = tuple(landmarks_world_mm) if landmark_names is None else tuple(landmark_names)
-    missing = [name for name in names if name not in landmarks_world_mm]
-    if missing:
-        raise InputError(row.landmarks, f"missing landmark(s) {', '.join(missing)} "
-                                        f"(the file has: {', '.join(landmarks_world_mm) or 'none'})")
-    world_mm = np.stack([np.asarray(landmarks_world_mm[name], dtype=np.float64) for name in names])
-    if not np.all(np.isfinite(world_mm)):
-        raise InputError(row.landmarks, "landmark coordinates are not finite")
+    landmarks_world_mm = require_landmarks(landmarks_world_mm, names, row.landmarks)
+    volume = read_volume(row.image, spacing_mm=spacing_mm)
+    check_landmarks_inside(volume, landmarks_world_mm, row.landmarks)
+    world_mm = np.stack([landmarks_world_mm[name] for name in names])
     voxel = geometry.world_to_voxel(world_mm, volume.voxel_to_world)
-    shape = np.asarray(volume.data.shape, dtype=np.float64)
-    outside = np.any((voxel < -0.5) | (voxel > shape - 0.5), axis=1)
-    if np.any(outside):
-        name = names[int(np.argmax(outside))]
-        where = np.round(voxel[int(np.argmax(outside))], 1).tolist()
-        raise InputError(row.landmarks, f"landmark {name} lies outside the image {row.image.name} "
-                                        f"(voxel {where}, image shape {list(volume.data.shape)})")
     return Subject(row.subject, volume.data, volume.voxel_to_world, voxel, names,
-                   tuple(geometry.voxel_spacing_mm(volume.voxel_to_world)))
+                   tuple(float(s) for s in volume.spacing_mm))
 
 
 def prepare_dataset(
@@ -457,12 +436,10 @@ def prepare_dataset(
 
     # The landmark list is needed before the first shard is closed; read the first subject's file early.
     if not names:
-        from mdgru_keras.io import read_landmarks
+        from mdgru_keras.io.landmarks import read_landmarks
 
         first = by_subject[next(iter(next(iter(splits.values()))))]
         names.append(tuple(read_landmarks(first.landmarks)))
-        if not names[0]:
-            raise InputError(first.landmarks, "no landmarks in this file")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -495,5 +472,7 @@ def _move_into_place(temp_dir: Path, out_dir: Path) -> None:
         if out_dir.is_dir():
             out_dir.rmdir()
         os.replace(temp_dir, out_dir)
-    # mkdtemp creates 0700 directories; a dataset should be readable like any other output
-    os.chmod(out_dir, 0o755)
+    # mkdtemp creates 0700 directories; give the dataset the mode a plain mkdir would (0777 minus the umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out_dir, 0o777 & ~umask)

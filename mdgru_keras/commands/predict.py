@@ -1,0 +1,209 @@
+"""``mdgru-localize predict``: landmarks of NIfTI scans, through an exported SavedModel or TF Serving."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+FORMATS = ("json", "csv", "fcsv")
+# Errors after which every further scan would fail the same way: stop instead of trying each.
+FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
+@click.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Exported model: BASE/NAME (the newest numbered version is used) or one version folder BASE/NAME/V.",
+)
+@click.option(
+    "--server",
+    default=None,
+    help="A TensorFlow Serving server instead of --model: HOST:PORT (gRPC, usually 8500) or "
+    "http://HOST:PORT (REST, usually 8501).",
+)
+@click.option("--model-name", default="mdgru", show_default=True, help="With --server: the served model's name.")
+@click.option(
+    "--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="With --server: seconds per scan."
+)
+@click.option(
+    "--landmarks",
+    default=None,
+    help="Comma-separated landmark names to report (default: all the model knows), e.g. --landmarks AC,PC.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="json",
+    show_default=True,
+    help="json: all scans in one document; csv: one row per scan and landmark; fcsv: a 3D Slicer "
+    "landmark file per scan.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output file for json/csv (default: standard output). For fcsv: the .fcsv file for one scan, or a "
+    "directory that gets SCAN.fcsv per scan.",
+)
+@click.option(
+    "--figure",
+    "figure_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write SCAN.png per scan into this directory: sagittal and axial slices through each landmark.",
+)
+def predict(
+    images: tuple[Path, ...],
+    model_dir: Path | None,
+    server: str | None,
+    model_name: str,
+    timeout_s: float,
+    landmarks: str | None,
+    fmt: str,
+    out: Path | None,
+    figure_dir: Path | None,
+) -> None:
+    """Find the landmarks in NIfTI scans (IMAGES: .nii or .nii.gz, any orientation and spacing).
+
+    The scans go through a model exported by `mdgru-localize export`, either loaded here (--model, loaded
+    once for all scans) or served by TensorFlow Serving (--server). Coordinates are reported in RAS
+    millimetres (world_mm, as 3D Slicer shows them) and as voxel indices of each file's own array (voxel,
+    0-based). A scan that cannot be read or that the model refuses is reported on one line and skipped;
+    the others are still written, and the exit status is 1.
+
+    Examples:
+
+    \b
+      mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
+      mdgru-localize predict scans/*.nii.gz --model export/mdgru --out landmarks.json --figure figures/
+      mdgru-localize predict scans/*.nii.gz --server 127.0.0.1:8500 --format csv --out landmarks.csv
+    """
+    if (model_dir is None) == (server is None):
+        raise click.UsageError("give exactly one of --model EXPORT_DIR and --server HOST:PORT")
+    if fmt == "fcsv" and out is None:
+        raise click.UsageError("--format fcsv writes files: give --out (a .fcsv file, or a directory for many scans)")
+    if fmt == "fcsv" and len(images) > 1 and out.suffix.lower() == ".fcsv":
+        raise click.UsageError(f"--out {out}: with {len(images)} scans, --out must be a directory (one .fcsv per scan)")
+    requested = [name.strip() for name in landmarks.split(",") if name.strip()] if landmarks else None
+    if landmarks is not None and not requested:
+        raise click.UsageError("--landmarks: no names given")
+
+    from tqdm import tqdm
+
+    from mdgru_keras.errors import InputError
+    from mdgru_keras.prediction import (
+        per_scan_paths,
+        predict_scan,
+        predictions_csv,
+        predictions_json,
+        unknown_landmarks,
+        write_prediction_figure,
+    )
+    from serving import ServingError
+
+    client = _open_client(model_dir, server, model_name, timeout_s, requested)
+
+    predictions, done, failed = [], [], []  # done: the index in IMAGES of each prediction
+    figure_paths = per_scan_paths(images, figure_dir, ".png") if figure_dir is not None else None
+    with client, tqdm(total=len(images), unit="scan", file=sys.stderr, disable=None, desc="predict") as progress:
+        for index, image in enumerate(images):
+            try:
+                prediction = predict_scan(client, image)
+            except InputError as error:
+                failed.append((str(image), str(error).removeprefix(f"{image}: ")))
+            except ServingError as error:
+                failed.append((str(image), str(error)))
+                if error.code in FATAL_CODES:
+                    raise click.ClickException(f"{image}: {error} (stopped: the rest would fail alike)") from None
+            else:
+                if requested is not None:
+                    if problem := unknown_landmarks(requested, prediction.landmark_names):
+                        raise click.UsageError(f"--landmarks: {problem}")
+                    prediction = prediction.select(requested)
+                predictions.append(prediction)
+                done.append(index)
+                if figure_paths is not None:
+                    try:
+                        write_prediction_figure(prediction, figure_paths[index])
+                    except (InputError, ValueError, OSError) as error:
+                        failed.append((str(image), f"figure: {error}"))
+            if failed and failed[-1][0] == str(image):
+                progress.write(f"error: {image}: {failed[-1][1]}", file=sys.stderr)
+            progress.update(1)
+
+    if fmt == "fcsv":
+        written = _write_fcsv(predictions, done, images, out)
+    else:
+        if fmt == "json":
+            text = predictions_json(predictions, failed, str(client.server))
+        else:
+            text = predictions_csv(predictions)
+        written = _write_text(text, out, fmt)
+    count = sum(len(p.landmark_names) for p in predictions)
+    summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
+    if figure_dir is not None:
+        summary += f"; figures in {figure_dir}"
+    failed_files = list(dict.fromkeys(path for path, _ in failed))  # in the order given
+    if failed_files:
+        summary += f"; {len(failed_files)} failed: {', '.join(failed_files)}"
+    click.echo(f"Wrote {written} ({summary})", err=out is None)
+    if failed_files:
+        sys.exit(1)
+
+
+def _open_client(
+    model_dir: Path | None, server: str | None, model_name: str, timeout_s: float, requested: list[str] | None
+):
+    """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
+    ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
+    from mdgru_keras.errors import InputError
+    from mdgru_keras.prediction import unknown_landmarks
+    from serving import ServingError
+
+    try:
+        if model_dir is not None:
+            from serving.export import read_model_info
+            from serving.servable import LocalLocalizationClient, resolve_version_dir
+
+            known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
+            if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
+                raise click.UsageError(f"--landmarks: {problem}")
+            return LocalLocalizationClient(model_dir)
+        from serving import connect
+
+        return connect(server, model_name, timeout_s=timeout_s)
+    except (InputError, ServingError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _write_fcsv(predictions, done: list[int], images: tuple[Path, ...], out: Path) -> str:
+    """One .fcsv per scan: ``out`` itself for a single scan named ``*.fcsv``, else ``out/SCAN.fcsv``."""
+    from mdgru_keras.io import write_landmarks
+    from mdgru_keras.prediction import per_scan_paths
+
+    if len(images) == 1 and out.suffix.lower() == ".fcsv":
+        targets = [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        targets = per_scan_paths(images, out, ".fcsv")
+    for prediction, index in zip(predictions, done):
+        write_landmarks(targets[index], prediction.world_mm_by_name(), fmt="fcsv")
+    return f"{len(predictions)} .fcsv file{'s' if len(predictions) != 1 else ''} to {out}"
+
+
+def _write_text(text: str, out: Path | None, fmt: str) -> str:
+    from mdgru_keras.io import write_text_atomic
+
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return f"{fmt.upper()} to standard output"
+    write_text_atomic(out, text)
+    return str(out)

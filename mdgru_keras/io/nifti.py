@@ -1,0 +1,162 @@
+"""NIfTI volumes: reading into the model's grid (RAS-canonical, isotropic spacing) and atomic writing.
+
+:func:`read_volume` keeps every coordinate traceable: ``Volume.voxel_to_world`` maps the array's voxels to RAS
+millimetres, and ``Volume.array_to_file_voxel`` maps them to the file's own voxel coordinates, so results
+computed on the array can be reported in the file's terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from mdgru_keras import geometry
+from mdgru_keras.errors import InputError
+from mdgru_keras.io.atomic import atomic_path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A 3D scan on the model's grid.
+
+    ``data`` float32 ``[x, y, z]`` in RAS-canonical voxel order; ``voxel_to_world`` float64 4x4 (array voxel
+    -> RAS mm); ``path`` the file read; ``file_shape`` and ``file_voxel_to_world`` the file's own grid;
+    ``array_to_file_voxel`` float64 4x4 (array voxel -> file voxel coordinates).
+    """
+
+    data: np.ndarray
+    voxel_to_world: np.ndarray
+    path: str
+    file_shape: tuple[int, int, int]
+    file_voxel_to_world: np.ndarray
+    array_to_file_voxel: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.data.shape)
+
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        """Voxel edge lengths ``[3]`` of the array in mm."""
+        return geometry.voxel_spacing_mm(self.voxel_to_world)
+
+
+def is_nifti_path(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _load_3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The file's voxel array (float32, 3D) and its voxel->world affine, or an InputError."""
+    if not path.exists():
+        raise InputError(path, "no such file")
+    if not is_nifti_path(path):
+        raise InputError(path, "unsupported image format; expected a NIfTI file (.nii or .nii.gz)")
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many kinds on bad headers
+        raise InputError(path, f"cannot read NIfTI header ({_short(error)})") from None
+    shape = tuple(int(n) for n in image.shape)
+    # Trailing singleton dimensions (e.g. [x, y, z, 1] from some converters) are harmless.
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(path, f"{len(shape)}D image (shape {'x'.join(map(str, image.shape))}); expected a 3D volume")
+    if min(shape) < 1:
+        raise InputError(path, f"empty image (shape {'x'.join(map(str, shape))})")
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as error:  # truncated or corrupt data: EOFError, zlib.error, OSError, ValueError
+        raise InputError(path, f"cannot read voxel data, the file may be truncated ({_short(error)})") from None
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(path, f"invalid voxel-to-world affine {np.round(affine, 4).tolist()}")
+    if not np.all(np.isfinite(data)):
+        count = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(path, f"{count} non-finite voxel values (NaN or infinity)")
+    if float(data.max()) == float(data.min()):
+        raise InputError(path, f"constant image (every voxel is {float(data.min()):g})")
+    return data, affine
+
+
+def _short(error: Exception) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_nifti_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The file's own voxel array (float32 ``[i, j, k]``, as stored: no reorientation, no resampling) and its
+    voxel->world affine (float64 4x4, RAS mm): what the exported SavedModel takes.
+
+    Raises :class:`~mdgru_keras.errors.InputError` as :func:`read_volume` does.
+    """
+    return _load_3d(Path(path))
+
+
+def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
+    """Read a 3D NIfTI scan, reorient it to the closest RAS-canonical order and resample it to ``spacing_mm``.
+
+    Reorientation is exact (axes permuted and flipped); resampling (trilinear, only along axes whose spacing
+    differs from ``spacing_mm``) covers the file's field of view from its first voxel corner
+    (:func:`mdgru_keras.geometry.canonical_resampling_grid`). ``spacing_mm=None`` keeps the file's spacing.
+    Raises :class:`~mdgru_keras.errors.InputError` for unreadable, truncated, non-3D, non-finite or constant
+    images.
+    """
+    path = Path(path)
+    file_data, file_affine = _load_3d(path)
+    if spacing_mm is not None and not (np.isfinite(spacing_mm) and spacing_mm > 0):
+        raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+    new_shape, new_affine, new_to_file = geometry.canonical_resampling_grid(file_data.shape, file_affine, spacing_mm)
+    data = geometry.resample_axis_aligned(file_data, new_to_file, new_shape).astype(np.float32, copy=False)
+    return Volume(
+        data=data,
+        voxel_to_world=new_affine,
+        path=str(path),
+        file_shape=tuple(int(n) for n in file_data.shape),
+        file_voxel_to_world=file_affine,
+        array_to_file_voxel=new_to_file,
+    )
+
+
+def write_volume(
+    path: str | Path,
+    data: np.ndarray,
+    voxel_to_world: np.ndarray,
+    dtype: np.dtype | str | None = None,
+    rescale: bool = False,
+) -> Path:
+    """Write ``data[x, y, z]`` with its voxel->world affine (RAS mm) as NIfTI, atomically.
+
+    ``dtype`` is the on-disk type (default: the array's). Into an integer type, values are rounded and
+    clipped, or with ``rescale=True`` stored with the NIfTI slope/intercept that nibabel picks to use the
+    type's range (readers get the float values back to within one step). The affine is stored as both sform
+    and qform (code 1, scanner) so every reader agrees.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise InputError(path, "unsupported image format; expected a .nii or .nii.gz path")
+    array = np.asarray(data)
+    scaled_dtype = None
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if rescale and np.issubdtype(dtype, np.integer):
+            scaled_dtype = dtype
+        else:
+            if np.issubdtype(dtype, np.integer):
+                info = np.iinfo(dtype)
+                array = np.clip(np.round(array), info.min, info.max)
+            array = array.astype(dtype)
+    image = nib.Nifti1Image(array, np.asarray(voxel_to_world, dtype=np.float64))
+    if scaled_dtype is not None:
+        image.set_data_dtype(scaled_dtype)  # nibabel computes scl_slope / scl_inter on save
+    image.set_sform(image.affine, code=1)
+    image.set_qform(image.affine, code=1)
+    image.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+    with atomic_path(path, suffix=suffix) as temporary:
+        nib.save(image, str(temporary))
+    return path

@@ -1,0 +1,198 @@
+"""Landmarks of NIfTI scans through the exported SavedModel (loaded here or behind TF Serving), and their files.
+
+The scan goes to the model as its file stores it (:func:`mdgru_keras.io.read_nifti_array`: the array and its
+voxel->world affine); the model reorients, resamples and localizes, and answers in RAS millimetres and in
+the file's voxel indices. This module turns the answers into :class:`ScanPrediction` objects and writes them:
+
+* JSON: ``{"scans": [{"file", "landmarks": {name: {"world_mm", "voxel", "coarse_world_mm", "coarse_voxel",
+  "confidence"}}}], "failed": [{"file", "error"}], ...}``;
+* CSV: one row per scan and landmark;
+* 3D Slicer ``.fcsv`` (RAS), one file per scan (:func:`mdgru_keras.io.write_landmarks`);
+* a PNG per scan with sagittal and axial slices through each landmark (:func:`mdgru_keras.figures.landmark_figure`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mdgru_keras.io.nifti import NIFTI_SUFFIXES, read_nifti_array
+
+if TYPE_CHECKING:
+    from serving import LocalizationClient
+
+PREDICTIONS_FORMAT = "mdgru-keras predictions 1"
+CSV_COLUMNS = (
+    "file",
+    "landmark",
+    "x_mm",
+    "y_mm",
+    "z_mm",
+    "voxel_i",
+    "voxel_j",
+    "voxel_k",
+    "coarse_x_mm",
+    "coarse_y_mm",
+    "coarse_z_mm",
+    "confidence",
+)
+
+
+@dataclass(frozen=True)
+class ScanPrediction:
+    """The landmarks of one scan (K landmarks, in the model's order).
+
+    ``world_mm``, ``coarse_world_mm``: float64 ``[K, 3]`` RAS millimetres; ``voxel``, ``coarse_voxel``:
+    float64 ``[K, 3]`` continuous voxel indices of the file's own array (0-based, as nibabel indexes it);
+    ``confidence``: float32 ``[K]`` in ``[0, 1]``.
+    """
+
+    path: str
+    landmark_names: tuple[str, ...]
+    world_mm: np.ndarray
+    voxel: np.ndarray
+    coarse_world_mm: np.ndarray
+    coarse_voxel: np.ndarray
+    confidence: np.ndarray
+
+    @classmethod
+    def from_outputs(cls, path: str | Path, outputs: dict[str, np.ndarray]) -> ScanPrediction:
+        """From the outputs of the SavedModel's ``serving_default`` / ``localize_int16`` signatures."""
+        return cls(
+            path=str(path),
+            landmark_names=tuple(str(name) for name in outputs["landmark_names"]),
+            world_mm=np.asarray(outputs["world_mm"], dtype=np.float64),
+            voxel=np.asarray(outputs["voxel"], dtype=np.float64),
+            coarse_world_mm=np.asarray(outputs["coarse_world_mm"], dtype=np.float64),
+            coarse_voxel=np.asarray(outputs["coarse_voxel"], dtype=np.float64),
+            confidence=np.asarray(outputs["confidence"], dtype=np.float32),
+        )
+
+    def select(self, names: Sequence[str] | None) -> ScanPrediction:
+        """The landmarks ``names`` only, in that order (``None``: all); names must be known."""
+        if names is None:
+            return self
+        index = [self.landmark_names.index(name) for name in names]
+        return ScanPrediction(
+            path=self.path,
+            landmark_names=tuple(names),
+            world_mm=self.world_mm[index],
+            voxel=self.voxel[index],
+            coarse_world_mm=self.coarse_world_mm[index],
+            coarse_voxel=self.coarse_voxel[index],
+            confidence=self.confidence[index],
+        )
+
+    def world_mm_by_name(self) -> dict[str, np.ndarray]:
+        return {name: self.world_mm[k] for k, name in enumerate(self.landmark_names)}
+
+    def to_json(self) -> dict:
+        return {
+            "file": self.path,
+            "landmarks": {
+                name: {
+                    "world_mm": self.world_mm[k].tolist(),
+                    "voxel": self.voxel[k].tolist(),
+                    "coarse_world_mm": self.coarse_world_mm[k].tolist(),
+                    "coarse_voxel": self.coarse_voxel[k].tolist(),
+                    "confidence": float(self.confidence[k]),
+                }
+                for k, name in enumerate(self.landmark_names)
+            },
+        }
+
+
+def predict_scan(client: LocalizationClient, path: str | Path) -> ScanPrediction:
+    """Read one NIfTI scan and localize its landmarks through ``client`` (local or remote).
+
+    Raises :class:`~mdgru_keras.errors.InputError` for unreadable files and :class:`serving.ServingError`
+    when the model refuses the scan (e.g. ``INVALID_ARGUMENT`` for fewer than 2 voxels along an axis).
+    """
+    volume, voxel_to_world = read_nifti_array(path)
+    # localize() sends integer-valued scans (most CT and MR) as int16: half the bytes, the same result.
+    return ScanPrediction.from_outputs(path, client.localize(volume, voxel_to_world))
+
+
+def unknown_landmarks(requested: Iterable[str], known: Sequence[str]) -> str | None:
+    """A one-line message naming unknown landmark names and listing the known ones, or None if all are known."""
+    unknown = [name for name in requested if name not in known]
+    if not unknown:
+        return None
+    return (
+        f"unknown landmark{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+        f"the model knows {len(known)}: {', '.join(known)}"
+    )
+
+
+def scan_stem(path: str | Path) -> str:
+    """``sub-01_T1w`` for ``dir/sub-01_T1w.nii.gz``."""
+    name = Path(path).name
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def per_scan_paths(paths: Sequence[str | Path], directory: Path, suffix: str) -> list[Path]:
+    """One output file per scan in ``directory``, named after the scan (``-2``, ``-3``... for repeated names)."""
+    seen: dict[str, int] = {}
+    result = []
+    for path in paths:
+        stem = scan_stem(path)
+        seen[stem] = seen.get(stem, 0) + 1
+        result.append(directory / (f"{stem}{suffix}" if seen[stem] == 1 else f"{stem}-{seen[stem]}{suffix}"))
+    return result
+
+
+def predictions_json(predictions: Sequence[ScanPrediction], failed: Sequence[tuple[str, str]], model: str) -> str:
+    """The JSON document (see the module docstring); ``failed`` holds ``(file, one-line error)`` pairs."""
+    document = {
+        "format": PREDICTIONS_FORMAT,
+        "model": model,
+        "coordinates": "world_mm: RAS millimetres; voxel: 0-based continuous indices of the file's own array",
+        "scans": [prediction.to_json() for prediction in predictions],
+        "failed": [{"file": path, "error": error} for path, error in failed],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def predictions_csv(predictions: Sequence[ScanPrediction]) -> str:
+    """One row per scan and landmark (columns :data:`CSV_COLUMNS`; float64 values written exactly)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for prediction in predictions:
+        for k, name in enumerate(prediction.landmark_names):
+            writer.writerow(
+                [prediction.path, name]
+                + [repr(float(v)) for v in prediction.world_mm[k]]
+                + [repr(float(v)) for v in prediction.voxel[k]]
+                + [repr(float(v)) for v in prediction.coarse_world_mm[k]]
+                + [repr(float(prediction.confidence[k]))]
+            )
+    return out.getvalue()
+
+
+def write_prediction_figure(prediction: ScanPrediction, out_png: str | Path) -> Path:
+    """Sagittal and axial slices through each landmark with the prediction (and the coarse estimate) marked."""
+    from mdgru_keras import geometry
+    from mdgru_keras.figures import landmark_figure
+    from mdgru_keras.io.nifti import read_volume
+
+    # The figure wants RAS-canonical slices: reorient (exactly, no resampling) and move the points along.
+    volume = read_volume(prediction.path, spacing_mm=None)
+    points = {
+        label: {
+            name: geometry.world_to_voxel(world_mm[k], volume.voxel_to_world)
+            for k, name in enumerate(prediction.landmark_names)
+        }
+        for label, world_mm in (("prediction", prediction.world_mm), ("coarse estimate", prediction.coarse_world_mm))
+    }
+    return landmark_figure(volume.data, volume.voxel_to_world, points, out_png, title=Path(prediction.path).name)

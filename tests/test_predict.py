@@ -1,0 +1,232 @@
+"""``mdgru-localize predict``: a real (tiny, random-weight) export, run locally and behind gRPC/REST servers.
+
+Local predict loads the SavedModel in this process; ``--server`` goes through the in-process gRPC and REST
+servers of :mod:`serving` on 127.0.0.1 (and ``tensorflow_model_server`` when installed). All must agree; a
+broken file is reported on one line and does not stop the others; .fcsv files round-trip.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+from scipy import ndimage
+
+from mdgru_keras.cli import main as cli
+from mdgru_keras.config import load_preset
+from mdgru_keras.figures import landmark_figure_size_px
+from mdgru_keras.io import read_landmarks
+from serving.export import export_runs
+from serving.grpc_server import GrpcServer
+from serving.rest_server import RestServer
+from serving.servable import Servable
+from serving.testing import model_server, save_training_run
+
+LANDMARKS = ("A", "B")
+CONFIG = load_preset("tiny").replace(landmarks=LANDMARKS)
+MODEL = "mdgru"
+
+
+@pytest.fixture(scope="module")
+def model_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("predict")
+    coarse = save_training_run(directory / "coarse", "coarse", CONFIG, seed=3)
+    fine = save_training_run(directory / "fine", "fine", CONFIG, seed=4)
+    export_runs(coarse, fine, directory / "export", MODEL)
+    return directory / "export" / MODEL
+
+
+def save_scan(path: Path, shape: tuple[int, int, int], voxel_to_world: np.ndarray, seed: int, dtype: str) -> Path:
+    rng = np.random.default_rng(seed)
+    volume = ndimage.gaussian_filter(rng.normal(size=shape), 1.2) * 300 + 50
+    nib.save(nib.Nifti1Image(volume.astype(dtype), voxel_to_world), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three good scans (float32 oblique, int16 flipped, float32 in another folder with a repeated name)."""
+    directory = tmp_path_factory.mktemp("scans")
+    (directory / "other").mkdir()
+    oblique = np.eye(4)
+    angle = np.deg2rad(12)
+    oblique[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    oblique[:3, :3] = oblique[:3, :3] @ np.diag([1.1, 0.9, 1.6])
+    oblique[:3, 3] = [-10.0, 5.0, 2.5]
+    flipped = np.diag([-1.0, 1.2, -0.8, 1.0])
+    flipped[:3, 3] = [15.0, -3.0, 9.0]
+    return {
+        "oblique": save_scan(directory / "subject.nii.gz", (20, 24, 14), oblique, 0, "float32"),
+        "int16": save_scan(directory / "flipped.nii", (22, 18, 26), flipped, 1, "int16"),
+        "repeated_name": save_scan(directory / "other" / "subject.nii.gz", (16, 20, 18), np.eye(4), 2, "float32"),
+    }
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory: pytest.TempPathFactory, scans: dict[str, Path]) -> Path:
+    """A truncated .nii.gz (a download cut short)."""
+    path = tmp_path_factory.mktemp("broken") / "truncated.nii.gz"
+    data = scans["oblique"].read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(model_base: Path) -> Iterator[tuple[str, str]]:
+    servable = Servable(model_base, MODEL)
+    with GrpcServer(servable=servable) as grpc_server, RestServer(servable=servable) as rest_server:
+        yield grpc_server.address, rest_server.url
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["predict", *args])
+
+
+def landmarks_by_file(document: dict) -> dict[str, dict]:
+    return {scan["file"]: scan["landmarks"] for scan in document["scans"]}
+
+
+@pytest.fixture(scope="module")
+def local_json(model_base: Path, scans: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Local predict of all good scans as JSON (the reference of the tests below), with figures."""
+    directory = tmp_path_factory.mktemp("local")
+    result = run(
+        *map(str, scans.values()), "--model", str(model_base), "--out", str(directory / "out.json"),
+        "--figure", str(directory / "figures"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1].startswith(f"Wrote {directory / 'out.json'} (3 of 3 scans")
+    document = json.loads((directory / "out.json").read_text())
+    document["figure_dir"] = directory / "figures"
+    return document
+
+
+def assert_same_landmarks(actual: dict, expected: dict, atol: float = 1e-9) -> None:
+    assert set(actual) == set(expected)
+    for path, landmarks in expected.items():
+        assert list(actual[path]) == list(landmarks), path
+        for name, values in landmarks.items():
+            for key in ("world_mm", "voxel", "coarse_world_mm", "coarse_voxel"):
+                np.testing.assert_allclose(actual[path][name][key], values[key], atol=atol, err_msg=f"{path} {key}")
+            assert actual[path][name]["confidence"] == pytest.approx(values["confidence"], abs=1e-6)
+
+
+def test_local_json_reports_every_landmark_in_world_mm_and_file_voxels(local_json: dict, scans: dict) -> None:
+    assert local_json["failed"] == []
+    by_file = landmarks_by_file(local_json)
+    assert list(by_file) == [str(path) for path in scans.values()]
+    for path, landmarks in by_file.items():
+        assert list(landmarks) == list(LANDMARKS)
+        voxel_to_world = nib.load(path).affine
+        for values in landmarks.values():
+            # world_mm is the file's voxel through the file's own affine
+            world_mm = voxel_to_world[:3, :3] @ np.array(values["voxel"]) + voxel_to_world[:3, 3]
+            np.testing.assert_allclose(values["world_mm"], world_mm, atol=1e-6)
+            assert 0.0 <= values["confidence"] <= 1.0
+
+
+def test_figures_one_png_per_scan_with_a_row_per_landmark(local_json: dict) -> None:
+    figures = sorted(p.name for p in local_json["figure_dir"].iterdir())
+    assert figures == ["flipped.png", "subject-2.png", "subject.png"]
+    with Image.open(local_json["figure_dir"] / "subject.png") as image:
+        assert image.size == landmark_figure_size_px(len(LANDMARKS))
+
+
+def test_grpc_and_rest_servers_give_the_local_results(local_json: dict, scans: dict, servers: tuple[str, str]) -> None:
+    expected = landmarks_by_file(local_json)
+    for server in servers:  # "127.0.0.1:PORT" (gRPC) and "http://127.0.0.1:PORT" (REST)
+        result = run(*map(str, scans.values()), "--server", server, "--model-name", MODEL)
+        assert result.exit_code == 0, result.output
+        document = json.loads(result.stdout)
+        assert document["model"] == server
+        assert_same_landmarks(landmarks_by_file(document), expected)
+
+
+@pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server is not on PATH")
+def test_tensorflow_model_server_gives_the_local_results(
+    local_json: dict, scans: dict, model_base: Path, tmp_path: Path
+) -> None:
+    with model_server(model_base, MODEL, tmp_path / "tfs.log") as (address, rest_url):
+        for server in (address, rest_url):
+            result = run(*map(str, scans.values()), "--server", server)
+            assert result.exit_code == 0, result.output
+            assert_same_landmarks(landmarks_by_file(json.loads(result.stdout)), landmarks_by_file(local_json), 1e-6)
+
+
+def test_csv_has_one_row_per_scan_and_landmark(local_json: dict, scans: dict, servers: tuple[str, str]) -> None:
+    result = run(*map(str, scans.values()), "--server", servers[0], "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(row["file"], row["landmark"]) for row in rows] == [
+        (str(path), name) for path in scans.values() for name in LANDMARKS
+    ]
+    expected = landmarks_by_file(local_json)
+    for row in rows:
+        values = expected[row["file"]][row["landmark"]]
+        assert [float(row[c]) for c in ("x_mm", "y_mm", "z_mm")] == pytest.approx(values["world_mm"], abs=1e-9)
+        assert [float(row[c]) for c in ("voxel_i", "voxel_j", "voxel_k")] == pytest.approx(values["voxel"], abs=1e-9)
+
+
+def test_landmark_subset_and_unknown_names(local_json: dict, scans: dict, servers: tuple[str, str], model_base: Path):
+    subset = run(str(scans["oblique"]), "--server", servers[0], "--landmarks", "B")
+    assert subset.exit_code == 0, subset.output
+    landmarks = landmarks_by_file(json.loads(subset.stdout))[str(scans["oblique"])]
+    assert list(landmarks) == ["B"]
+    assert landmarks["B"] == landmarks_by_file(local_json)[str(scans["oblique"])]["B"]
+    for source in (["--server", servers[0]], ["--model", str(model_base)]):
+        unknown = run(str(scans["oblique"]), *source, "--landmarks", "B,PMJ")
+        assert unknown.exit_code == 2
+        assert "unknown landmark PMJ; the model knows 2: A, B" in unknown.output
+
+
+def test_a_broken_file_does_not_stop_the_others(
+    model_base: Path, scans: dict, broken: Path, local_json: dict, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.nii.gz"
+    images = [str(scans["oblique"]), str(broken), str(missing), str(scans["int16"])]
+    out = tmp_path / "fcsv"
+    result = run(*images, "--model", str(model_base / "1"), "--format", "fcsv", "--out", str(out))
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2
+    assert errors[0].startswith(f"error: {broken}: cannot read voxel data")
+    assert errors[1] == f"error: {missing}: no such file"
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"Wrote 2 .fcsv files to {out} (2 of 4 scans, 4 landmarks; 2 failed: {broken}, {missing})"
+    )
+    # the good scans are written, and their .fcsv files read back to the same RAS coordinates
+    assert sorted(p.name for p in out.iterdir()) == ["flipped.fcsv", "subject.fcsv"]
+    expected = landmarks_by_file(local_json)
+    for name, scan in (("subject.fcsv", scans["oblique"]), ("flipped.fcsv", scans["int16"])):
+        landmarks = read_landmarks(out / name)
+        assert list(landmarks) == list(LANDMARKS)
+        for landmark, world_mm in landmarks.items():
+            np.testing.assert_array_equal(world_mm, expected[str(scan)][landmark]["world_mm"])
+
+
+def test_refused_scans_are_reported_with_the_servers_reason(servers: tuple[str, str], tmp_path: Path) -> None:
+    thin = save_scan(tmp_path / "thin.nii.gz", (12, 1, 10), np.eye(4), 5, "float32")
+    result = run(str(thin), "--server", servers[0], "--out", str(tmp_path / "out.json"))
+    assert result.exit_code == 1
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {thin}: INVALID_ARGUMENT: volume must have at least 2 voxels along each axis")
+    document = json.loads((tmp_path / "out.json").read_text())
+    assert document["scans"] == [] and document["failed"][0]["file"] == str(thin)
+
+
+def test_usage_errors(scans: dict, model_base: Path, tmp_path: Path) -> None:
+    neither = run(str(scans["oblique"]))
+    assert neither.exit_code == 2 and "exactly one of --model" in neither.output
+    fcsv_without_out = run(str(scans["oblique"]), "--model", str(model_base), "--format", "fcsv")
+    assert fcsv_without_out.exit_code == 2 and "give --out" in fcsv_without_out.output
+    not_a_model = run(str(scans["oblique"]), "--model", str(tmp_path))
+    assert not_a_model.exit_code == 1 and f"{tmp_path}: no saved_model.pb" in not_a_model.output
