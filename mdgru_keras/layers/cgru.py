@@ -1,28 +1,48 @@
-"""Convolutional GRU along one axis of a d-D input, with spatial subsampling and DropConnect."""
+"""Convolutional GRU along one axis of a d-D input, with spatial subsampling and DropConnect.
+
+The layer is three steps that :class:`~mdgru_keras.layers.MDGRU` reuses:
+
+- :func:`input_gates`: the input convolutions of all time steps at once (time folded into the batch),
+- :func:`~mdgru_keras.layers.recursion.gru_recursion`: the sequential state recursion (a ``tf.while_loop``
+  with a hand-written backpropagation through time),
+- :func:`average_pool_time`: the subsampling of the outputs along time.
+"""
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
 
+from mdgru_keras.layers.recursion import gru_recursion
 
+
+@keras.saving.register_keras_serializable(package="mdgru_keras")
 class CGRU(keras.layers.Layer):
     """A convolutional GRU that runs along one spatial axis ("time") of a d-D input.
 
-    For every time step ``t`` the slice ``x_t`` (a (d-1)-D image) is convolved with stride ``S`` on each of
-    its axes, and the state ``h`` lives on that subsampled grid::
+    For every time step ``t`` the slice ``x_t`` (a (d-1)-D image) is convolved (``⋆``) with stride ``S`` on
+    each of its axes; the state ``h`` lives on that subsampled grid and is convolved (``*``) with stride 1::
 
-        r   = sigmoid(x_t * w_r + h_{t-1} * u_r + b_r)
-        z   = sigmoid(x_t * w_z + h_{t-1} * u_z + b_z)
-        h~  = tanh(x_t * w_h + r . (h_{t-1} * u_h) + b_h)
-        h_t = z . h_{t-1} + (1 - z) . h~
+        r   = sigmoid(x_t ⋆ w_r + h_{t-1} * u_r + b_r)
+        z   = sigmoid(x_t ⋆ w_z + h_{t-1} * u_z + b_z)
+        h~  = tanh(x_t ⋆ w_h + r ⊙ (h_{t-1} * u_h) + b_h)
+        h_t = z ⊙ h_{t-1} + (1 - z) ⊙ h~            with h_0 = 0
 
     The outputs ``h_t`` are average-pooled along time by ``S``.
 
     Input shape: ``[batch, n_1, ..., n_d, channels]`` (d = 2 or 3).
-    Output shape: ``[batch, ceil(n_1 / S), ..., ceil(n_d / S), units]``. Along the slice axes the strided
-    convolution uses 'same' padding (zeros, split evenly, the extra one at the end); along time the last
-    pooling group averages only the steps that exist.
+    Output shape: ``[batch, ceil(n_1 / S), ..., ceil(n_d / S), units]``.
+
+    Padding (TensorFlow's ``'SAME'``, zeros): on a slice axis of size ``n`` the strided input convolution
+    with filter size ``k`` pads ``p = max((ceil(n/S) - 1) S + k - n, 0)`` zeros in total, ``p // 2`` before
+    and the rest after, so output voxel ``j`` sees input voxels ``j S - p // 2 ... j S - p // 2 + k - 1``
+    (for S = 1 and odd k: centred on ``j``; for S = 2, k = 3: centred on ``2j + 1`` when n is even, on
+    ``2j`` when n is odd). The state convolutions (stride 1) pad ``(k-1)//2`` before and ``k//2`` after.
+    Along time the outputs ``h_t`` are averaged in groups ``[j S, (j+1) S)``; when ``S`` does not divide
+    ``n`` the last group averages only the steps that exist.
+
+    Weights: ``input_kernel`` ``[k_in]*(d-1) + [channels, 3 units]`` and ``state_kernel``
+    ``[k_state]*(d-1) + [units, 3 units]``, gates ordered (r, z, h~) along the last axis; ``bias [3 units]``.
 
     Args:
         units: state channels.
@@ -31,8 +51,11 @@ class CGRU(keras.layers.Layer):
         strides: subsampling factor S on every spatial axis.
         input_filter: filter size of the input convolutions ``w`` (each slice axis).
         state_filter: filter size of the state convolutions ``u``.
-        dropconnect: fraction of input-filter weights dropped during training (fresh mask each call);
-            kept weights are scaled by ``1 / (1 - dropconnect)`` so that inference uses the weights as they are.
+        dropconnect: fraction of input-filter weights (``w_r, w_z, w_h``) dropped during training, with a
+            fresh mask at every call; kept weights are scaled by ``1 / (1 - dropconnect)`` so that inference
+            (deterministic) uses the weights as they are.
+        kernel_initializer, recurrent_initializer, bias_initializer: for ``w``, ``u`` and ``b``.
+        seed: seed of the DropConnect masks (``None``: random).
     """
 
     def __init__(
@@ -51,6 +74,7 @@ class CGRU(keras.layers.Layer):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        check_gru_arguments(units, strides, input_filter, state_filter, dropconnect)
         self.units = int(units)
         self.axis = int(axis)
         self.reverse = bool(reverse)
@@ -67,10 +91,12 @@ class CGRU(keras.layers.Layer):
     def build(self, input_shape: tuple) -> None:
         spatial_rank = len(input_shape) - 2
         if spatial_rank not in (2, 3):
-            raise ValueError(f"CGRU expects a 2D or 3D input with channels, got shape {input_shape}")
+            raise ValueError(f"CGRU expects a 2D or 3D input with channels, got shape {tuple(input_shape)}")
         if not 1 <= self.axis <= spatial_rank:
             raise ValueError(f"axis must be in 1..{spatial_rank}, got {self.axis}")
         channels = input_shape[-1]
+        if channels is None:
+            raise ValueError(f"CGRU needs a known number of channels, got shape {tuple(input_shape)}")
         slice_rank = spatial_rank - 1
         self.input_kernel = self.add_weight(
             name="input_kernel",
@@ -85,56 +111,32 @@ class CGRU(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(3 * self.units,), initializer=self.bias_initializer)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
-        def sub(n):
-            return None if n is None else -(-n // self.strides)
+        return subsampled_shape(input_shape, self.strides, self.units)
 
-        return (input_shape[0],) + tuple(sub(n) for n in input_shape[1:-1]) + (self.units,)
-
-    def _time_first_permutation(self, rank: int) -> list[int]:
-        """Permutation that moves the time axis to position 1: [batch, time, slice axes..., channels]."""
-        slice_axes = [a for a in range(1, rank - 1) if a != self.axis]
-        return [0, self.axis] + slice_axes + [rank - 1]
+    def dropconnect_kernel(self, training: bool | None) -> tf.Tensor:
+        """The input kernel as used by this call: with a fresh DropConnect mask when training."""
+        kernel = tf.convert_to_tensor(self.input_kernel)
+        if not is_training(training) or self.dropconnect == 0.0:
+            return kernel
+        keep = 1.0 - self.dropconnect
+        noise = keras.random.uniform(tf.shape(kernel), dtype=kernel.dtype, seed=self.seed_generator)
+        return tf.where(noise < keep, kernel / keep, tf.zeros_like(kernel))
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
-        rank = len(inputs.shape)
-        perm = self._time_first_permutation(rank)
-        inverse_perm = [perm.index(i) for i in range(rank)]
-        x = tf.transpose(inputs, perm)  # [B, T, s..., C]
-        shape = tf.shape(x)
-        batch, steps = shape[0], shape[1]
+        perm = time_batch_first_permutation(len(inputs.shape), self.axis)
+        outputs = self.time_first_call(tf.transpose(inputs, perm), training)
+        return tf.transpose(outputs, inverse_permutation(perm))
 
-        input_kernel = self.input_kernel
-        if training and self.dropconnect > 0.0:
-            keep = 1.0 - self.dropconnect
-            mask = keras.random.uniform(tf.shape(input_kernel), seed=self.seed_generator) < keep
-            input_kernel = tf.where(mask, input_kernel / keep, tf.zeros_like(input_kernel))
-
-        # All input convolutions at once: time folded into the batch.
-        folded = tf.reshape(x, tf.concat([[batch * steps], shape[2:]], axis=0))
-        slice_rank = rank - 3
-        x_parts = tf.nn.convolution(folded, input_kernel, strides=[self.strides] * slice_rank, padding="SAME")
-        x_parts = x_parts + self.bias
-        sub_shape = tf.shape(x_parts)[1:-1]
-        x_parts = tf.reshape(x_parts, tf.concat([[batch, steps], sub_shape, [3 * self.units]], axis=0))
-        time_major = tf.transpose(x_parts, [1, 0] + list(range(2, rank)))  # [T, B, s'..., 3U]
-
-        state_kernel = self.state_kernel
-        units = self.units
-
-        def step(h, x_t):
-            x_r, x_z, x_h = tf.split(x_t, 3, axis=-1)
-            h_parts = tf.nn.convolution(h, state_kernel, padding="SAME")
-            u_r, u_z, u_h = tf.split(h_parts, 3, axis=-1)
-            r = tf.sigmoid(x_r + u_r)
-            z = tf.sigmoid(x_z + u_z)
-            candidate = tf.tanh(x_h + r * u_h)
-            return z * h + (1.0 - z) * candidate
-
-        h0 = tf.zeros(tf.concat([[batch], sub_shape, [units]], axis=0), dtype=time_major.dtype)
-        states = tf.scan(step, time_major, initializer=h0, reverse=self.reverse)  # [T, B, s'..., U]
-        pooled = average_pool_time(states, self.strides)  # [ceil(T/S), B, s'..., U]
-        batch_major = tf.transpose(pooled, [1, 0] + list(range(2, rank)))
-        return tf.transpose(batch_major, inverse_perm)
+    def time_first_call(self, x: tf.Tensor, training: bool | None) -> tf.Tensor:
+        """The C-GRU on ``x`` already in ``[T, B, slice..., C]`` order; returns ``[ceil(T/S), B, slice'..., U]``."""
+        gates = input_gates(x, self.dropconnect_kernel(training), tf.convert_to_tensor(self.bias), self.strides)
+        states = gru_recursion(
+            *gates,
+            tf.convert_to_tensor(self.state_kernel),
+            reverse=self.reverse,
+            keep_for_gradient=is_training(training),
+        )
+        return average_pool_time(states, self.strides)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -154,18 +156,78 @@ class CGRU(keras.layers.Layer):
         return config
 
 
+def check_gru_arguments(units: int, strides: int, input_filter: int, state_filter: int, dropconnect: float) -> None:
+    """Raise ``ValueError`` for arguments shared by :class:`CGRU` and ``MDGRU`` that make no sense."""
+    for name, value in (("units", units), ("strides", strides), ("input_filter", input_filter)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if int(state_filter) < 1:
+        raise ValueError(f"state_filter must be >= 1, got {state_filter}")
+    if not 0.0 <= float(dropconnect) < 1.0:
+        raise ValueError(f"dropconnect must be in [0, 1), got {dropconnect}")
+
+
+def is_training(training: bool | tf.Tensor | None) -> bool:
+    """Keras' ``training`` argument as a Python bool (a symbolic tensor counts only if its value is static)."""
+    if isinstance(training, tf.Tensor):
+        training = tf.get_static_value(training)
+    return bool(training)
+
+
+def subsampled_shape(input_shape: tuple, strides: int, units: int) -> tuple:
+    """``[B, n_1, ..., n_d, C]`` -> ``[B, ceil(n_1/S), ..., ceil(n_d/S), units]`` (``None`` stays ``None``)."""
+    spatial = tuple(None if n is None else -(-n // strides) for n in input_shape[1:-1])
+    return (input_shape[0],) + spatial + (units,)
+
+
+def time_batch_first_permutation(rank: int, axis: int) -> list[int]:
+    """Permutation of ``[B, n_1..n_d, C]`` to ``[T, B, slice axes..., C]`` where T is spatial axis ``axis``.
+
+    Time before batch, so that the input convolutions (time folded into the batch) come out time-major
+    without another transpose.
+    """
+    slice_axes = [a for a in range(1, rank - 1) if a != axis]
+    return [axis, 0] + slice_axes + [rank - 1]
+
+
+def inverse_permutation(perm: list[int]) -> list[int]:
+    return [perm.index(i) for i in range(len(perm))]
+
+
+def input_gates(
+    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, strides: int
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Input convolutions (plus bias) of all time steps at once, time folded into the batch.
+
+    Args:
+        x: ``[T, B, slice..., C]``.
+        kernel: ``[k]*(d-1) + [C, 3U]``, gates (r, z, h~) along the last axis; bias ``[3U]``.
+
+    Returns:
+        The gates r, z, h~, each ``[T, B, slice'..., U]`` with slice' = ``ceil(slice / strides)`` ('SAME').
+        One convolution per gate: as fast as one convolution with 3U outputs, and no split copies after it.
+    """
+    shape = tf.shape(x)
+    slice_rank = len(x.shape) - 3
+    folded = tf.reshape(x, tf.concat([[shape[0] * shape[1]], shape[2:]], axis=0))
+    gates = []
+    for gate_kernel, gate_bias in zip(tf.split(kernel, 3, axis=-1), tf.split(bias, 3)):
+        gate = tf.nn.convolution(folded, gate_kernel, strides=[strides] * slice_rank, padding="SAME")
+        gate = tf.nn.bias_add(gate, gate_bias)
+        gates.append(tf.reshape(gate, tf.concat([shape[:2], tf.shape(gate)[1:]], axis=0)))
+    return tuple(gates)
+
+
 def average_pool_time(states: tf.Tensor, strides: int) -> tf.Tensor:
     """Average ``states[T, ...]`` over groups of ``strides`` steps; the last group may be shorter."""
     if strides == 1:
         return states
     steps = tf.shape(states)[0]
     groups = (steps + strides - 1) // strides
-    padded = tf.pad(
-        states, tf.concat([[[0, groups * strides - steps]], tf.zeros([tf.rank(states) - 1, 2], tf.int32)], 0)
-    )
-    grouped = tf.reshape(padded, tf.concat([[groups, strides], tf.shape(states)[1:]], axis=0))
-    counts = tf.minimum(strides, steps - tf.range(groups) * strides)
-    counts = tf.reshape(
-        tf.cast(counts, states.dtype), tf.concat([[groups], tf.ones([tf.rank(states) - 1], tf.int32)], 0)
-    )
+    rest = tf.shape(states)[1:]
+    paddings = tf.concat([[[0, groups * strides - steps]], tf.zeros([tf.rank(states) - 1, 2], tf.int32)], 0)
+    padded = tf.pad(states, paddings)
+    grouped = tf.reshape(padded, tf.concat([[groups, strides], rest], axis=0))
+    counts = tf.cast(tf.minimum(strides, steps - tf.range(groups) * strides), states.dtype)
+    counts = tf.reshape(counts, tf.concat([[groups], tf.ones_like(rest)], 0))
     return tf.reduce_sum(grouped, axis=1) / counts

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.<name>``, each writing JSON to ``bench/results/``."""
