@@ -71,6 +71,32 @@ def test_chunked_fine_batches_and_coarse_signature_agree_with_the_full_call(tiny
         np.testing.assert_allclose(value.numpy(), full[key].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_shared_windows_run_the_trunk_once_per_window(tiny3, rng):
+    config, coarse, fine, localizer = tiny3
+    size = config.fine.window_size
+    shared = TwoStageLocalizer(coarse, fine, config, share_windows_margin_voxel=4)
+    volume = rng.normal(size=(40, 36, 30)).astype(np.float32)
+    features = preprocess(volume, config.spacing_mm, config.highpass_sigma_mm).numpy()
+    near = np.array([[12.0, 15, 14], [14, 13, 15], [13, 16, 13]], np.float32)  # fit one window, 4 voxels spare
+    out = shared.fine(volume, near)
+    assert int(out["fine_windows"]) == 1
+    origin = out["window_origin_voxel"].numpy()
+    np.testing.assert_array_equal(origin, np.repeat(origin[:1], 3, axis=0))
+    window = G.crop_with_padding(features, origin[0], (size,) * 3)
+    logits = fine({"window": np.repeat(window[None], 3, axis=0), "landmark_index": np.arange(3, dtype=np.int32)})
+    np.testing.assert_allclose(out["probabilities_y"].numpy(), tf.nn.softmax(logits["y"]).numpy(), atol=1e-5)
+    # far apart: one window each, exactly the unshared (paper) windows and results
+    far = np.array([[5.0, 5, 5], [30, 8, 20], [10, 30, 25]], np.float32)
+    out, unshared = shared.fine(volume, far), localizer.fine(volume, far)
+    assert int(out["fine_windows"]) == 3 and int(unshared["fine_windows"]) == 3
+    np.testing.assert_array_equal(out["window_origin_voxel"].numpy(), G.window_origin_around(far, size))
+    np.testing.assert_allclose(out["voxel"].numpy(), unshared["voxel"].numpy(), atol=1e-5)
+    # the fine stage from the coarse estimates is the second half of the full call
+    full = localizer(volume)
+    again = localizer.fine(volume, full["coarse_voxel"])
+    np.testing.assert_allclose(again["voxel"].numpy(), full["voxel"].numpy(), atol=1e-5)
+
+
 def test_localizer_exports_as_a_savedmodel(tiny3, tmp_path, rng):
     config, coarse, fine, localizer = tiny3
     volume = rng.normal(size=(20, 26, 31)).astype(np.float32)
