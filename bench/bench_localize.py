@@ -35,13 +35,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mdgru_keras import networks  # noqa: E402
+from mdgru_keras import geometry, networks  # noqa: E402
 from mdgru_keras.config import Config, load_preset, with_landmarks  # noqa: E402
 from mdgru_keras.localizer import TwoStageLocalizer  # noqa: E402
 from mdgru_keras.preprocessing import preprocess  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_localize.json"
 VOLUME_SHAPE = (193, 229, 193)
+# The 32 AFIDs of the MNI ICBM 152 2009c template (autoafids 0.1.4, MIT; `mdgru-localize demo-data`), in voxels
+# of its 193x229x193 1 mm grid, rounded: AC, PC, ICS, PMJ, SIPF, RSLMS, LSLMS, RILMS, LILMS, CUL, IMS, RMB, LMB,
+# PG, RLVAC, LLVAC, RLVPC, LLVPC, GENU, SPLE, RALTH, LALTH, RSAMTH, LSAMTH, RIAMTH, LIAMTH, RIGO, LIGO, RVOH,
+# LVOH, ROSF, LOSF. Used to place the coarse estimates where real ones would be, which decides how many fine
+# windows shared-window localization needs.
+AFIDS_VOXEL = np.array(
+    [[96, 135, 73], [96, 107, 76], [96, 94, 67], [96, 109, 56], [96, 118, 67], [109, 106, 68], [82, 106, 68],
+     [107, 101, 56], [85, 101, 57], [96, 79, 80], [96, 124, 62], [98, 124, 63], [94, 124, 63], [96, 100, 79],
+     [111, 138, 103], [80, 137, 103], [115, 110, 106], [78, 110, 106], [96, 165, 80], [96, 94, 84],
+     [130, 128, 51], [61, 125, 53], [113, 122, 60], [78, 121, 60], [116, 128, 50], [75, 127, 50],
+     [111, 91, 83], [81, 89, 82], [117, 52, 83], [77, 49, 82], [108, 151, 66], [83, 149, 65]],
+    dtype=np.float64,
+)  # fmt: skip
 
 
 def load_average() -> float:
@@ -91,20 +104,43 @@ def synthetic_volume(seed: int = 0) -> np.ndarray:
     return (head + rng.normal(0, 5, VOLUME_SHAPE)).astype(np.float32)
 
 
-def bench_localization(preset: str, landmarks: int, repeats: int, fine_batch_size: int | None) -> dict:
+def place_coarse_estimates(coarse: keras.Model, config: Config, volume_voxel: np.ndarray) -> None:
+    """Make a random-weight coarse model answer ``volume_voxel [K, 3]`` (in a 193x229x193 volume): a large
+    output bias on each landmark's target class outweighs the random logits."""
+    size, stride, n = config.coarse.padded_size, config.coarse.input_stride, config.superresolution
+    origin = geometry.centered_window_origin(np.array(VOLUME_SHAPE), size)
+    classes = geometry.window_voxel_to_class(volume_voxel - origin, size, n, stride)  # [K, 3]
+    heads = coarse.get_layer("coarse_heads")
+    bias = np.zeros(heads.output_bias.shape, np.float32)
+    per_axis = networks.stage_classes(config, "coarse")[0]
+    for axis in range(3):
+        bias[np.arange(len(volume_voxel)), axis * per_axis + classes[:, axis]] = 50.0
+    heads.output_bias.assign(bias)
+
+
+def bench_localization(
+    preset: str, landmarks: int, repeats: int, fine_batch_size: int | None, share_margin: int | None = None
+) -> dict:
     config = landmark_config(preset, landmarks)
     keras.utils.set_random_seed(0)
     start = time.perf_counter()
     coarse, fine = networks.build_coarse_model(config), networks.build_fine_model(config)
     build_s = time.perf_counter() - start
-    localizer = TwoStageLocalizer(coarse, fine, config, fine_batch_size=fine_batch_size)
+    if landmarks == len(AFIDS_VOXEL):
+        place_coarse_estimates(coarse, config, AFIDS_VOXEL)
+    localizer = TwoStageLocalizer(
+        coarse, fine, config, fine_batch_size=fine_batch_size, share_windows_margin_voxel=share_margin
+    )
     volume = tf.constant(synthetic_volume())
     start = time.perf_counter()
-    localizer(volume)["voxel"].numpy()
+    first = localizer(volume)
     first_call_s = time.perf_counter() - start  # tracing + one run
     result = {
         "preset": preset,
         "landmarks": landmarks,
+        "coarse_estimates": "AFIDs of the MNI template" if landmarks == len(AFIDS_VOXEL) else "random weights",
+        "share_windows_margin_voxel": share_margin,
+        "fine_windows": int(first["fine_windows"]),
         "fine_batch_size": localizer.fine_batch_size,
         "parameters": {stage: networks.count_parameters(config, stage)["total"] for stage in ("coarse", "fine")},
         "build_s": round(build_s, 2),
@@ -115,7 +151,8 @@ def bench_localization(preset: str, landmarks: int, repeats: int, fine_batch_siz
     result["fine_stage_median_s"] = round(result["two_stage"]["median_s"] - result["coarse_stage"]["median_s"], 4)
     result["peak_rss_gb_so_far"] = peak_rss_gb()
     print(
-        f"{preset:6s} K={landmarks:2d}: two-stage {result['two_stage']['median_s']:.3f} s "
+        f"{preset:6s} K={landmarks:2d} windows={result['fine_windows']:2d}: "
+        f"two-stage {result['two_stage']['median_s']:.3f} s "
         f"(coarse stage {result['coarse_stage']['median_s']:.3f} s, fine {result['fine_stage_median_s']:.3f} s), "
         f"load {result['two_stage']['load_before']}",
         flush=True,
@@ -169,6 +206,11 @@ def main() -> None:
     parser.add_argument("--presets", default="paper,cpu")
     parser.add_argument("--landmarks", default="1,32")
     parser.add_argument("--fine-batch-size", type=int, default=None, help="fine windows per network call")
+    parser.add_argument(
+        "--share-margin",
+        default="paper=16,cpu=8,tiny=4",
+        help="per preset: also time K > 1 with shared fine windows of this margin ('' for none)",
+    )
     parser.add_argument("--train-presets", default="cpu", help="presets whose training steps are timed ('' for none)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, 2 repeats: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -195,15 +237,21 @@ def main() -> None:
         "train_step": [],
     }
     print(f"preprocess {VOLUME_SHAPE}: {results['preprocess']['median_s']:.3f} s", flush=True)
+    margins = dict(item.split("=") for item in args.share_margin.split(",") if item)
     for preset in presets:
+        runs = []
         for k in landmark_counts:
-            results["localization"].append(bench_localization(preset, k, repeats, args.fine_batch_size))
-        by_k = {r["landmarks"]: r for r in results["localization"] if r["preset"] == preset}
-        for k in landmark_counts:
-            if k > 1 and 1 in by_k:
-                many, one = by_k[k]["two_stage"]["median_s"], by_k[1]["two_stage"]["median_s"]
-                by_k[k]["ratio_to_k_single_runs"] = round(many / (k * one), 4)
-                print(f"{preset:6s} K={k}: {many:.2f} s = {many / (k * one):.3f} x {k} single-landmark runs")
+            runs.append(bench_localization(preset, k, repeats, args.fine_batch_size))
+            if k > 1 and preset in margins:
+                runs.append(bench_localization(preset, k, repeats, args.fine_batch_size, int(margins[preset])))
+        single = [r for r in runs if r["landmarks"] == 1]
+        for run in runs:
+            if run["landmarks"] > 1 and single:
+                k, many, one = run["landmarks"], run["two_stage"]["median_s"], single[0]["two_stage"]["median_s"]
+                run["ratio_to_k_single_runs"] = round(many / (k * one), 4)
+                print(f"{preset:6s} K={k} ({run['fine_windows']} windows): {many:.2f} s = "
+                      f"{many / (k * one):.3f} x {k} single-landmark runs")
+        results["localization"].extend(runs)
     for preset in train_presets:
         for stage in ("coarse", "fine"):
             results["train_step"].append(bench_train_step(load_preset(preset), stage, repeats))
