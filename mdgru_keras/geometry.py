@@ -1017,3 +1017,67 @@ def decode_axis_pooled_tf(
 ) -> tf.Tensor:
     """TensorFlow form of :func:`decode_axis_pooled` (float32)."""
     return decode_axis_tf(pool_classes_tf(probabilities, superresolution), 1, factor, parabola)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared fine windows (localizer)
+
+
+def shared_window_groups(
+    center_voxel: np.ndarray, window_size: int, margin_voxel: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Group points ``[K, 3]`` so that each group fits one ``window_size`` window with ``margin_voxel`` to spare.
+
+    Greedy in point order: a point joins the first group whose bounding box, with the point added, spans at most
+    ``window_size - 3 - 2 * margin_voxel`` voxels on every axis, else it opens a new group. Each group's window
+    is :func:`window_origin_around` the centre of its bounding box, which puts every member in
+    ``[margin_voxel, window_size - 1 - margin_voxel]`` window voxels. A group of one point gets exactly the
+    point's own centred window. Returns ``(group_of_point [K] int, group_origin_voxel [G, 3] int)``.
+    """
+    centers = np.asarray(center_voxel, dtype=np.float64)
+    limit = window_size - 3 - 2 * margin_voxel
+    if limit < 0:
+        raise ValueError(f"margin {margin_voxel} leaves no room in a window of {window_size} voxels")
+    low: list[np.ndarray] = []
+    high: list[np.ndarray] = []
+    group_of_point = np.zeros(len(centers), dtype=np.int64)
+    for k, point in enumerate(centers):
+        for g in range(len(low)):
+            new_low, new_high = np.minimum(low[g], point), np.maximum(high[g], point)
+            if np.all(new_high - new_low <= limit):
+                low[g], high[g] = new_low, new_high
+                group_of_point[k] = g
+                break
+        else:
+            group_of_point[k] = len(low)
+            low.append(point.copy())
+            high.append(point.copy())
+    middle = (np.array(low) + np.array(high)) / 2.0
+    return group_of_point, window_origin_around(middle.reshape(-1, 3), window_size)
+
+
+def shared_window_groups_tf(
+    center_voxel: tf.Tensor, window_size: int, margin_voxel: int
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """TensorFlow form of :func:`shared_window_groups` (K static; int32 results, G dynamic)."""
+    centers = tf.cast(center_voxel, tf.float32)
+    count_points = int(centers.shape[0])
+    limit = float(window_size - 3 - 2 * margin_voxel)
+    if limit < 0:
+        raise ValueError(f"margin {margin_voxel} leaves no room in a window of {window_size} voxels")
+    slots = tf.range(count_points)
+    low = tf.fill([count_points, 3], np.inf)
+    high = tf.fill([count_points, 3], -np.inf)
+    groups = tf.constant(0)
+    group_of_point = []
+    for k in range(count_points):  # K is small and static: an unrolled greedy pass
+        new_low, new_high = tf.minimum(low, centers[k]), tf.maximum(high, centers[k])
+        fits = tf.logical_and(tf.reduce_all(new_high - new_low <= limit, axis=1), slots < groups)
+        first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+        g = tf.where(tf.reduce_any(fits), first, groups)
+        chosen = (slots == g)[:, None]
+        low, high = tf.where(chosen, new_low, low), tf.where(chosen, new_high, high)
+        groups = tf.maximum(groups, g + 1)
+        group_of_point.append(g)
+    middle = (low[:groups] + high[:groups]) / 2.0
+    return tf.stack(group_of_point), window_origin_around_tf(middle, window_size)

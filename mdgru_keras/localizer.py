@@ -11,6 +11,13 @@ already at ``config.spacing_mm``) to the voxel coordinates of the config's K lan
    zero-padded outside the volume), all K windows as one batch (in chunks of ``fine_batch_size``) ->
    fine model with ``landmark_index = arange(K)`` -> softmax -> decode (``factor = 1``) -> voxel.
 
+   Option ``share_windows_margin_voxel = m``: landmarks whose coarse voxels fit into one window at least ``m``
+   voxels from its faces share that window (``geometry.shared_window_groups_tf``, greedy in landmark order):
+   the fine trunk runs once per window, the per-landmark heads once per landmark. The fine network is trained
+   with its landmark anywhere in the window (``data.pipeline``: uniform, 2 voxels from the border), so an
+   off-centre landmark is within its training distribution as long as ``m`` exceeds the coarse error plus 2.
+   For the 32 AFIDs of the MNI template and 64^3 windows, ``m = 16`` needs 10 windows instead of 32.
+
 Decoding: ``voxel`` / ``coarse_voxel`` use the parabola refinement when ``config.parabola`` is true and the
 plain argmax otherwise; both variants are always returned too (``*_argmax``, ``*_parabola``), which are the
 rows of the paper's Table 1a. The fine windows are centred on ``coarse_voxel``.
@@ -27,7 +34,7 @@ import tensorflow as tf
 
 from mdgru_keras import geometry
 from mdgru_keras.config import Config
-from mdgru_keras.networks import AXES, stage_classes
+from mdgru_keras.networks import AXES, split_fine_model
 from mdgru_keras.preprocessing import preprocess
 
 
@@ -49,7 +56,8 @@ class TwoStageLocalizer(tf.Module):
     ``coarse_confidence``      [K] float32     coarse-stage confidence
     ``probabilities_{x,y,z}``  [K, C] float32  fine per-axis class probabilities
     ``coarse_probabilities_*`` [K, Cc] float32 coarse per-axis class probabilities
-    ``window_origin_voxel``    [K, 3] int32    origin of each fine window in the volume
+    ``window_origin_voxel``    [K, 3] int32    origin of the fine window each landmark was decoded in
+    ``fine_windows``           [] int32        number of fine windows run (K unless windows are shared)
     ``coarse_origin_voxel``    [3] int32       origin of the coarse ``P^3`` region in the volume
     ========================== =============== ===============================================================
 
@@ -59,6 +67,8 @@ class TwoStageLocalizer(tf.Module):
         config: the preset both models were built with.
         fine_batch_size: at most this many fine windows go through the fine network at once (memory bound of
             the paper preset); ``None``: all K at once.
+        share_windows_margin_voxel: ``None`` (the paper): one window per landmark, centred on it; an integer
+            ``m``: landmarks share windows with ``m`` voxels to spare (module docstring).
     """
 
     def __init__(
@@ -67,6 +77,7 @@ class TwoStageLocalizer(tf.Module):
         fine_model: keras.Model,
         config: Config,
         fine_batch_size: int | None = None,
+        share_windows_margin_voxel: int | None = None,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -75,7 +86,17 @@ class TwoStageLocalizer(tf.Module):
         self.config = config
         self.num_landmarks = config.num_landmarks
         self.fine_batch_size = min(fine_batch_size or self.num_landmarks, self.num_landmarks)
-        self.landmark_names = tf.constant(list(config.landmarks), dtype=tf.string)
+        self.share_windows_margin_voxel = share_windows_margin_voxel
+        if share_windows_margin_voxel is not None and not 0 <= share_windows_margin_voxel <= (
+            config.fine.window_size - 3
+        ) // 2:
+            raise ValueError(
+                f"share_windows_margin_voxel must be in [0, {(config.fine.window_size - 3) // 2}] for "
+                f"{config.fine.window_size}^3 windows, got {share_windows_margin_voxel}"
+            )
+        self.fine_trunk, self.fine_heads = split_fine_model(fine_model)
+        # a (non-trainable) variable so that the names are saved with the module
+        self.landmark_names = tf.Variable(list(config.landmarks), dtype=tf.string, trainable=False, name="landmarks")
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="volume")])
     def __call__(self, volume: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -86,6 +107,18 @@ class TwoStageLocalizer(tf.Module):
         """The coarse stage only (its ``coarse_*`` outputs)."""
         features = self._preprocess(volume)
         return self._coarse_stage(features)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None, None], tf.float32, name="volume"),
+            tf.TensorSpec([None, 3], tf.float32, name="center_voxel"),
+        ]
+    )
+    def fine(self, volume: tf.Tensor, center_voxel: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The fine stage only, its windows placed around given positions ``[K, 3]`` (e.g. the ground truth:
+        the fine network's own accuracy) instead of the coarse estimates."""
+        center_voxel = tf.ensure_shape(center_voxel, [self.num_landmarks, 3])
+        return self._fine_stage(self._preprocess(volume), center_voxel)
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -122,13 +155,24 @@ class TwoStageLocalizer(tf.Module):
     def _fine_stage(self, features: tf.Tensor, coarse_voxel: tf.Tensor) -> dict[str, tf.Tensor]:
         config = self.config
         size = config.fine.window_size
-        origins = geometry.window_origin_around_tf(coarse_voxel, size)  # [K, 3]
+        if self.share_windows_margin_voxel is None:  # the paper: one window centred on each landmark
+            window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
+            window_origins = geometry.window_origin_around_tf(coarse_voxel, size)  # [K, 3]
+        else:
+            window_of_landmark, window_origins = geometry.shared_window_groups_tf(
+                coarse_voxel, size, self.share_windows_margin_voxel
+            )  # [K], [G, 3]
         windows = tf.map_fn(
             lambda origin: geometry.crop_with_padding_tf(features, origin, (size, size, size)),
-            origins,
+            window_origins,
             fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
-        )  # [K, W, W, W, 2]
-        probabilities = self._fine_probabilities(windows)
+        )  # [G, W, W, W, 2]
+        window_features = self._fine_features(windows)  # [G, F]
+        logits = self.fine_heads(
+            tf.gather(window_features, window_of_landmark), tf.range(self.num_landmarks, dtype=tf.int32)
+        )
+        probabilities = {axis: tf.nn.softmax(logits[axis], axis=-1) for axis in AXES}  # [K, C]
+        origins = tf.gather(window_origins, window_of_landmark)  # [K, 3]
         decoded = _decode(probabilities, config.superresolution, 1, origins)
         result = {
             "voxel": decoded["parabola"] if config.parabola else decoded["argmax"],
@@ -136,33 +180,29 @@ class TwoStageLocalizer(tf.Module):
             "voxel_parabola": decoded["parabola"],
             "confidence": decoded["confidence"],
             "window_origin_voxel": origins,
+            "fine_windows": tf.shape(windows)[0],
         }
         result.update({f"probabilities_{axis}": probabilities[axis] for axis in AXES})
         return result
 
-    def _fine_probabilities(self, windows: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Fine softmaxes ``{axis: [K, C]}`` of the K windows, ``fine_batch_size`` at a time."""
-        k, chunk = self.num_landmarks, self.fine_batch_size
-        index = tf.range(k, dtype=tf.int32)
-        if chunk >= k:
-            logits = self.fine_model({"window": windows, "landmark_index": index}, training=False)
-            return {axis: tf.nn.softmax(logits[axis], axis=-1) for axis in AXES}
-        chunks = -(-k // chunk)
-        pad = chunks * chunk - k  # the last chunk is filled up with copies of landmark 0, dropped below
-        windows = tf.concat([windows, tf.repeat(windows[:1], pad, axis=0)], axis=0)
-        index = tf.concat([index, tf.zeros([pad], tf.int32)], axis=0)
+    def _fine_features(self, windows: tf.Tensor) -> tf.Tensor:
+        """Trunk features ``[N, F]`` of fine windows ``[N, W, W, W, 2]``, ``fine_batch_size`` at a time."""
+        chunk = self.fine_batch_size
+        if chunk >= self.num_landmarks:  # never more windows than landmarks: all at once
+            return self.fine_trunk(windows, training=False)
         size = self.config.fine.window_size
-        windows = tf.reshape(windows, [chunks, chunk, size, size, size, 2])
-        index = tf.reshape(index, [chunks, chunk])
-
-        def run(args: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-            chunk_logits = self.fine_model({"window": args[0], "landmark_index": args[1]}, training=False)
-            return {axis: tf.nn.softmax(chunk_logits[axis], axis=-1) for axis in AXES}
-
-        classes = stage_classes(self.config, "fine")
-        spec = {axis: tf.TensorSpec([chunk, c], tf.float32) for axis, c in zip(AXES, classes)}
-        stacked = tf.map_fn(run, (windows, index), fn_output_signature=spec, parallel_iterations=1)
-        return {axis: tf.reshape(stacked[axis], [chunks * chunk, -1])[:k] for axis in AXES}
+        count = tf.shape(windows)[0]
+        chunks = (count + chunk - 1) // chunk
+        padded = tf.concat([windows, tf.zeros(tf.stack([chunks * chunk - count, size, size, size, 2]))], axis=0)
+        stacked = tf.reshape(padded, tf.stack([chunks, chunk, size, size, size, 2]))
+        width = self.fine_trunk.output.shape[-1]
+        features = tf.map_fn(
+            lambda batch: self.fine_trunk(batch, training=False),
+            stacked,
+            fn_output_signature=tf.TensorSpec([chunk, width], tf.float32),
+            parallel_iterations=1,
+        )
+        return tf.reshape(features, [-1, width])[:count]
 
 
 def _decode(

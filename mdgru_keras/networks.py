@@ -255,6 +255,16 @@ def build_fine_model(config: Config) -> keras.Model:
     return keras.Model(inputs={"window": window, "landmark_index": landmark_index}, outputs=outputs, name="fine")
 
 
+def split_fine_model(model: keras.Model) -> tuple[keras.Model, LandmarkHeads]:
+    """The fine model's trunk ``window [B, W, W, W, 2] -> features [B, F]`` and its :class:`LandmarkHeads`.
+
+    Both share the model's weights. Calling ``heads(trunk(window), landmark_index)`` is the fine model; split,
+    one window's features can serve several landmarks (``TwoStageLocalizer``'s shared windows).
+    """
+    trunk = keras.Model(model.input["window"], model.get_layer("fine_flatten").output, name="fine_trunk")
+    return trunk, model.get_layer("fine_heads")
+
+
 def build_model(config: Config, stage: str) -> keras.Model:
     """:func:`build_coarse_model` or :func:`build_fine_model` by name."""
     if stage == "coarse":

@@ -212,3 +212,39 @@ def test_decoding_and_peak_mass_numpy_and_tf_agree(seed, shape):
 def test_peak_mass_counts_the_peak_and_its_neighbours_only():
     p = np.array([[0.1, 0.2, 0.4, 0.2, 0.1], [0.6, 0.3, 0.1, 0.0, 0.0]])
     np.testing.assert_allclose(G.peak_mass(p), [0.8, 0.9])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared fine windows
+
+
+@TF_FAST
+@given(
+    st.lists(st.tuples(*(st.floats(-10, 80),) * 3), min_size=1, max_size=12),
+    st.sampled_from([(16, 0), (16, 4), (16, 6), (32, 8), (64, 16)]),
+)
+def test_shared_windows_hold_every_member_with_the_margin(points, sizes):
+    window_size, margin = sizes
+    centers = np.round(np.array(points) * 64) / 64  # exact in float32 too
+    group_of_point, origins = G.shared_window_groups(centers, window_size, margin)
+    assert 1 <= len(origins) <= len(centers)
+    assert set(group_of_point.tolist()) == set(range(len(origins)))
+    window_voxel = centers - origins[group_of_point]
+    assert np.all(window_voxel >= margin) and np.all(window_voxel <= window_size - 1 - margin)
+    # a group of one point gets the point's own centred window
+    for g in range(len(origins)):
+        members = np.flatnonzero(group_of_point == g)
+        if len(members) == 1:
+            np.testing.assert_array_equal(origins[g], G.window_origin_around(centers[members[0]], window_size))
+    tf_group, tf_origins = G.shared_window_groups_tf(tf.constant(centers, tf.float32), window_size, margin)
+    np.testing.assert_array_equal(tf_group.numpy(), group_of_point)
+    np.testing.assert_array_equal(tf_origins.numpy(), origins)
+
+
+def test_shared_windows_group_near_points_and_separate_far_ones():
+    centers = np.array([[10.0, 10, 10], [12, 9, 11], [40, 40, 40], [11, 11, 10]])
+    group_of_point, origins = G.shared_window_groups(centers, 16, 4)
+    np.testing.assert_array_equal(group_of_point, [0, 0, 1, 0])
+    assert len(origins) == 2
+    with pytest.raises(ValueError):
+        G.shared_window_groups(centers, 16, 7)

@@ -1,0 +1,191 @@
+"""The two-stage localizer: bookkeeping of windows and decodings, export, and real learning on synthetic blobs."""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mdgru_keras import geometry as G
+from mdgru_keras import networks as N
+from mdgru_keras.config import load_preset, with_landmarks
+from mdgru_keras.localizer import TwoStageLocalizer
+from mdgru_keras.preprocessing import preprocess
+
+# ---------------------------------------------------------------------------------------------------------
+# bookkeeping (random weights)
+
+
+@pytest.fixture(scope="module")
+def tiny3():
+    config = with_landmarks(load_preset("tiny"), ["A", "B", "C"])
+    keras.utils.set_random_seed(3)
+    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
+    # one instance per test module: its tf.function is traced once for every volume shape
+    return config, coarse, fine, TwoStageLocalizer(coarse, fine, config)
+
+
+@pytest.mark.parametrize("shape", [(30, 37, 25), (32, 32, 32), (9, 50, 33)])
+def test_outputs_follow_from_the_probabilities_by_the_geometry_rules(tiny3, shape, rng):
+    config, coarse, fine, localizer = tiny3
+    volume = rng.normal(size=shape).astype(np.float32)
+    out = {k: v.numpy() for k, v in localizer(volume).items()}
+    k, n, s = 3, config.superresolution, config.coarse.input_stride
+    c_coarse, c_fine = N.stage_classes(config, "coarse")[0], N.stage_classes(config, "fine")[0]
+    for axis in "xyz":
+        assert out[f"coarse_probabilities_{axis}"].shape == (k, c_coarse)
+        assert out[f"probabilities_{axis}"].shape == (k, c_fine)
+        np.testing.assert_allclose(out[f"probabilities_{axis}"].sum(-1), 1.0, rtol=1e-5)
+    # coarse: decoded in the central P^3 region, then shifted by its origin
+    origin = G.centered_window_origin(np.array(shape), config.coarse.padded_size)
+    np.testing.assert_array_equal(out["coarse_origin_voxel"], origin)
+    probs = np.stack([out[f"coarse_probabilities_{a}"] for a in "xyz"], axis=1).astype(np.float64)  # [K, 3, C]
+    for parabola, key in ((False, "coarse_voxel_argmax"), (True, "coarse_voxel_parabola")):
+        np.testing.assert_allclose(out[key], G.decode_axis(probs, n, s, parabola) + origin, atol=1e-4)
+    np.testing.assert_array_equal(out["coarse_voxel"], out["coarse_voxel_parabola"])  # config.parabola
+    # fine: one window per landmark centred on its coarse voxel
+    origins = G.window_origin_around(out["coarse_voxel"], config.fine.window_size)
+    np.testing.assert_array_equal(out["window_origin_voxel"], origins)
+    probs = np.stack([out[f"probabilities_{a}"] for a in "xyz"], axis=1).astype(np.float64)
+    for parabola, key in ((False, "voxel_argmax"), (True, "voxel_parabola")):
+        np.testing.assert_allclose(out[key], G.decode_axis(probs, n, 1, parabola) + origins, atol=1e-4)
+    np.testing.assert_array_equal(out["voxel"], out["voxel_parabola"])
+    np.testing.assert_allclose(out["confidence"], G.peak_mass(probs).prod(-1), rtol=1e-4)
+    # the fine windows really are those crops of the preprocessed volume
+    features = preprocess(volume, config.spacing_mm, config.highpass_sigma_mm).numpy()
+    windows = np.stack([G.crop_with_padding(features, o, (config.fine.window_size,) * 3) for o in origins])
+    logits = fine({"window": windows, "landmark_index": np.arange(3, dtype=np.int32)})
+    np.testing.assert_allclose(out["probabilities_x"], tf.nn.softmax(logits["x"]).numpy(), atol=1e-5)
+
+
+def test_chunked_fine_batches_and_coarse_signature_agree_with_the_full_call(tiny3, rng):
+    config, coarse, fine, localizer = tiny3
+    volume = rng.normal(size=(28, 33, 31)).astype(np.float32)
+    full = localizer(volume)
+    chunked = TwoStageLocalizer(coarse, fine, config, fine_batch_size=2)(volume)  # 3 = 2 + 1 (+1 filler)
+    for key in full:
+        np.testing.assert_allclose(chunked[key].numpy(), full[key].numpy(), rtol=1e-5, atol=1e-5)
+    coarse_only = localizer.coarse(volume)
+    for key, value in coarse_only.items():
+        np.testing.assert_allclose(value.numpy(), full[key].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_windows_run_the_trunk_once_per_window(tiny3, rng):
+    config, coarse, fine, localizer = tiny3
+    size = config.fine.window_size
+    shared = TwoStageLocalizer(coarse, fine, config, share_windows_margin_voxel=4)
+    volume = rng.normal(size=(40, 36, 30)).astype(np.float32)
+    features = preprocess(volume, config.spacing_mm, config.highpass_sigma_mm).numpy()
+    near = np.array([[12.0, 15, 14], [14, 13, 15], [13, 16, 13]], np.float32)  # fit one window, 4 voxels spare
+    out = shared.fine(volume, near)
+    assert int(out["fine_windows"]) == 1
+    origin = out["window_origin_voxel"].numpy()
+    np.testing.assert_array_equal(origin, np.repeat(origin[:1], 3, axis=0))
+    window = G.crop_with_padding(features, origin[0], (size,) * 3)
+    logits = fine({"window": np.repeat(window[None], 3, axis=0), "landmark_index": np.arange(3, dtype=np.int32)})
+    np.testing.assert_allclose(out["probabilities_y"].numpy(), tf.nn.softmax(logits["y"]).numpy(), atol=1e-5)
+    # far apart: one window each, exactly the unshared (paper) windows and results
+    far = np.array([[5.0, 5, 5], [30, 8, 20], [10, 30, 25]], np.float32)
+    out, unshared = shared.fine(volume, far), localizer.fine(volume, far)
+    assert int(out["fine_windows"]) == 3 and int(unshared["fine_windows"]) == 3
+    np.testing.assert_array_equal(out["window_origin_voxel"].numpy(), G.window_origin_around(far, size))
+    np.testing.assert_allclose(out["voxel"].numpy(), unshared["voxel"].numpy(), atol=1e-5)
+    # the fine stage from the coarse estimates is the second half of the full call
+    full = localizer(volume)
+    again = localizer.fine(volume, full["coarse_voxel"])
+    np.testing.assert_allclose(again["voxel"].numpy(), full["voxel"].numpy(), atol=1e-5)
+
+
+def test_localizer_exports_as_a_savedmodel(tiny3, tmp_path, rng):
+    config, coarse, fine, localizer = tiny3
+    volume = rng.normal(size=(20, 26, 31)).astype(np.float32)
+    expected = localizer(volume)
+    tf.saved_model.save(localizer, str(tmp_path / "localizer"))
+    loaded = tf.saved_model.load(str(tmp_path / "localizer"))
+    actual = loaded(tf.constant(volume))
+    for key in ("voxel", "coarse_voxel", "confidence"):
+        np.testing.assert_allclose(actual[key].numpy(), expected[key].numpy(), rtol=1e-5, atol=1e-5)
+    assert [name.decode() for name in loaded.landmark_names.numpy()] == ["A", "B", "C"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# learning: the tiny preset trained on synthetic blobs localizes held-out blobs to < 1 voxel
+
+
+def blob_volume(shape: tuple[int, int, int], centre_voxel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A bright Gaussian blob (sigma 2 voxels) at ``centre_voxel`` in Gaussian noise."""
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    blob = np.exp(-((grid - centre_voxel) ** 2).sum(-1) / (2 * 2.0**2))
+    return (2.0 * blob + rng.normal(0.0, 0.3, size=shape)).astype(np.float32)
+
+
+def random_centre(shape: tuple[int, int, int], region_origin: np.ndarray, size: int, rng) -> np.ndarray:
+    """A blob centre at least 6 voxels inside both the volume and the central coarse region."""
+    low = np.maximum(6, region_origin + 6)
+    high = np.minimum(np.array(shape) - 7, region_origin + size - 7)
+    return rng.uniform(low, high)
+
+
+COARSE_STEPS = 400
+FINE_STEPS = 500
+FINE_OFFSET_VOXEL = 4.0  # fine training windows: centred within this many voxels of the landmark
+
+
+@pytest.mark.slow
+def test_tiny_preset_learns_to_localize_blobs_to_below_one_voxel():
+    config = load_preset("tiny")
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    size, stride = config.coarse.padded_size, config.coarse.input_stride
+    window, n, batch = config.fine.window_size, config.superresolution, config.training.batch_size
+    shape = (size,) * 3
+    prepare = tf.function(lambda v: preprocess(v, config.spacing_mm, config.highpass_sigma_mm))
+
+    centres = [random_centre(shape, np.zeros(3), size, rng) for _ in range(160)]
+    inputs = [prepare(blob_volume(shape, c, rng)).numpy() for c in centres]
+
+    def coarse_batch():
+        volumes, classes = [], []
+        for i in rng.integers(0, len(inputs), batch):
+            shift = rng.integers(-config.coarse.offset_range_voxel, config.coarse.offset_range_voxel + 1, 3)
+            origin = G.centered_window_origin(np.array(shape), size) + shift
+            volumes.append(G.crop_with_padding(inputs[i], origin, (size,) * 3))
+            classes.append(G.window_voxel_to_class(centres[i] - origin, size, n, stride))
+        classes = np.array(classes, np.int32)
+        return {"volume": np.stack(volumes)}, {a: classes[:, None, j] for j, a in enumerate("xyz")}
+
+    def fine_batch():
+        windows, classes = [], []
+        for i in rng.integers(0, len(inputs), batch):
+            origin = G.window_origin_around(centres[i] + rng.uniform(-FINE_OFFSET_VOXEL, FINE_OFFSET_VOXEL, 3), window)
+            windows.append(G.crop_with_padding(inputs[i], origin, (window,) * 3))
+            classes.append(G.window_voxel_to_class(centres[i] - origin, window, n, 1))
+        classes = np.array(classes, np.int32)
+        index = np.zeros(batch, np.int32)
+        return {"window": np.stack(windows), "landmark_index": index}, {a: classes[:, j] for j, a in enumerate("xyz")}
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    coarse = N.compile_for_training(N.build_coarse_model(config), config)
+    fine = N.compile_for_training(N.build_fine_model(config), config)
+    coarse_losses = [coarse.train_on_batch(*coarse_batch())[0] for _ in range(COARSE_STEPS)]
+    fine_losses = [fine.train_on_batch(*fine_batch())[0] for _ in range(FINE_STEPS)]
+    print(f"training: {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu_start:.1f} s CPU")
+    losses = [(np.mean(x[:50]), np.mean(x[-50:])) for x in (coarse_losses, fine_losses)]
+    print("loss, first/last 50 steps: coarse {:.2f} -> {:.2f}, fine {:.2f} -> {:.2f}".format(*losses[0], *losses[1]))
+    assert all(last < 0.85 * first for first, last in losses)
+
+    # Held-out volumes of other shapes: the coarse region is padded (x) or cut from the middle (y).
+    localizer = TwoStageLocalizer(coarse, fine, config)
+    test_rng = np.random.default_rng(99)
+    errors, coarse_errors = [], []
+    for test_shape in [(28, 36, 32), (32, 32, 32), (30, 34, 29)] * 4:
+        origin = G.centered_window_origin(np.array(test_shape), size)
+        centre = random_centre(test_shape, origin, size, test_rng)
+        result = localizer(blob_volume(test_shape, centre, test_rng))
+        errors.append(np.linalg.norm(result["voxel"].numpy()[0] - centre))
+        coarse_errors.append(np.linalg.norm(result["coarse_voxel"].numpy()[0] - centre))
+    print(f"mean error: coarse {np.mean(coarse_errors):.2f} voxel, fine {np.mean(errors):.2f} voxel")
+    print("errors (coarse, fine):", " ".join(f"({c:.1f}, {f:.2f})" for c, f in zip(coarse_errors, errors)))
+    assert np.mean(errors) < 1.0, errors
+    assert np.mean(errors) < np.mean(coarse_errors), (errors, coarse_errors)
