@@ -97,16 +97,12 @@ def errors_mm(
 
 
 def per_example_loss(labels: dict[str, tf.Tensor], logits: dict[str, tf.Tensor]) -> tf.Tensor:
-    """The paper's loss per sample ``[B]``: cross-entropies summed over the three axes (and landmarks)."""
-    total = 0.0
-    for axis in ("x", "y", "z"):
-        axis_logits = logits[axis]
-        axis_labels = tf.cast(tf.reshape(labels[axis], tf.shape(axis_logits)[:-1]), tf.int32)
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=axis_labels, logits=axis_logits)
-        if len(axis_logits.shape) == 3:  # coarse: [B, K]
-            loss = tf.reduce_sum(loss, axis=-1)
-        total += loss
-    return total
+    """The paper's loss per sample ``[B]``: :class:`mdgru_keras.networks.AxisCrossEntropy` (summed over
+    landmarks) of every axis, summed over the axes; the loop divides by the global batch size."""
+    from mdgru_keras.networks import AXES, AxisCrossEntropy
+
+    loss = AxisCrossEntropy(reduction=None)
+    return tf.add_n([loss(labels[axis], logits[axis]) for axis in AXES])
 
 
 def stage_setup(stage: str, config: Config, dataset_dir: str | Path) -> StageSetup:

@@ -90,15 +90,11 @@ class TrainResult:
 
 
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
-    """The optimizer named in ``config.training`` (wrapped for loss scaling under mixed precision)."""
-    training = config.training
-    classes = {
-        "adadelta": keras.optimizers.Adadelta,
-        "adam": keras.optimizers.Adam,
-        "sgd": keras.optimizers.SGD,
-        "rmsprop": keras.optimizers.RMSprop,
-    }
-    optimizer = classes[training.optimizer](learning_rate=training.learning_rate)
+    """``config.training``'s optimizer (:func:`mdgru_keras.networks.make_optimizer`), wrapped for loss scaling
+    under mixed precision."""
+    from mdgru_keras.networks import make_optimizer as config_optimizer
+
+    optimizer = config_optimizer(config)
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
