@@ -242,6 +242,9 @@ class ExportedLocalizer(tf.Module):
         super().__init__(name="mdgru_localizer")
         self._graph = _Untracked(LocalizationGraph(localizer))
         self.model_variables = list(localizer.coarse_model.variables) + list(localizer.fine_model.variables)
+        # The localizer's own state (e.g. its landmark names) is captured by the signatures too.
+        model_ids = {id(variable) for variable in self.model_variables}
+        self.localizer_variables = [v for v in localizer.variables if id(v) not in model_ids]
         self.model_info = tf.saved_model.Asset(str(model_info_path))
 
     @property
