@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench-layer bench-data export bench-predict
+.PHONY: install test lint bench-layer bench-data export bench-predict bench-localize
 
 # `make export RUN_COARSE=runs/coarse RUN_FINE=runs/fine [EXPORT=export] [NAME=mdgru] [VERSION=3]`
 RUN_COARSE ?= runs/coarse
@@ -39,3 +39,6 @@ export: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python -m bench.bench_predict
+
+bench-localize: $(STAMP)
+	$(BIN)/python -m bench.bench_localize
