@@ -95,6 +95,8 @@ def run_one(preset: str, stage: str, dataset: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny and cpu only")
+    parser.add_argument("--presets", nargs="+", choices=sorted(PLAN), help="only these presets (results of the "
+                        "others already in the JSON file are kept)")
     parser.add_argument("--one", nargs=4, metavar=("PRESET", "STAGE", "DATASET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -102,7 +104,7 @@ def main() -> None:
         print(json.dumps(run_one(preset, stage, Path(dataset), Path(out))))
         return
 
-    presets = ["tiny", "cpu"] if args.quick else ["tiny", "cpu", "paper"]
+    presets = args.presets or (["tiny", "cpu"] if args.quick else ["tiny", "cpu", "paper"])
     runs = []
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-training-") as temp:
@@ -136,6 +138,11 @@ def main() -> None:
         },
         "runs": runs,
     }
+    if args.presets and RESULTS.exists():  # keep the earlier measurements of the other presets
+        earlier = json.loads(RESULTS.read_text(encoding="utf-8"))
+        kept = [run for run in earlier.get("runs", []) if run["preset"] not in presets]
+        results["runs"] = sorted(kept + runs, key=lambda run: (list(PLAN).index(run["preset"]), run["stage"]))
+        results["machine"]["note"] += f"; {', '.join(presets)} measured again, the rest kept from before"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -131,7 +131,8 @@ def _train_args(config: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_killed_run_resumes_to_the_same_model_and_damaged_checkpoint_falls_back(tmp_path, population):
     # 8 subjects x 4 samples / batch 4 = 8 steps per epoch, 2 epochs; checkpoints every 3 steps and per epoch.
-    config = write_config(tmp_path / "tiny.yaml", samples_per_subject=4, epochs=2, checkpoint_every_steps=3)
+    config = write_config(tmp_path / "tiny.yaml", samples_per_subject=4, batch_size=4, epochs=2,
+                          checkpoint_every_steps=3)
     reference = tmp_path / "reference"
     result = run_cli(*_train_args(config, population, reference))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,6 +146,7 @@ def test_killed_run_resumes_to_the_same_model_and_damaged_checkpoint_falls_back(
         if steps_csv.exists() and len(read_csv(steps_csv)) >= 11:  # in the second epoch, after step 9's checkpoint
             break
         time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed mid-epoch"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     done = len(read_csv(steps_csv))

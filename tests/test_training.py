@@ -20,13 +20,16 @@ from train.callbacks import read_csv
 
 @pytest.fixture(scope="module")
 def population(tmp_path_factory) -> Path:
-    return write_population(tmp_path_factory.mktemp("population"), train=16, val=6)
+    return write_population(tmp_path_factory.mktemp("population"), train=16, val=12)
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    # The tiny preset's network and optimizer; 4 samples per subject and epoch: 16 steps per epoch.
-    return write_config(tmp_path_factory.mktemp("config") / "tiny.yaml", samples_per_subject=4)
+    # The tiny preset's network and optimizer; batch 4 and 4 samples per subject and epoch: 16 steps per epoch.
+    return write_config(tmp_path_factory.mktemp("config") / "tiny.yaml", samples_per_subject=4, batch_size=4)
+
+
+EPOCHS = {"coarse": 16, "fine": 8}
 
 
 def _train(*args: str) -> object:
@@ -38,7 +41,7 @@ def _train(*args: str) -> object:
 def runs(population, config, tmp_path_factory) -> dict[str, tuple[Path, object]]:
     out = tmp_path_factory.mktemp("runs")
     results = {}
-    for stage, epochs in (("coarse", 12), ("fine", 10)):
+    for stage, epochs in EPOCHS.items():
         run_dir = out / stage
         result = _train("--stage", stage, "--config", str(config), "--data", str(population), "--out", str(run_dir),
                         "--epochs", str(epochs))
@@ -51,14 +54,14 @@ def runs(population, config, tmp_path_factory) -> dict[str, tuple[Path, object]]
 def test_both_stages_learn_and_the_run_directory_is_complete(runs, config, population, stage):
     run_dir, result = runs[stage]
     log = read_csv(run_dir / "log.csv")
-    epochs = 12 if stage == "coarse" else 10
+    epochs = EPOCHS[stage]
     assert [row["epoch"] for row in log] == list(range(1, epochs + 1))
     first, last = log[0], log[-1]
-    # The validation error (decoded, in mm) falls by more than half, and so do both losses. Medians: with 6
-    # validation subjects one miss moves the mean by several mm.
-    best_late = min(row["val_error_mm_median"] for row in log[-3:])
-    assert best_late < 0.5 * first["val_error_mm_median"], [round(row["val_error_mm_median"], 2) for row in log]
-    assert last["val_loss"] < first["val_loss"] and last["train_loss"] < first["train_loss"]
+    # The validation error (decoded, in mm; medians over the 12 subjects, averaged over the last 3 epochs)
+    # falls by 40 % from the first epoch, and so do both losses. (One run: coarse 9.5 -> 4.5 mm, fine 5.0 -> 1.6.)
+    late = np.mean([row["val_error_mm_median"] for row in log[-3:]])
+    assert late < 0.6 * first["val_error_mm_median"], [round(row["val_error_mm_median"], 2) for row in log]
+    assert last["val_loss"] < 0.85 * first["val_loss"] and last["train_loss"] < first["train_loss"]
     assert all(row["val_error_mm_median"] <= row["val_error_mm_max"] for row in log)
 
     # What the command promises: one line per epoch, a last line naming what it wrote, and the files.
