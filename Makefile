@@ -23,7 +23,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-data bench-localize bench-predict bench-accuracy bench-training clean-demo
+	bench-layer bench-data bench-localize bench-predict bench-training clean-demo
 
 install: $(STAMP)
 
