@@ -245,7 +245,8 @@ def test_oversized_scans_are_cropped_to_the_central_region_not_refused(servable:
 
 
 def test_saved_model_cli_lists_the_signatures_with_dtypes_and_shapes(base_dir: Path) -> None:
-    binary = ROOT / ".venv" / "bin" / "saved_model_cli"
+    # The one installed next to the running interpreter (the project's .venv under `make test`).
+    binary = Path(sys.executable).parent / "saved_model_cli"
     if not binary.exists():
         binary = Path(shutil.which("saved_model_cli") or "saved_model_cli")
     text = subprocess.run(
