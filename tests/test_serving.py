@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -43,17 +41,11 @@ from serving.loadtest import run_load_test
 from serving.rest_client import RestLocalizationClient
 from serving.rest_server import RestServer
 from serving.servable import Servable
-from serving.testing import TOY_LANDMARKS, save_toy_localizer
+from serving.testing import TOY_LANDMARKS, free_port, save_toy_localizer
+from serving.testing import model_server as run_model_server
 
 SERVING_DIR = Path(__file__).resolve().parents[1] / "serving"
 MODEL = "mdgru"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (right now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -90,43 +82,9 @@ def model_server(model_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         pytest.skip("tensorflow_model_server is not on PATH (the in-process servers stand in for it)")
     # tensorflow_model_server has no bind-address flag (its gRPC port listens on all interfaces); the tests
     # only ever connect to 127.0.0.1.
-    grpc_port, rest_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("tfs") / "tensorflow_model_server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--port={grpc_port}",
-                f"--rest_api_port={rest_port}",
-                f"--model_name={MODEL}",
-                f"--model_base_path={model_base.resolve()}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    rest_url = f"http://127.0.0.1:{rest_port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tensorflow_model_server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                status = requests.get(f"{rest_url}/v1/models/{MODEL}", timeout=2).json()
-                if status["model_version_status"][0]["state"] == "AVAILABLE":
-                    break
-            except (requests.ConnectionError, KeyError, IndexError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"tensorflow_model_server not AVAILABLE after 60 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield Endpoints("tensorflow_model_server", f"127.0.0.1:{grpc_port}", rest_url, None)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with run_model_server(model_base, MODEL, log_path, binary) as (grpc_address, rest_url):
+        yield Endpoints("tensorflow_model_server", grpc_address, rest_url, None)
 
 
 @pytest.fixture(params=["in-process", "tensorflow_model_server"])
