@@ -12,7 +12,14 @@ LANDMARKS ?= PMJ
 DEMO ?= demo
 DEMO_TRAIN_SUBJECTS ?= 32
 DEMO_TEST_SUBJECTS ?= 6
-DEMO_TRAIN_SECONDS ?= 240
+DEMO_COARSE_SECONDS ?= 360
+# The demo's template scans and landmarks (the AFIDs template by default; tests put a small synthetic one here)
+# and extra `mdgru-localize synth` options for its population.
+DEMO_T1 ?= $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz
+DEMO_T2 ?= $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz
+DEMO_FIDUCIALS ?= $(DEMO)/afids.fcsv
+DEMO_SYNTH_ARGS ?=
+DEMO_FINE_SECONDS ?= 240
 DATA ?= $(DEMO)/dataset
 RUN ?= runs/$(CONFIG)
 RUN_COARSE ?= $(RUN)/coarse
@@ -23,7 +30,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-data bench-localize bench-predict bench-training clean-demo
+	bench-layer bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
 
 install: $(STAMP)
 
@@ -47,14 +54,12 @@ $(DEMO)/afids.fcsv: | $(STAMP)
 # Training/validation subjects (seed 1) and held-out test subjects (seed 2: deformations and fields of view
 # never seen in training), T1w and T2w mixed.
 demo-population: $(DEMO)/dataset/dataset.json $(DEMO)/test/manifest.csv
-$(DEMO)/train/manifest.csv: $(DEMO)/afids.fcsv
-	$(CLI) synth --image $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz \
-		--image2 $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz --landmarks $(DEMO)/afids.fcsv \
-		--n $(DEMO_TRAIN_SUBJECTS) --seed 1 --workers 2 --out $(DEMO)/train
-$(DEMO)/test/manifest.csv: $(DEMO)/afids.fcsv
-	$(CLI) synth --image $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz \
-		--image2 $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz --landmarks $(DEMO)/afids.fcsv \
-		--n $(DEMO_TEST_SUBJECTS) --seed 2 --workers 2 --out $(DEMO)/test
+$(DEMO)/train/manifest.csv: $(DEMO_FIDUCIALS)
+	$(CLI) synth --image $(DEMO_T1) --image2 $(DEMO_T2) --landmarks $(DEMO_FIDUCIALS) \
+		--n $(DEMO_TRAIN_SUBJECTS) --seed 1 --workers 2 --out $(DEMO)/train $(DEMO_SYNTH_ARGS)
+$(DEMO)/test/manifest.csv: $(DEMO_FIDUCIALS)
+	$(CLI) synth --image $(DEMO_T1) --image2 $(DEMO_T2) --landmarks $(DEMO_FIDUCIALS) \
+		--n $(DEMO_TEST_SUBJECTS) --seed 2 --workers 2 --out $(DEMO)/test $(DEMO_SYNTH_ARGS)
 $(DEMO)/dataset/dataset.json: $(DEMO)/train/manifest.csv
 	$(CLI) prepare $(DEMO)/train/manifest.csv --out $(DEMO)/dataset --val-fraction 0.15 --test-fraction 0 --overwrite
 
@@ -78,8 +83,8 @@ evaluate-demo: $(STAMP)
 # The demo trains afresh into $(DEMO)/run each time (the population above is made once and reused).
 demo: demo-population
 	rm -rf $(DEMO)/run
-	$(MAKE) train-coarse RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_TRAIN_SECONDS) $(TRAIN_ARGS)"
-	$(MAKE) train-fine RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_TRAIN_SECONDS) $(TRAIN_ARGS)"
+	$(MAKE) train-coarse RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_COARSE_SECONDS) $(TRAIN_ARGS)"
+	$(MAKE) train-fine RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_FINE_SECONDS) $(TRAIN_ARGS)"
 	$(MAKE) export RUN=$(DEMO)/run EXPORT=$(DEMO)/run/export
 	$(MAKE) evaluate-demo RUN=$(DEMO)/run EXPORT=$(DEMO)/run/export
 	@echo "Demo done: table above, figures in $(DEMO)/run/figures, Slicer files in $(DEMO)/run/predictions"
@@ -102,3 +107,15 @@ bench-predict: $(STAMP)
 
 bench-training: $(STAMP)
 	$(BIN)/python -m bench.bench_training
+
+# Accuracy on held-out synthetic subjects next to the registration and U-Net baselines (about 60 min on 2 cores;
+# rerunning resumes, `rm -rf runs/bench-accuracy` starts over). Writes bench/results/bench_accuracy.json and its
+# section of docs/RESULTS.md.
+ACCURACY_ARGS ?=
+bench-accuracy: $(STAMP)
+	$(BIN)/python -m bench.bench_accuracy --demo $(DEMO) $(ACCURACY_ARGS)
+
+# What lets the fine network learn in minutes: one-hot vs soft labels, DropConnect, MD-GRU vs a plain CNN
+# (about 15 min on 2 cores, on the demo population). Writes bench/results/ablation_labels.json.
+bench-ablation: $(STAMP) demo-population
+	$(BIN)/python -m bench.ablation_labels --data $(DEMO)/dataset

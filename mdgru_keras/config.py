@@ -70,6 +70,14 @@ class TrainingConfig:
     learning_rate: float = 0.001
     batch_size: int = 1
     epochs: int = 50
+    # Gaussian soft labels of this standard deviation over the coordinate classes, in voxels of the stage's grid
+    # (fine: volume voxels, coarse: voxels after its strided input convolution); 0 is the paper's one-hot
+    # cross-entropy (see mdgru_keras.networks.AxisCrossEntropy for why).
+    label_sigma_grid_voxel: float = 0.0
+    # constant, or cosine decay to learning_rate * final_lr_fraction at the end of the run: the last epoch or,
+    # with a time budget (max_train_seconds / --max-seconds), the end of the budget, whichever comes first
+    lr_schedule: str = "constant"
+    final_lr_fraction: float = 0.05
     samples_per_subject: int = 1  # one epoch = this many random samples from each training subject
     checkpoint_every_steps: int = 100
     keep_checkpoints: int = 3
@@ -149,6 +157,12 @@ def _check_consistency(config: Config) -> None:
         )
     if config.training.optimizer not in ("adadelta", "adam", "sgd", "rmsprop"):
         problems.append("training.optimizer: one of adadelta, adam, sgd, rmsprop")
+    if config.training.lr_schedule not in ("constant", "cosine"):
+        problems.append("training.lr_schedule: constant or cosine")
+    if not 0 <= config.training.final_lr_fraction <= 1:
+        problems.append("training.final_lr_fraction: must be in [0, 1]")
+    if config.training.label_sigma_grid_voxel < 0:
+        problems.append("training.label_sigma_grid_voxel: must be >= 0 (0: one-hot labels)")
     if config.training.distribution not in ("default", "mirrored", "multi_worker"):
         problems.append("training.distribution: one of default, mirrored, multi_worker")
     if problems:

@@ -58,3 +58,8 @@ def test_unknown_preset_lists_presets() -> None:
 
 def test_default_config_is_valid() -> None:
     assert Config().num_landmarks == 1
+
+
+def test_negative_label_sigma_is_refused() -> None:
+    with pytest.raises(ConfigError, match="label_sigma_grid_voxel: must be >= 0"):
+        config_from_dict({"training": {"label_sigma_grid_voxel": -1.0}})

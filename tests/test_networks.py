@@ -1,11 +1,13 @@
 """Localization networks: paper sizes and parameter counts, K-landmark heads, loss, init, serialization."""
 
+import dataclasses
 import gc
 import math
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from mdgru_keras import networks as N
 from mdgru_keras.config import load_preset, with_landmarks
@@ -180,3 +182,41 @@ def test_parameter_memory_of_the_paper_preset_for_1_and_32_landmarks():
     # 32 landmarks cost less than 1.3 x one landmark (instead of 32 x)
     assert many["total"] < 1.3 * one["total"]
     assert N.parameter_bytes(one["total"]) > 1.2e9
+
+
+def test_soft_label_loss_is_the_kl_divergence_from_a_truncated_gaussian(tiny3, rng):
+    config, coarse, _ = tiny3
+    p = config.coarse.padded_size
+    c = N.stage_classes(config, "coarse")[0]
+    sigma = 1.7
+    inputs = {"volume": rng.normal(size=(2, p, p, p, 2)).astype("float32")}
+    labels = {a: rng.integers(0, c, size=(2, 3)).astype(np.int32) for a in "xyz"}
+    logits = coarse(inputs)
+    expected = 0.0
+    classes = np.arange(c, dtype=np.float64)
+    for axis in "xyz":
+        target = np.exp(-0.5 * ((classes - labels[axis][..., None]) / sigma) ** 2)
+        target /= target.sum(-1, keepdims=True)
+        lp = log_softmax(logits[axis].numpy().astype(np.float64))
+        kl = (target * (np.log(target) - lp)).sum(-1)  # [B, K]
+        expected += kl.sum(axis=1).mean()
+    assert float(N.localization_loss(labels, logits, label_sigma_classes=sigma)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_soft_label_loss_is_zero_for_the_target_and_grows_with_the_miss():
+    labels = tf.constant([20], tf.int32)
+    target = N.gaussian_class_targets(labels, 64, 2.0)
+    assert float(tf.reduce_sum(target)) == pytest.approx(1.0, abs=1e-6)
+    assert int(tf.argmax(target[0])) == 20
+    perfect = tf.math.log(tf.maximum(target, 1e-30))  # logits whose softmax is the target
+    assert float(N.soft_label_divergence(labels, perfect, 2.0)[0]) == pytest.approx(0.0, abs=1e-5)
+    misses = [float(N.soft_label_divergence(tf.constant([20 + d]), perfect, 2.0)[0]) for d in (1, 3, 9)]
+    assert 0 < misses[0] < misses[1] < misses[2]
+
+
+def test_label_sigma_is_converted_to_classes_of_each_stages_grid(tiny3):
+    config = tiny3[0]
+    config = config.replace(training=dataclasses.replace(config.training, label_sigma_grid_voxel=2.0))
+    n = config.superresolution
+    assert N.label_sigma_classes(config, "fine") == pytest.approx(2.0 * n)  # n classes per volume voxel
+    assert N.label_sigma_classes(config, "coarse") == pytest.approx(2.0 * n)  # n classes per coarse-grid voxel

@@ -4,6 +4,7 @@ that --resume continues, and bad input stops with one line before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -163,3 +164,32 @@ def test_window_larger_than_the_padded_volume_is_refused(population, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and str(config) in lines[0]
     assert "fine.window_size (64) is larger than coarse.padded_size (32)" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+
+def test_cosine_schedule_runs_from_the_rate_down_to_its_final_fraction():
+    from train.trainer import scheduled_learning_rate
+
+    training = load_config("cpu").training
+    cosine = dataclasses.replace(training, lr_schedule="cosine", learning_rate=0.002, final_lr_fraction=0.1)
+    rates = [scheduled_learning_rate(cosine, p) for p in np.linspace(0, 1, 11)]
+    assert rates[0] == pytest.approx(0.002) and rates[5] == pytest.approx(0.0011) and rates[-1] == pytest.approx(2e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert scheduled_learning_rate(cosine, 1.7) == pytest.approx(2e-4)  # past the end: stays at the floor
+    assert scheduled_learning_rate(training, 0.9) == training.learning_rate  # constant
+
+
+def test_cosine_schedule_reaches_the_floor_at_the_last_epoch(population, tmp_path):
+    config = write_config(tmp_path / "cosine.yaml", samples_per_subject=4, lr_schedule="cosine",
+                          learning_rate=0.004, final_lr_fraction=0.25)
+    run_dir = tmp_path / "run"
+    result = _train("--stage", "fine", "--config", str(config), "--data", str(population), "--out", str(run_dir),
+                    "--epochs", "3")
+    assert result.exit_code == 0, result.output[-3000:]
+    rates = [row["learning_rate"] for row in read_csv(run_dir / "log.csv")]
+    # logged after each epoch's last step: set for progress (16 e - 1) / 48 of the run
+    expected = [0.004 * (0.25 + 0.75 * 0.5 * (1 + np.cos(np.pi * (16 * e - 1) / 48))) for e in (1, 2, 3)]
+    assert rates == pytest.approx(expected, rel=1e-5)

@@ -96,12 +96,15 @@ def errors_mm(
     return np.concatenate(distances) if distances else np.zeros(0)
 
 
-def per_example_loss(labels: dict[str, tf.Tensor], logits: dict[str, tf.Tensor]) -> tf.Tensor:
+def per_example_loss(
+    labels: dict[str, tf.Tensor], logits: dict[str, tf.Tensor], label_sigma_classes: float = 0.0
+) -> tf.Tensor:
     """The paper's loss per sample ``[B]``: :class:`mdgru_keras.networks.AxisCrossEntropy` (summed over
-    landmarks) of every axis, summed over the axes; the loop divides by the global batch size."""
+    landmarks) of every axis, summed over the axes; the loop divides by the global batch size. With
+    ``label_sigma_classes > 0``, its Gaussian soft-label form."""
     from mdgru_keras.networks import AXES, AxisCrossEntropy
 
-    loss = AxisCrossEntropy(reduction=None)
+    loss = AxisCrossEntropy(label_sigma_classes, reduction=None)
     return tf.add_n([loss(labels[axis], logits[axis]) for axis in AXES])
 
 
@@ -138,7 +141,9 @@ def stage_setup(stage: str, config: Config, dataset_dir: str | Path) -> StageSet
     return StageSetup(
         stage=stage,
         build_model=lambda: networks.build_model(config, stage),
-        per_example_loss=per_example_loss,
+        per_example_loss=functools.partial(
+            per_example_loss, label_sigma_classes=networks.label_sigma_classes(config, stage)
+        ),
         train_dataset=train_dataset,
         validation_dataset=lambda: validation,
         errors_mm=stage_errors,

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mdgru_keras.config import Config, config_from_dict
+from mdgru_keras.config import Config, TrainingConfig, config_from_dict
 from mdgru_keras.errors import InputError
 from train.callbacks import RunLog, read_csv
 from train.checkpoints import CheckpointStore, atomic_write_text
@@ -98,6 +98,16 @@ def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def scheduled_learning_rate(training: TrainingConfig, progress: float) -> float:
+    """The learning rate at ``progress`` (0 at the start, 1 at the end of the run) of ``training.lr_schedule``:
+    ``constant``, or ``cosine`` from ``learning_rate`` down to ``learning_rate * final_lr_fraction``."""
+    if training.lr_schedule == "constant":
+        return training.learning_rate
+    fraction = training.final_lr_fraction
+    progress = min(max(progress, 0.0), 1.0)
+    return training.learning_rate * (fraction + (1.0 - fraction) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -372,6 +382,12 @@ class Trainer:
                 if replicas > 1:
                     inputs = split_global_batch(strategy, inputs, global_batch)
                     labels = split_global_batch(strategy, labels, global_batch)
+                if training.lr_schedule != "constant":
+                    # The end of the run is whichever comes first: the last epoch or the time budget.
+                    run_progress = step / total_steps
+                    if budget > 0:
+                        run_progress = max(run_progress, (time.monotonic() - loop_started) / budget)
+                    optimizer.learning_rate = scheduled_learning_rate(training, run_progress)
                 tick = time.monotonic()
                 loss, stop = train_step(inputs, labels, tf.constant(1.0 if over_budget else 0.0))
                 loss = float(loss.numpy())
