@@ -108,7 +108,7 @@ bench-predict: $(STAMP)
 bench-training: $(STAMP)
 	$(BIN)/python -m bench.bench_training
 
-# Accuracy on held-out synthetic subjects next to the registration and U-Net baselines (about 60 min on 2 cores;
+# Accuracy on held-out synthetic subjects next to the registration and U-Net baselines (about 75 min on 2 cores;
 # rerunning resumes, `rm -rf runs/bench-accuracy` starts over). Writes bench/results/bench_accuracy.json and its
 # section of docs/RESULTS.md.
 ACCURACY_ARGS ?=

@@ -1,6 +1,6 @@
 """Benchmark: localization accuracy on held-out synthetic subjects, next to the two baselines.
 
-Run: ``python -m bench.bench_accuracy`` (``make bench-accuracy``); at most about 60 minutes on 2 CPU cores
+Run: ``python -m bench.bench_accuracy`` (``make bench-accuracy``); about 75 minutes on 2 CPU cores
 with the defaults. Every step is the user's own command (``mdgru-localize ...``), run as a subprocess and
 timed:
 
@@ -216,8 +216,8 @@ def main() -> None:
     parser.add_argument("--config", default="cpu")
     parser.add_argument("--train-subjects", type=int, default=64)
     parser.add_argument("--test-subjects", type=int, default=12)
-    parser.add_argument("--coarse-seconds", type=float, default=600)
-    parser.add_argument("--fine-seconds", type=float, default=420)
+    parser.add_argument("--coarse-seconds", type=float, default=840)
+    parser.add_argument("--fine-seconds", type=float, default=660)
     parser.add_argument("--experiments", nargs="+", default=["pmj", "afids32"], choices=["pmj", "afids32"])
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
     args = parser.parse_args()

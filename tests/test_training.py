@@ -179,7 +179,8 @@ def test_cosine_schedule_runs_from_the_rate_down_to_its_final_fraction():
     assert rates[0] == pytest.approx(0.002) and rates[5] == pytest.approx(0.0011) and rates[-1] == pytest.approx(2e-4)
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert scheduled_learning_rate(cosine, 1.7) == pytest.approx(2e-4)  # past the end: stays at the floor
-    assert scheduled_learning_rate(training, 0.9) == training.learning_rate  # constant
+    constant = dataclasses.replace(training, lr_schedule="constant")
+    assert scheduled_learning_rate(constant, 0.9) == constant.learning_rate
 
 
 def test_cosine_schedule_reaches_the_floor_at_the_last_epoch(population, tmp_path):
