@@ -193,9 +193,13 @@ def markdown(result: dict) -> str:
             ) + ".",
             "",
         ]
-    out += ["Commands, in order (`python -m bench.bench_accuracy` runs them; seconds each in "
-            "`bench/results/bench_accuracy.json`):", "", "```"]
-    out += [step["command"].replace(str(ROOT) + "/", "") for step in result["commands"]]
+    out += ["Reproduce with `make bench-accuracy` (`python -m bench.bench_accuracy`), which ran these commands in "
+            "order (`demo/` is the demo-data folder; seconds per step in `bench/results/bench_accuracy.json`):", "",
+            "```"]
+    demo_dir = settings.get("demo")
+    for step in result["commands"]:
+        line = step["command"].replace(str(ROOT) + "/", "")
+        out.append(line.replace(demo_dir.rstrip("/") + "/", "demo/") if demo_dir else line)
     out += ["```", "", END]
     return "\n".join(out) + "\n"
 
@@ -220,7 +224,17 @@ def main() -> None:
     parser.add_argument("--fine-seconds", type=float, default=660)
     parser.add_argument("--experiments", nargs="+", default=["pmj", "afids32"], choices=["pmj", "afids32"])
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/RESULTS.md")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only rewrite the docs/RESULTS.md section from bench/results/bench_accuracy.json")
+    parser.add_argument("--demo-dir-was", help="with --render-only: the demo folder of that run, if not recorded")
     args = parser.parse_args()
+    if args.render_only:
+        result = json.loads(RESULTS_JSON.read_text())
+        if args.demo_dir_was:
+            result["settings"].setdefault("demo", args.demo_dir_was)
+        write_section(markdown(result))
+        print(f"[bench-accuracy] rewrote the section of {RESULTS_MD.relative_to(ROOT)}")
+        return
     args.out = args.out.resolve()
     demo = args.demo.resolve()
     steps = Steps(args.out)
@@ -244,7 +258,7 @@ def main() -> None:
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "settings": {"config": args.config, "train_subjects": args.train_subjects,
+        "settings": {"config": args.config, "demo": str(demo), "train_subjects": args.train_subjects,
                      "test_subjects": args.test_subjects, "coarse_seconds": args.coarse_seconds,
                      "fine_seconds": args.fine_seconds},
         "total_seconds": sum(steps.timings.values()),  # all steps, also of earlier interrupted runs

@@ -350,7 +350,7 @@ def soft_label_divergence(labels: tf.Tensor, logits: tf.Tensor, sigma_classes: f
     return cross_entropy - entropy
 
 
-def label_sigma_classes(config: Config, stage: str) -> float:
+def label_sigma_classes(config: Config) -> float:
     """``config.training.label_sigma_grid_voxel`` in coordinate classes: ``superresolution`` classes per voxel of
     the stage's grid (fine: volume voxels; coarse: voxels after the stride-s input convolution), so that both
     stages get targets of the same width relative to their resolution."""
@@ -384,7 +384,7 @@ def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
 
 
 def compile_for_training(model: keras.Model, config: Config, jit_compile: bool | str = False) -> keras.Model:
-    """Compile a coarse or fine model (``model.name``) with the loss and optimizer of ``config.training``.
+    """Compile a coarse or fine model with the loss and optimizer of ``config.training``.
 
     Labels are ``{"x", "y", "z"}`` int class indices (``[B, K]`` coarse, ``[B]`` fine), as produced by
     ``mdgru_keras.data.pipeline.make_dataset``.
@@ -392,7 +392,7 @@ def compile_for_training(model: keras.Model, config: Config, jit_compile: bool |
     model.compile(
         optimizer=make_optimizer(config),
         loss={
-            axis: AxisCrossEntropy(label_sigma_classes(config, model.name), name=f"{axis}_cross_entropy")
+            axis: AxisCrossEntropy(label_sigma_classes(config), name=f"{axis}_cross_entropy")
             for axis in AXES
         },
         jit_compile=jit_compile,

@@ -218,5 +218,5 @@ def test_label_sigma_is_converted_to_classes_of_each_stages_grid(tiny3):
     config = tiny3[0]
     config = config.replace(training=dataclasses.replace(config.training, label_sigma_grid_voxel=2.0))
     n = config.superresolution
-    assert N.label_sigma_classes(config, "fine") == pytest.approx(2.0 * n)  # n classes per volume voxel
-    assert N.label_sigma_classes(config, "coarse") == pytest.approx(2.0 * n)  # n classes per coarse-grid voxel
+    # n classes per voxel of either stage's grid (fine: volume voxels; coarse: voxels after the input stride)
+    assert N.label_sigma_classes(config) == pytest.approx(2.0 * n)

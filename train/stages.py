@@ -142,7 +142,7 @@ def stage_setup(stage: str, config: Config, dataset_dir: str | Path) -> StageSet
         stage=stage,
         build_model=lambda: networks.build_model(config, stage),
         per_example_loss=functools.partial(
-            per_example_loss, label_sigma_classes=networks.label_sigma_classes(config, stage)
+            per_example_loss, label_sigma_classes=networks.label_sigma_classes(config)
         ),
         train_dataset=train_dataset,
         validation_dataset=lambda: validation,
