@@ -135,6 +135,32 @@ class ExportedModel:
         self.client.close()
 
 
+N1_MODEL = "model n=1"  # key of the n = 1 export's time in EvaluationRun.seconds
+
+
+def use_n1_model(model: ExportedModel, n1_model: ExportedModel) -> None:
+    """Let a separately trained ``n = 1`` export give Table 1a's ``n = 1`` rows (as the paper's table has them)
+    instead of the rows derived from ``model`` by summing its classes per voxel.
+
+    Afterwards ``model.methods`` has no pooled decodings and ``n1_model.methods`` maps its fine decodings to the
+    ``fine n=1`` rows. Raises :class:`InputError` naming the n = 1 export if it was trained with more classes
+    per voxel or lacks some of ``model``'s landmarks.
+    """
+    n = n1_model.config.superresolution
+    if n != 1:
+        raise InputError(n1_model.version_dir, f"trained with n = {n} classes per voxel; an n = 1 model is needed")
+    missing = [name for name in model.landmark_names if name not in n1_model.landmark_names]
+    if missing:
+        raise InputError(n1_model.version_dir, f"has no landmark(s) {', '.join(missing)} of the main model")
+    if model.config.superresolution == 1:
+        raise InputError(model.version_dir, "is itself an n = 1 model: give the n = 1 model alone with --model")
+    model.methods = {key: method for key, method in model.methods.items() if not key.startswith("fine_n1_")}
+    n1_model.methods = {
+        "fine_argmax": method_name("fine", 1, parabola=False),
+        "fine_parabola": method_name("fine", 1, parabola=True),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # baselines
 
@@ -265,8 +291,11 @@ def evaluate_case(
     case: EvaluationCase,
     model: ExportedModel,
     baselines: Sequence[Callable[[Scan], dict[str, np.ndarray]]] = (),
+    n1_model: ExportedModel | None = None,
 ) -> tuple[GroundTruth, list[Prediction], dict[str, float]]:
     """Truth, the predictions of every decoding and baseline, and seconds per method, for one subject.
+
+    ``n1_model`` (prepared with :func:`use_n1_model`) adds its own ``fine n=1`` rows.
 
     Raises :class:`InputError` naming the file at fault (unreadable scan or landmark file, missing landmarks,
     a scan the model refuses, a baseline that fails on it).
@@ -291,6 +320,21 @@ def evaluate_case(
         )  # fmt: skip
         for decoding, method in model.methods.items()
     ]
+    if n1_model is not None:
+        start = time.perf_counter()
+        try:
+            n1_outputs = n1_model.decodings(volume, voxel_to_world)
+        except ServingError as error:
+            raise InputError(case.image, f"the n = 1 model refused the scan ({error})") from None
+        seconds[N1_MODEL] = time.perf_counter() - start
+        index = {str(name): k for k, name in enumerate(n1_outputs["landmark_names"])}
+        predictions += [
+            Prediction(
+                case.subject, method, {name: n1_outputs[f"{decoding}_world_mm"][index[name]] for name in names},
+                voxel_to_world,
+            )  # fmt: skip
+            for decoding, method in n1_model.methods.items()
+        ]
     scan = Scan(case.image, volume, voxel_to_world, outputs, names)
     for baseline in baselines:
         start = time.perf_counter()
@@ -308,6 +352,7 @@ def run_evaluation(
     model: ExportedModel,
     baselines: Sequence[Callable[[Scan], dict[str, np.ndarray]]] = (),
     on_case: Callable[[EvaluationCase, str | None], None] | None = None,
+    n1_model: ExportedModel | None = None,
 ) -> EvaluationRun:
     """:func:`evaluate_case` for every case; a failing case is recorded and skipped.
 
@@ -316,7 +361,7 @@ def run_evaluation(
     run = EvaluationRun()
     for case in cases:
         try:
-            truth, predictions, seconds = evaluate_case(case, model, baselines)
+            truth, predictions, seconds = evaluate_case(case, model, baselines, n1_model)
         except InputError as error:
             path = error.path if error.path is not None else str(case.image)
             run.failed.append((path, f"{error.problem} (subject {case.subject})"))

@@ -421,3 +421,62 @@ def test_a_unet_trained_for_other_landmarks_is_refused(model_base: Path, data: d
     assert result.output.strip().splitlines()[-1] == (
         f"Error: {other}: trained with another config than the export's: landmarks ['B', 'A'] (export: ['A', 'B'])"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a separately trained n = 1 model for the n = 1 rows (as in the paper's Table 1a)
+
+
+@pytest.fixture(scope="module")
+def n1_model_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[Path, Path]]:
+    directory = tmp_path_factory.mktemp("n1")
+    config = CONFIG.replace(superresolution=1)
+    runs = (save_training_run(directory / "coarse", "coarse", config, seed=15),
+            save_training_run(directory / "fine", "fine", config, seed=16))  # fmt: skip
+    export_runs(runs[0], runs[1], directory / "export", "mdgru")
+    return directory / "export" / "mdgru", runs
+
+
+def test_an_n1_model_gives_the_n1_rows(model_base: Path, n1_model_base, data: dict, tmp_path: Path) -> None:
+    n1_base, n1_runs = n1_model_base
+    out = tmp_path / "eval.json"
+    result = run("evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]), "--json", str(out),
+                 "--n1-model", str(n1_base))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["methods"] == list(ROWS)  # the same five rows, in the table's order
+    # The n = 1 rows are the n = 1 model's own answers (in-memory localizer, decoded independently here) ...
+    config = CONFIG.replace(superresolution=1)
+    localizer = TwoStageLocalizer(load_model(str(n1_runs[0] / "model.keras")),
+                                  load_model(str(n1_runs[1] / "model.keras")), config)  # fmt: skip
+    for parabola, row in ((False, "fine n=1 (argmax)"), (True, "fine n=1 + parabola")):
+        errors_mm: dict[str, list[float]] = {name: [] for name in LANDMARKS}
+        errors_voxel: dict[str, list[float]] = {name: [] for name in LANDMARKS}
+        for info in data["subjects"].values():
+            volume = read_volume(info["image"], CONFIG.spacing_mm)
+            outputs = {key: value.numpy() for key, value in localizer(tf.constant(volume.data)).items()}
+            grid_voxel = outputs["voxel_parabola" if parabola else "voxel_argmax"]
+            for k, name in enumerate(LANDMARKS):
+                predicted = geometry.voxel_to_world(grid_voxel[k], volume.voxel_to_world)
+                errors_mm[name].append(float(np.linalg.norm(predicted - info["truth"][name])))
+                errors_voxel[name].append(voxel_distance(predicted, info["truth"][name], info["affine"]))
+        assert_row(document["rows"][row], errors_mm, errors_voxel, atol=1e-3)
+    # ... and not the rows derived from the n = 2 model (other random weights give other answers).
+    result = run("evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]), "--json",
+                 str(tmp_path / "derived.json"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    derived = json.loads((tmp_path / "derived.json").read_text())
+    assert derived["rows"]["fine n=1 (argmax)"]["overall"]["mean_mm"] != pytest.approx(
+        document["rows"]["fine n=1 (argmax)"]["overall"]["mean_mm"], abs=1e-3
+    )
+    for row in ("coarse", f"fine n={N} (argmax)", f"fine n={N} + parabola"):  # the main model's rows stay
+        assert derived["rows"][row] == document["rows"][row]
+
+
+def test_an_n1_model_with_more_classes_is_refused(model_base: Path, data: dict) -> None:
+    result = run("evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]),
+                 "--n1-model", str(model_base))  # fmt: skip
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ")
+    assert last.endswith(f"trained with n = {N} classes per voxel; an n = 1 model is needed")

@@ -41,6 +41,11 @@ BASELINES = ("registration", "unet")
 @click.option("--unet-model", type=_FILE, default=None,
               help="--baseline unet: a U-Net from `mdgru-localize train-unet` (.keras), run on windows around "
               "the model's coarse estimate.")
+@click.option("--n1-model", "n1_model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None,
+              help="An export of the same landmarks trained with n = 1 class per voxel (superresolution: 1), as "
+              "in the paper's Table 1a: its fine rows become the n = 1 rows, instead of the rows derived from "
+              "--model by summing each voxel's n classes.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the registration baseline's random metric sampling.")
 def evaluate(
@@ -53,18 +58,20 @@ def evaluate(
     template: Path | None,
     template_landmarks: Path | None,
     unet_model: Path | None,
+    n1_model_dir: Path | None,
     seed: int,
 ) -> None:
     """Compare an exported model's landmarks with the ground truth of a labelled test set.
 
     For every subject of --manifest the scan goes through the export (the `decodings` signature) and each
     landmark's Euclidean error is measured in mm and in the scan's voxels. The Markdown table on standard
-    output has the rows of the paper's Table 1a that one model can give: coarse only; fine with n = 1
-    class per voxel (the model's n classes of each voxel summed), argmax and + parabola; fine with the
-    model's n, argmax and + parabola; then the baselines. Per row and per landmark: median, mean ±
-    standard deviation (population) and maximum. A subject enters only if every method answered for it,
-    so all rows cover the same subjects; a file that cannot be read, or a scan the model or a baseline
-    cannot handle, is reported on one line and skipped, and the exit status is then 1.
+    output has the rows of the paper's Table 1a: coarse only; fine with n = 1 class per voxel, argmax and +
+    parabola (from a separately trained n = 1 export given with --n1-model, else derived from --model by
+    summing the n classes of each voxel); fine with the model's n, argmax and + parabola; then the
+    baselines. Per row and per landmark: median, mean ± standard deviation (population) and maximum. A
+    subject enters only if every method answered for it, so all rows cover the same subjects; a file that
+    cannot be read, or a scan the model or a baseline cannot handle, is reported on one line and skipped,
+    and the exit status is then 1.
 
     Examples:
 
@@ -96,11 +103,16 @@ def evaluate(
         case_figures,
         read_cases,
         run_evaluation,
+        use_n1_model,
     )
 
     try:
         cases, note = read_cases(manifest, split)
         model = ExportedModel(model_dir)
+        n1_model = None
+        if n1_model_dir is not None:
+            n1_model = ExportedModel(n1_model_dir)
+            use_n1_model(model, n1_model)
         runners = []
         for name in dict.fromkeys(baselines):
             if name == "registration":
@@ -119,8 +131,10 @@ def evaluate(
                 progress.write(f"error: {error}", file=sys.stderr)
             progress.update(1)
 
-        run = run_evaluation(cases, model, runners, on_case=on_case)
+        run = run_evaluation(cases, model, runners, on_case=on_case, n1_model=n1_model)
     model.close()
+    if n1_model is not None:
+        n1_model.close()
 
     sys.stdout.flush()
     table = error_table(run.predictions, run.truths, json_path=None, stream="stdout")
