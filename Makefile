@@ -116,6 +116,6 @@ bench-accuracy: $(STAMP)
 	$(BIN)/python -m bench.bench_accuracy --demo $(DEMO) $(ACCURACY_ARGS)
 
 # What lets the fine network learn in minutes: one-hot vs soft labels, DropConnect, MD-GRU vs a plain CNN
-# (about 15 min on 2 cores, on the demo population). Writes bench/results/ablation_labels.json.
+# (about 7 min on 2 cores, on the demo population). Writes bench/results/ablation_labels.json.
 bench-ablation: $(STAMP) demo-population
 	$(BIN)/python -m bench.ablation_labels --data $(DEMO)/dataset

@@ -1,6 +1,6 @@
 """Ablation: what lets the fine MD-GRU network learn in a few hundred CPU steps (labels, DropConnect, model).
 
-Run: ``python -m bench.ablation_labels --data demo/dataset`` (``make bench-ablation``; about 15 min on 2
+Run: ``python -m bench.ablation_labels --data demo/dataset`` (``make bench-ablation``; about 7 min on 2
 cores). Writes ``bench/results/ablation_labels.json``; the summary is in ``docs/TRAINING.md``.
 
 Fine-stage training windows (the ``cpu`` preset's 32^3 crops around PMJ, from the training pipeline with its
