@@ -75,6 +75,15 @@ class Steps:
         return seconds
 
 
+def gpus() -> str:
+    """The NVIDIA GPUs ``nvidia-smi -L`` lists (``none`` without a driver or GPU)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return "; ".join(line.strip() for line in listing.splitlines() if line.strip()) or "none"
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -91,7 +100,7 @@ def machine() -> dict:
         "load_average_at_end": [round(x, 2) for x in load] if load else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "gpu": "none" if not os.environ.get("CUDA_VISIBLE_DEVICES") else os.environ["CUDA_VISIBLE_DEVICES"],
+        "gpu": gpus(),
     }
 
 

@@ -287,6 +287,37 @@ def _first_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _decode_scan(
+    model: ExportedModel,
+    label: str,
+    case: EvaluationCase,
+    volume: np.ndarray,
+    voxel_to_world: np.ndarray,
+    names: tuple[str, ...] | None = None,
+) -> tuple[dict[str, np.ndarray], tuple[str, ...], list[Prediction], float]:
+    """One export on one scan: its ``decodings`` outputs, the landmark names (``names``, else the export's own),
+    one :class:`Prediction` per row of ``model.methods`` for those landmarks, and the seconds it took.
+    :class:`InputError` naming the scan, with ``label`` naming the export, if it refuses the scan."""
+    from serving import ServingError
+
+    start = time.perf_counter()
+    try:
+        outputs = model.decodings(volume, voxel_to_world)
+    except ServingError as error:
+        raise InputError(case.image, f"{label} refused the scan ({error})") from None
+    seconds = time.perf_counter() - start
+    index = {str(name): k for k, name in enumerate(outputs["landmark_names"])}
+    names = tuple(index) if names is None else names
+    predictions = [
+        Prediction(
+            case.subject, method, {name: outputs[f"{decoding}_world_mm"][index[name]] for name in names},
+            voxel_to_world,
+        )  # fmt: skip
+        for decoding, method in model.methods.items()
+    ]
+    return outputs, names, predictions, seconds
+
+
 def evaluate_case(
     case: EvaluationCase,
     model: ExportedModel,
@@ -301,40 +332,17 @@ def evaluate_case(
     a scan the model refuses, a baseline that fails on it).
     """
     from mdgru_keras.io import read_landmarks, read_nifti_array, require_landmarks
-    from serving import ServingError
 
     truth_mm = require_landmarks(read_landmarks(case.landmarks), model.landmark_names, case.landmarks)
     volume, voxel_to_world = read_nifti_array(case.image)
-    start = time.perf_counter()
-    try:
-        outputs = model.decodings(volume, voxel_to_world)
-    except ServingError as error:
-        raise InputError(case.image, f"the model refused the scan ({error})") from None
-    seconds = {MODEL: time.perf_counter() - start}
-    names = tuple(str(name) for name in outputs["landmark_names"])
+    outputs, names, predictions, model_seconds = _decode_scan(model, "the model", case, volume, voxel_to_world)
+    seconds = {MODEL: model_seconds}
     truth = GroundTruth(case.subject, truth_mm, voxel_to_world=voxel_to_world)
-    predictions = [
-        Prediction(
-            case.subject, method, {name: outputs[f"{decoding}_world_mm"][k] for k, name in enumerate(names)},
-            voxel_to_world,
-        )  # fmt: skip
-        for decoding, method in model.methods.items()
-    ]
     if n1_model is not None:
-        start = time.perf_counter()
-        try:
-            n1_outputs = n1_model.decodings(volume, voxel_to_world)
-        except ServingError as error:
-            raise InputError(case.image, f"the n = 1 model refused the scan ({error})") from None
-        seconds[N1_MODEL] = time.perf_counter() - start
-        index = {str(name): k for k, name in enumerate(n1_outputs["landmark_names"])}
-        predictions += [
-            Prediction(
-                case.subject, method, {name: n1_outputs[f"{decoding}_world_mm"][index[name]] for name in names},
-                voxel_to_world,
-            )  # fmt: skip
-            for decoding, method in n1_model.methods.items()
-        ]
+        _, _, n1_predictions, seconds[N1_MODEL] = _decode_scan(
+            n1_model, "the n = 1 model", case, volume, voxel_to_world, names
+        )
+        predictions += n1_predictions
     scan = Scan(case.image, volume, voxel_to_world, outputs, names)
     for baseline in baselines:
         start = time.perf_counter()
