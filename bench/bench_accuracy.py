@@ -106,16 +106,15 @@ def machine() -> dict:
 
 def training_summary(run_dir: Path) -> dict:
     """Steps, epochs, seconds and final validation error of one stage's run (from its log.csv)."""
-    import csv
+    from train.callbacks import read_csv
 
-    with open(run_dir / "log.csv", newline="") as stream:
-        rows = list(csv.DictReader(stream))
+    rows = read_csv(run_dir / "log.csv")
     last = rows[-1] if rows else {}
     return {
-        "steps": int(float(last.get("step", 0) or 0)),
-        "epochs": float(last.get("epoch", 0) or 0),
-        "seconds": float(last.get("elapsed_s", 0) or 0),
-        "final_val_error_mm_mean": float(last.get("val_error_mm_mean", "nan") or "nan"),
+        "steps": int(last.get("step", 0)),
+        "epochs": last.get("epoch", 0.0),
+        "seconds": last.get("elapsed_s", 0.0),
+        "final_val_error_mm_mean": last.get("val_error_mm_mean", float("nan")),
     }
 
 
