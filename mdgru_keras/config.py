@@ -35,6 +35,9 @@ class NetworkConfig:
     dropconnect: float = 0.5
     combine: str = "sum"  # how the 2d C-GRU outputs of an MD-GRU are combined: sum or mean
     head_hidden_factor: int = 4  # first dense layer has (Cx + Cy + Cz) * factor units
+    # > 0: the first dense layer has exactly this many units instead (keeps many-landmark models small: each
+    # landmark owns a [H, Cx + Cy + Cz] output layer)
+    head_hidden_units: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ def _check_consistency(config: Config) -> None:
             problems.append(f"{stage}: network input of {size} voxels is not divisible by {reduction}")
         if not 0.0 <= net.dropconnect < 1.0:
             problems.append(f"{stage}.network.dropconnect: must be in [0, 1)")
+        if net.head_hidden_factor < 1 or net.head_hidden_units < 0:
+            problems.append(f"{stage}.network: head_hidden_factor must be >= 1 and head_hidden_units >= 0")
         if net.combine not in ("sum", "mean"):
             problems.append(f"{stage}.network.combine: must be 'sum' or 'mean'")
     if coarse.input_stride < 1 or coarse.padded_size % coarse.input_stride:

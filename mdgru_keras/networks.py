@@ -18,8 +18,9 @@ Models (the contract in ``docs/ARCHITECTURE.md``):
 
 * coarse: ``{"volume": [B, P, P, P, 2]}`` -> strided conv (stride s, filter 2s + 1) -> network ->
   ``{"x": [B, K, Cx], "y": [B, K, Cy], "z": [B, K, Cz]}`` logits (``factor = s``, window ``P``).
-* fine: ``{"window": [B, W, W, W, 2], "landmark_index": int32 [B]}`` -> network ->
-  ``{"x": [B, Cx], "y": [B, Cy], "z": [B, Cz]}`` logits of that sample's landmark (``factor = 1``, window ``W``).
+* fine: ``{"window": [B, W, W, W, 2]}`` -> network -> ``{"x": [B, K, Cx], "y": ..., "z": ...}`` logits of every
+  landmark (``factor = 1``, window ``W``); training masks the landmarks outside each window
+  (:func:`masked_localization_loss`), inference reads the landmarks each window was placed for.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def count_parameters(config: Config, stage: str) -> dict[str, int]:
     size = network_input_size(config, stage) // net.mdgru_stride ** len(net.mdgru_units)
     features = size**3 * channels
     total_classes = sum(stage_classes(config, stage))
-    hidden = total_classes * net.head_hidden_factor
+    hidden = head_hidden_units(net, total_classes)
     counts["head_hidden"] = features * hidden + hidden
     counts["head_output"] = config.num_landmarks * (hidden * total_classes + total_classes)
     counts["total"] = sum(counts.values())
@@ -191,6 +192,11 @@ def count_parameters(config: Config, stage: str) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # builders
+
+
+def head_hidden_units(net: NetworkConfig, total_classes: int) -> int:
+    """H, the shared hidden layer's width: ``net.head_hidden_units`` if set, else ``(Cx + Cy + Cz) * factor``."""
+    return net.head_hidden_units or total_classes * net.head_hidden_factor
 
 
 def localization_trunk(x: keras.KerasTensor, net: NetworkConfig, name: str) -> keras.KerasTensor:
@@ -234,25 +240,29 @@ def build_coarse_model(config: Config) -> keras.Model:
     features = localization_trunk(x, net, "coarse")
     classes = stage_classes(config, "coarse")
     heads = LandmarkHeads(
-        config.num_landmarks, classes, sum(classes) * net.head_hidden_factor, name="coarse_heads"
+        config.num_landmarks, classes, head_hidden_units(net, sum(classes)), name="coarse_heads"
     )(features)
     outputs = {axis: keras.layers.Identity(name=axis)(heads[axis]) for axis in AXES}
     return keras.Model(inputs={"volume": volume}, outputs=outputs, name="coarse")
 
 
 def build_fine_model(config: Config) -> keras.Model:
-    """Fine model: ``{"window": [B, W, W, W, 2], "landmark_index": int32 [B]}`` -> ``{"x": [B, Cx], ...}``."""
+    """Fine model: ``{"window": [B, W, W, W, 2]}`` -> ``{"x": [B, K, Cx], "y": ..., "z": ...}`` logits.
+
+    Every landmark's classifier sees every window: training masks the landmarks that lie outside a window
+    (:func:`masked_localization_loss`), so one window teaches all the landmarks inside it, and at inference
+    landmarks close together can share one window (the trunk runs once per window).
+    """
     size = config.fine.window_size
     net = config.fine.network
     window = keras.Input(shape=(size, size, size, INPUT_CHANNELS), name="window")
-    landmark_index = keras.Input(shape=(), dtype="int32", name="landmark_index")
     features = localization_trunk(window, net, "fine")
     classes = stage_classes(config, "fine")
     heads = LandmarkHeads(
-        config.num_landmarks, classes, sum(classes) * net.head_hidden_factor, name="fine_heads"
-    )(features, landmark_index)
+        config.num_landmarks, classes, head_hidden_units(net, sum(classes)), name="fine_heads"
+    )(features)
     outputs = {axis: keras.layers.Identity(name=axis)(heads[axis]) for axis in AXES}
-    return keras.Model(inputs={"window": window, "landmark_index": landmark_index}, outputs=outputs, name="fine")
+    return keras.Model(inputs={"window": window}, outputs=outputs, name="fine")
 
 
 def split_fine_model(model: keras.Model) -> tuple[keras.Model, LandmarkHeads]:
@@ -367,6 +377,30 @@ def localization_loss(
     """
     loss = AxisCrossEntropy(label_sigma_classes)
     return tf.add_n([loss(labels[axis], logits[axis]) for axis in AXES])
+
+
+def masked_localization_loss(
+    labels: dict[str, tf.Tensor], logits: dict[str, tf.Tensor], mask: tf.Tensor, label_sigma_classes: float = 0.0
+) -> tf.Tensor:
+    """Per-sample loss ``[B]`` over the landmarks present in each window.
+
+    ``labels[axis]``: int ``[B, K]``; ``logits[axis]``: ``[B, K, C]``; ``mask``: ``[B, K]``, 1 where landmark
+    ``k`` lies inside sample ``b``'s window (its label is meaningful), 0 elsewhere. The loss is
+    ``sum_k mask[b, k] * sum_axis loss(labels[axis][b, k], logits[axis][b, k])`` with the per-landmark loss of
+    :class:`AxisCrossEntropy` (one-hot cross-entropy, or the Gaussian soft-label divergence): a window with
+    several landmarks teaches each of them, and an absent landmark contributes nothing, gradient included.
+    """
+    mask = tf.cast(mask, tf.float32)
+    total = tf.zeros_like(mask)
+    for axis in AXES:
+        target = tf.cast(labels[axis], tf.int32)
+        prediction = tf.cast(logits[axis], tf.float32)
+        if label_sigma_classes > 0:
+            total += soft_label_divergence(target, prediction, label_sigma_classes)
+        else:
+            total += tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=prediction)
+    # where() rather than a product: a label far outside the window must not turn 0 * inf into NaN
+    return tf.reduce_sum(tf.where(mask > 0, total * mask, 0.0), axis=-1)
 
 
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:

@@ -35,9 +35,7 @@ def test_paper_models_have_the_papers_shapes_and_parameter_counts(stage, landmar
         if stage == "coarse":
             assert model.get_layer("coarse_input_conv").output.shape == (None, 64, 64, 64, 16)
             assert model.get_layer("coarse_input_conv").kernel.shape == (9, 9, 9, 2, 16)
-            expected = {axis: (None, landmarks, classes) for axis in "xyz"}
-        else:
-            expected = {axis: (None, classes) for axis in "xyz"}
+        expected = {axis: (None, landmarks, classes) for axis in "xyz"}
         assert {name: tuple(t.shape) for name, t in zip("xyz", model.outputs)} == expected
         heads = model.get_layer(f"{stage}_heads")
         assert tuple(heads.hidden_kernel.shape) == (8**3 * 192, 3 * classes * 4)  # the 302 M-weight layer
@@ -85,14 +83,13 @@ def test_forward_shapes_and_head_selection(tiny3, rng):
     assert {k: tuple(v.shape) for k, v in out.items()} == {a: (2, 3, c_coarse) for a in "xyz"}
     windows = rng.normal(size=(3, w, w, w, 2)).astype("float32")
     index = np.array([2, 0, 1], np.int32)
-    out = fine({"window": windows, "landmark_index": index})
+    every = fine({"window": windows})
+    assert {k: tuple(v.shape) for k, v in every.items()} == {a: (3, 3, c_fine) for a in "xyz"}
+    # The split trunk + heads (how the localizer reads one landmark per window): sample b with landmark
+    # index[b]'s output layer is the same as evaluating all landmarks and picking that one.
+    trunk, heads = N.split_fine_model(fine)
+    out = heads(trunk(windows), index)
     assert {k: tuple(v.shape) for k, v in out.items()} == {a: (3, c_fine) for a in "xyz"}
-    # Sample b uses landmark index[b]'s output layer: same as evaluating all landmarks and picking that one.
-    heads = fine.get_layer("fine_heads")
-    features = keras.Model(fine.inputs, fine.get_layer("fine_flatten").output)(
-        {"window": windows, "landmark_index": index}
-    )
-    every = heads(features)
     for axis in "xyz":
         np.testing.assert_allclose(out[axis].numpy(), every[axis].numpy()[np.arange(3), index], rtol=1e-5, atol=1e-5)
         # different landmarks really give different outputs
@@ -122,7 +119,7 @@ def test_initialization_follows_the_paper(tiny3):
 def test_dropconnect_only_while_training(tiny3, rng):
     config, _, fine = tiny3
     w = config.fine.window_size
-    inputs = {"window": rng.normal(size=(1, w, w, w, 2)).astype("float32"), "landmark_index": np.zeros(1, np.int32)}
+    inputs = {"window": rng.normal(size=(1, w, w, w, 2)).astype("float32")}
     a, b = fine(inputs, training=False)["x"].numpy(), fine(inputs, training=False)["x"].numpy()
     np.testing.assert_array_equal(a, b)
     c, d = fine(inputs, training=True)["x"].numpy(), fine(inputs, training=True)["x"].numpy()
@@ -162,7 +159,7 @@ def test_compile_uses_the_configured_optimizer():
 def test_models_save_and_load_as_keras_files(tiny3, tmp_path, rng):
     config, coarse, fine = tiny3
     w = config.fine.window_size
-    inputs = {"window": rng.normal(size=(2, w, w, w, 2)).astype("float32"), "landmark_index": np.array([1, 2])}
+    inputs = {"window": rng.normal(size=(2, w, w, w, 2)).astype("float32")}
     path = tmp_path / "fine.keras"
     fine.save(path)
     loaded = N.load_model(str(path))
@@ -220,3 +217,35 @@ def test_label_sigma_is_converted_to_classes_of_each_stages_grid(tiny3):
     n = config.superresolution
     # n classes per voxel of either stage's grid (fine: volume voxels; coarse: voxels after the input stride)
     assert N.label_sigma_classes(config) == pytest.approx(2.0 * n)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_masked_loss_matches_an_independent_numpy_computation(rng, sigma):
+    """Per sample: sum over the landmarks inside the window (mask 1) of the three per-axis losses; landmarks
+    outside contribute nothing, not even through their (clipped, meaningless) labels."""
+    batch, landmarks, classes = 3, 4, 10
+    logits = {a: rng.normal(size=(batch, landmarks, classes)).astype("float32") * 3 for a in "xyz"}
+    labels = {a: rng.integers(0, classes, size=(batch, landmarks)).astype("int32") for a in "xyz"}
+    mask = np.array([[1, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]], np.float32)
+
+    def numpy_loss(label, logit):
+        log_p = logit - logit.max() - np.log(np.exp(logit - logit.max()).sum())
+        if sigma == 0:
+            return -log_p[label]
+        target = np.exp(-0.5 * ((np.arange(classes) - label) / (sigma * 1.0)) ** 2)
+        target /= target.sum()
+        return float(np.sum(target * (np.log(np.maximum(target, 1e-30)) - log_p)))
+
+    expected = np.zeros(batch)
+    for b in range(batch):
+        for k in range(landmarks):
+            if mask[b, k]:
+                expected[b] += sum(numpy_loss(labels[a][b, k], logits[a][b, k].astype(np.float64)) for a in "xyz")
+    got = N.masked_localization_loss(labels, logits, mask, sigma).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # an absent landmark gets no gradient
+    variables = {a: tf.Variable(logits[a]) for a in "xyz"}
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(N.masked_localization_loss(labels, variables, mask, sigma))
+    gradient = tape.gradient(loss, variables["x"]).numpy()
+    assert np.all(gradient[mask == 0] == 0) and np.all(np.abs(gradient[mask == 1]).sum(-1) > 0)

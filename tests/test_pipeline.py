@@ -128,9 +128,16 @@ def test_fine_crop_contains_landmark_at_its_window_voxel(landmark_fraction, seed
     # anywhere, but with the whole blob inside the volume (a cut blob has a shifted centroid)
     landmark = 4.0 + np.array(landmark_fraction) * (np.array(shape) - 9)
     volume = _blob_volume(shape, landmark)[..., None]
-    crop, window_voxel = fine_crop(tf.constant(volume), tf.constant(landmark, tf.float32),
-                                   tf.constant([seed, 2], tf.int64), config)
-    crop, window_voxel = crop.numpy(), window_voxel.numpy()
+    # a second landmark 3 voxels away moves with the window exactly like the first
+    landmarks = np.stack([landmark, landmark + 3.0])
+    crop, all_window_voxel = fine_crop(tf.constant(volume), tf.constant(landmarks, tf.float32), tf.constant(0),
+                                       tf.constant([seed, 2], tf.int64), config)
+    crop, all_window_voxel = crop.numpy(), all_window_voxel.numpy()
+    window_voxel = all_window_voxel[0]
+    if mode != "rotate":
+        np.testing.assert_allclose(all_window_voxel[1] - window_voxel, 3.0, atol=1e-4)
+    else:  # rotated and scaled by at most 15 degrees / 15 %: still about 3 * sqrt(3) voxels away
+        assert 3.5 < np.linalg.norm(all_window_voxel[1] - window_voxel) < 7.0
     size = config.fine.window_size
     assert crop.shape == (size, size, size, 1)
     assert np.all(window_voxel >= FINE_MARGIN_VOXEL) and np.all(window_voxel <= size - 1 - FINE_MARGIN_VOXEL)
@@ -149,8 +156,9 @@ def test_subvoxel_shift_reaches_every_class():
         config = _config(subvoxel=subvoxel)
         classes = set()
         for seed in range(60):
-            _, window_voxel = fine_crop(volume, landmark, tf.constant([seed, 0], tf.int64), config)
-            classes.add(int(geometry.window_voxel_to_class(window_voxel.numpy()[0], 16, n)) % n)
+            _, window_voxel = fine_crop(volume, landmark[None], tf.constant(0), tf.constant([seed, 0], tf.int64),
+                                        config)
+            classes.add(int(geometry.window_voxel_to_class(window_voxel.numpy()[0, 0], 16, n)) % n)
         assert len(classes) == expected
 
 
@@ -189,10 +197,11 @@ def test_element_structure_follows_the_contract(dataset):
     assert {k: (v.shape, v.dtype) for k, v in labels.items()} == {a: ((batch, 2), tf.int32) for a in "xyz"}
     fine = make_dataset(dataset.path, "train", "fine", config, seed=0, with_metadata=True)
     inputs, labels, metadata = fine.element_spec
-    assert inputs["window"].shape == (batch, w, w, w, 2)
-    assert inputs["landmark_index"].shape == (batch,) and inputs["landmark_index"].dtype == tf.int32
-    assert {k: (v.shape, v.dtype) for k, v in labels.items()} == {a: ((batch,), tf.int32) for a in "xyz"}
-    assert metadata["window_voxel"].shape == (batch, 3) and metadata["subject"].dtype == tf.string
+    assert set(inputs) == {"window"} and inputs["window"].shape == (batch, w, w, w, 2)
+    expected = {a: ((batch, 2), tf.int32) for a in "xyz"} | {"mask": ((batch, 2), tf.float32)}
+    assert {k: (v.shape, v.dtype) for k, v in labels.items()} == expected
+    assert metadata["landmark_index"].shape == (batch,) and metadata["landmark_index"].dtype == tf.int32
+    assert metadata["window_voxel"].shape == (batch, 2, 3) and metadata["subject"].dtype == tf.string
     unbatched = make_dataset(dataset.path, "train", "coarse", config, seed=0, batch=False, with_metadata=True)
     assert unbatched.element_spec[2]["window_voxel"].shape == (2, 3)
 
@@ -206,19 +215,22 @@ def test_samples_show_their_landmarks_where_the_labels_say(dataset, stage):
     for inputs, labels, metadata in ds.take(12):
         window_voxel = metadata["window_voxel"].numpy()
         labels = {a: v.numpy() for a, v in labels.items()}
-        _assert_labels_decode_to(labels, window_voxel, config.superresolution, factor)
         subject = dataset.subjects[metadata["subject"].numpy().decode()]
         if stage == "coarse":
             crop = inputs["volume"].numpy()
             points = window_voxel  # landmark order of the config: B, A
-            expected_count = 2
+            _assert_labels_decode_to(labels, window_voxel, config.superresolution, factor)
         else:
             crop = inputs["window"].numpy()
-            points = window_voxel[None]
-            expected_count = 1
-            k = int(inputs["landmark_index"].numpy())
-            assert 0 <= k < 2
-        assert points.shape == (expected_count, 3)
+            k = int(metadata["landmark_index"].numpy())
+            size = crop.shape[0]
+            # the mask is exactly "inside the window by the margin", and always holds the window's own landmark
+            inside = np.all((window_voxel >= FINE_MARGIN_VOXEL) & (window_voxel <= size - 1 - FINE_MARGIN_VOXEL), -1)
+            inside[k] = True
+            np.testing.assert_array_equal(labels["mask"], inside.astype(np.float32))
+            points = window_voxel[inside]
+            _assert_labels_decode_to({a: labels[a][inside] for a in "xyz"}, points, config.superresolution, factor)
+        assert points.shape[1:] == (3,) and len(points) >= 1
         size = crop.shape[0]
         for point in points:
             assert np.all(point >= 0) and np.all(point <= size - 1)
@@ -236,11 +248,12 @@ def test_landmark_order_follows_the_config(dataset):
         window_voxel = metadata["window_voxel"].numpy()
         np.testing.assert_allclose(window_voxel[0] - window_voxel[1], landmarks[1] - landmarks[0], atol=1e-4)
     fine = make_dataset(dataset.path, "train", "fine", config, seed=3, batch=False, with_metadata=True)
-    for inputs, _, metadata in fine.take(8):
+    for _, _, metadata in fine.take(8):
         landmarks = dataset.subjects[metadata["subject"].numpy().decode()].landmarks_voxel
-        name = config.landmarks[int(inputs["landmark_index"])]
+        k = int(metadata["landmark_index"])
+        name = config.landmarks[k]
         # integer offsets: the window coordinate keeps the fractional part of that landmark's voxel coordinate
-        _assert_same_fraction(metadata["window_voxel"].numpy(), landmarks[dataset_index[name]])
+        _assert_same_fraction(metadata["window_voxel"].numpy()[k], landmarks[dataset_index[name]])
 
 
 def test_deterministic_with_a_seed(dataset):

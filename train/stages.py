@@ -101,9 +101,13 @@ def per_example_loss(
 ) -> tf.Tensor:
     """The paper's loss per sample ``[B]``: :class:`mdgru_keras.networks.AxisCrossEntropy` (summed over
     landmarks) of every axis, summed over the axes; the loop divides by the global batch size. With
-    ``label_sigma_classes > 0``, its Gaussian soft-label form."""
-    from mdgru_keras.networks import AXES, AxisCrossEntropy
+    ``label_sigma_classes > 0``, its Gaussian soft-label form. Labels with a ``"mask"`` ``[B, K]`` (fine
+    windows) count only the landmarks inside each window (:func:`mdgru_keras.networks.masked_localization_loss`).
+    """
+    from mdgru_keras.networks import AXES, AxisCrossEntropy, masked_localization_loss
 
+    if "mask" in labels:
+        return masked_localization_loss(labels, logits, labels["mask"], label_sigma_classes)
     loss = AxisCrossEntropy(label_sigma_classes, reduction=None)
     return tf.add_n([loss(labels[axis], logits[axis]) for axis in AXES])
 
@@ -136,7 +140,12 @@ def stage_setup(stage: str, config: Config, dataset_dir: str | Path) -> StageSet
 
     def stage_errors(logits, metadata) -> np.ndarray:
         predicted = decode_window_voxel(logits, config, stage).numpy()
-        return errors_mm(predicted, metadata["window_voxel"].numpy(), metadata["subject"].numpy(), affines)
+        truth = metadata["window_voxel"].numpy()
+        if stage == "fine":  # the landmark each validation window was placed for (others may lie outside)
+            rows = np.arange(truth.shape[0])
+            index = metadata["landmark_index"].numpy()
+            predicted, truth = predicted[rows, index], truth[rows, index]
+        return errors_mm(predicted, truth, metadata["subject"].numpy(), affines)
 
     return StageSetup(
         stage=stage,

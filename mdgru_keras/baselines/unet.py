@@ -190,13 +190,17 @@ def heatmap_example(
 ) -> tuple[dict, tf.Tensor]:
     """``tf.data`` map: fine-pipeline element → ``(inputs, heatmap)``, batched or not.
 
-    ``metadata["window_voxel"]`` (``[3]`` or ``[B, 3]``) is the landmark's continuous position in the window;
+    ``metadata["window_voxel"][landmark_index]`` (``[3]`` or ``[B, 3]``) is the window's own landmark's
+    continuous position in it (``metadata["landmark_index"]``: the landmark the window was placed for);
     the heatmap (``[W, W, W]`` or ``[B, W, W, W]``) is a Gaussian there. ``labels`` (the MD-GRU's coordinate
     classes) are not used.
     """
     del labels
-    heatmap = gaussian_heatmap_tf(metadata["window_voxel"], window_size, unet.sigma_voxel, unet.heatmap_amplitude)
-    return {"window": inputs["window"], "landmark_index": inputs["landmark_index"]}, heatmap
+    index = tf.cast(metadata["landmark_index"], tf.int32)
+    # the window's own landmark: window_voxel is [K, 3] (or [B, K, 3]) for all landmarks
+    window_voxel = tf.gather(metadata["window_voxel"], index, batch_dims=index.shape.rank)
+    heatmap = gaussian_heatmap_tf(window_voxel, window_size, unet.sigma_voxel, unet.heatmap_amplitude)
+    return {"window": inputs["window"], "landmark_index": index}, heatmap
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ volume -> intensity scale/shift -> one crop:
 * ``coarse``: a ``P = config.coarse.padded_size`` region centred on the volume plus a uniform random integer
   offset of up to ``config.coarse.offset_range_voxel`` per axis, restricted so that all landmarks stay at
   least :data:`COARSE_MARGIN_VOXEL` inside; zero-padded outside the volume.
-* ``fine``: a ``W = config.fine.window_size`` window holding landmark ``k`` (uniform) at a uniform random
+* ``fine``: a ``W = config.fine.window_size`` window placed for landmark ``k`` (uniform), labelled for every
+  landmark inside it (a mask marks which), with landmark ``k`` at a uniform random
   position at least :data:`FINE_MARGIN_VOXEL` from the border; with ``augmentation.subvoxel_shift`` that
   position is continuous (trilinear resampling) so that training sees every coordinate class, not only the
   class of the landmark's own fractional position.
@@ -119,11 +120,14 @@ def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
     return _compiled_window_sampler((size,) * 3)(inputs, linear, offset), window_voxel
 
 
-def fine_crop(inputs: tf.Tensor, landmark_voxel: tf.Tensor, seed: tf.Tensor,
+def fine_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, k: tf.Tensor, seed: tf.Tensor,
               config: Config) -> tuple[tf.Tensor, tf.Tensor]:
-    """A random fine window ``[W, W, W, C]`` holding ``landmark_voxel`` ``[3]``, and its window coordinates."""
+    """A random fine window ``[W, W, W, C]`` holding landmark ``k`` of ``landmarks_voxel`` ``[K, 3]`` at a random
+    position, and the window coordinates of *all* K landmarks ``[K, 3]`` (those of the others may lie outside:
+    :func:`fine_landmark_mask`)."""
     size = config.fine.window_size
     margin = FINE_MARGIN_VOXEL
+    landmark_voxel = landmarks_voxel[k]
     position_seed, linear_seed = augment.split_seed(seed, 2)
     aug = config.augmentation
     if aug.subvoxel_shift:
@@ -137,11 +141,21 @@ def fine_crop(inputs: tf.Tensor, landmark_voxel: tf.Tensor, seed: tf.Tensor,
         if aug.subvoxel_shift:
             window = geometry.crop_with_shift_tf(inputs, origin, (size,) * 3)
         else:
-            window = geometry.crop_with_padding_tf(inputs, tf.cast(tf.round(origin), tf.int32), (size,) * 3)
-        return window, window_voxel
+            origin = tf.round(origin)
+            window = geometry.crop_with_padding_tf(inputs, tf.cast(origin, tf.int32), (size,) * 3)
+        return window, landmarks_voxel - origin[None, :]
     linear = augment.random_linear_map(linear_seed, aug)
     offset = landmark_voxel - tf.linalg.matvec(linear, window_voxel)
-    return geometry.sample_window_affine_tf(inputs, linear, offset, (size,) * 3), window_voxel
+    all_window_voxel = geometry.volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
+    return geometry.sample_window_affine_tf(inputs, linear, offset, (size,) * 3), all_window_voxel
+
+
+def fine_landmark_mask(window_voxel: tf.Tensor, window_size: int) -> tf.Tensor:
+    """float32 ``[..., K]``: 1 where a landmark's window coordinates ``[..., K, 3]`` lie at least
+    :data:`FINE_MARGIN_VOXEL` inside the window on every axis (the range the sampled landmark is drawn from, so
+    every trained position is one the network also sees as the window's own landmark), 0 elsewhere."""
+    inside = (window_voxel >= FINE_MARGIN_VOXEL) & (window_voxel <= window_size - 1 - FINE_MARGIN_VOXEL)
+    return tf.cast(tf.reduce_all(inside, axis=-1), tf.float32)
 
 
 def _axis_labels(window_voxel: tf.Tensor, size: int, superresolution: int, factor: int) -> dict[str, tf.Tensor]:
@@ -168,11 +182,17 @@ def make_sample_fn(config: Config, stage: str, spacing_mm: float, landmark_indic
             labels = _axis_labels(window_voxel, size, config.superresolution, config.coarse.input_stride)
             features = {"volume": crop}
         else:
+            # the window is placed for landmark k (uniform over landmarks) and trains every landmark inside it
             k = augment.uniform_int(landmark_seed, tf.constant(0), tf.constant(num_landmarks - 1))
-            crop, window_voxel = fine_crop(inputs, landmarks_voxel[k], crop_seed, config)
+            crop, window_voxel = fine_crop(inputs, landmarks_voxel, k, crop_seed, config)
             size = config.fine.window_size
             labels = _axis_labels(window_voxel, size, config.superresolution, 1)
-            features = {"window": crop, "landmark_index": k}
+            mask = fine_landmark_mask(window_voxel, size)
+            labels["mask"] = tf.tensor_scatter_nd_update(mask, [[k]], [1.0])  # k itself: always (float rounding)
+            features = {"window": crop}
+            if with_metadata:
+                return features, labels, {"window_voxel": window_voxel, "subject": subject, "landmark_index": k}
+            return features, labels
         if with_metadata:
             return features, labels, {"window_voxel": window_voxel, "subject": subject}
         return features, labels
@@ -219,8 +239,10 @@ def make_dataset(
     """Random training crops from a prepared dataset (``mdgru-localize prepare``).
 
     Elements (before batching): coarse ``({"volume": [P,P,P,2]}, {"x","y","z": int32 [K]})``, fine
-    ``({"window": [W,W,W,2], "landmark_index": int32 []}, {"x","y","z": int32 []})``; with ``with_metadata``
-    a third ``{"window_voxel": float32 [K,3] or [3], "subject": string}``. ``batch=True`` batches
+    ``({"window": [W,W,W,2]}, {"x","y","z": int32 [K], "mask": float32 [K]})`` (the window is placed for one
+    landmark, drawn uniformly, and ``mask`` marks every landmark inside it: :func:`fine_landmark_mask`); with
+    ``with_metadata`` a third ``{"window_voxel": float32 [K,3], "subject": string}``, for fine samples also
+    ``"landmark_index": int32 []``, the landmark the window was placed for. ``batch=True`` batches
     ``config.training.batch_size`` (whole batches only when repeating).
 
     Sample ``i`` (counted from the start of the iteration) uses stateless random ops keyed by
