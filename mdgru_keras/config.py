@@ -46,6 +46,9 @@ class CoarseConfig:
     input_stride: int = 4  # stride of the first convolution; its filter is 2 * stride + 1
     input_channels: int = 16
     offset_range_voxel: int = 100  # training crops: uniform random offset of the region's centre
+    # where the region is centred: "volume" (the volume's centre, the paper) or "mass" (the head's intensity
+    # centroid: follows heads placed off-centre in their field of view, e.g. scans that reach the neck)
+    centre: str = "volume"
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
@@ -154,6 +157,8 @@ def _check_consistency(config: Config) -> None:
             problems.append(f"{stage}.network: head_hidden_factor must be >= 1 and head_hidden_units >= 0")
         if net.combine not in ("sum", "mean"):
             problems.append(f"{stage}.network.combine: must be 'sum' or 'mean'")
+    if coarse.centre not in ("volume", "mass"):
+        problems.append(f"coarse.centre: 'volume' or 'mass', got {coarse.centre!r}")
     if coarse.input_stride < 1 or coarse.padded_size % coarse.input_stride:
         problems.append("coarse.padded_size must be a multiple of coarse.input_stride")
     if fine.window_size > coarse.padded_size:

@@ -280,17 +280,44 @@ def centered_window_origin_tf(volume_shape: tf.Tensor, window_size: int | tf.Ten
     return (tf.cast(volume_shape, tf.int32) - tf.cast(window_size, tf.int32)) // 2
 
 
+def mass_centred_window_origin_tf(normalized_volume: tf.Tensor, window_size: int) -> tf.Tensor:
+    """int32 ``[3]`` origin of a ``window_size^3`` window centred on the intensity centroid of the head.
+
+    ``normalized_volume`` ``[X, Y, Z]`` is z-normalized (:func:`mdgru_keras.preprocessing.preprocess`'s first
+    channel): voxels brighter than the volume's mean (tissue, not air) weigh by how much brighter. Unlike the
+    volume's centre, this follows the head when a field of view reaches the neck or is placed off-centre. A
+    volume with no such voxel falls back to :func:`centered_window_origin_tf`.
+    """
+    volume = tf.convert_to_tensor(normalized_volume, tf.float32)
+    weights = tf.nn.relu(volume)
+    total = tf.reduce_sum(weights)
+    shape = tf.shape(volume)
+    centroid = []
+    for axis in range(3):
+        others = [a for a in range(3) if a != axis]
+        profile = tf.reduce_sum(weights, axis=others)  # [n]
+        position = tf.cast(tf.range(shape[axis]), tf.float32)
+        centroid.append(tf.reduce_sum(profile * position) / tf.maximum(total, 1e-12))
+    origin = tf.cast(tf.round(tf.stack(centroid) - (window_size - 1) / 2.0), tf.int32)
+    return tf.where(total > 0, origin, centered_window_origin_tf(shape, window_size))
+
+
 def window_origin_bounds_tf(
-    volume_shape: tf.Tensor, landmarks_voxel: tf.Tensor, window_size: int, offset_range_voxel: int, margin_voxel: int
+    volume_shape: tf.Tensor, landmarks_voxel: tf.Tensor, window_size: int, offset_range_voxel: int, margin_voxel: int,
+    centre_origin: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Inclusive integer bounds ``(low, high)`` ``[3]`` for the origin of a training window.
 
     The origin is the centred origin (:func:`centered_window_origin`) plus at most ``offset_range_voxel`` per
     axis, restricted so that every landmark ``[K, 3]`` lies in ``[margin, window_size - 1 - margin]`` window
     voxels. Where both cannot hold (landmarks spread wider than the window), the bounds collapse to the
-    middle of the landmark-derived range, which keeps the landmarks as central as possible.
+    middle of the landmark-derived range, which keeps the landmarks as central as possible. ``centre_origin``
+    replaces the centred origin (e.g. :func:`mass_centred_window_origin_tf`).
     """
-    centre = centered_window_origin_tf(volume_shape, window_size)
+    if centre_origin is None:
+        centre = centered_window_origin_tf(volume_shape, window_size)
+    else:
+        centre = tf.cast(centre_origin, tf.int32)
     landmarks = tf.cast(landmarks_voxel, tf.float32)
     need_low = tf.cast(tf.math.ceil(tf.reduce_max(landmarks, axis=0) - (window_size - 1 - margin_voxel)), tf.int32)
     need_high = tf.cast(tf.floor(tf.reduce_min(landmarks, axis=0) - margin_voxel), tf.int32)

@@ -5,7 +5,8 @@ already at ``config.spacing_mm``) to the voxel coordinates of the config's K lan
 
 1. preprocess: ``[X, Y, Z, 2]`` (volume and its high-pass, each z-normalized over the whole volume).
 2. coarse: the central ``P^3`` region (``P = config.coarse.padded_size``; zero-padded where the volume is
-   smaller, the central part where it is larger: ``geometry.centered_window_origin``) -> coarse model ->
+   smaller, the central part where it is larger: ``geometry.centered_window_origin``, or centred on the
+   head's intensity centroid with ``coarse.centre: mass``) -> coarse model ->
    per-axis softmax -> ``geometry.decode_axis_tf`` with ``factor = config.coarse.input_stride`` -> coarse voxel.
 3. fine: one ``W^3`` window per landmark, centred on its coarse voxel (``geometry.window_origin_around_tf``,
    zero-padded outside the volume), all K windows as one batch (in chunks of ``fine_batch_size``) ->
@@ -34,6 +35,7 @@ import tensorflow as tf
 
 from mdgru_keras import geometry
 from mdgru_keras.config import Config
+from mdgru_keras.data.pipeline import coarse_centre_origin
 from mdgru_keras.networks import AXES, split_fine_model
 from mdgru_keras.preprocessing import preprocess
 
@@ -137,7 +139,7 @@ class TwoStageLocalizer(tf.Module):
     def _coarse_stage(self, features: tf.Tensor) -> dict[str, tf.Tensor]:
         config = self.config
         size, stride = config.coarse.padded_size, config.coarse.input_stride
-        origin = geometry.centered_window_origin_tf(tf.shape(features)[:3], size)
+        origin = coarse_centre_origin(features, config)
         region = geometry.crop_with_padding_tf(features, origin, (size, size, size))
         logits = self.coarse_model({"volume": region[None]}, training=False)
         probabilities = {axis: tf.nn.softmax(logits[axis][0], axis=-1) for axis in AXES}  # [K, Cc]

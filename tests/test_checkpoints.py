@@ -112,9 +112,9 @@ def test_data_position_restarts_the_same_sample_sequence(population, start_index
     for (inputs_a, labels_a, meta_a), (inputs_b, labels_b, meta_b) in zip(from_start, restarted, strict=True):
         assert meta_a["subject"] == meta_b["subject"]
         np.testing.assert_array_equal(inputs_a["window"], inputs_b["window"])
-        assert inputs_a["landmark_index"] == inputs_b["landmark_index"]
-        for axis in "xyz":
-            assert labels_a[axis] == labels_b[axis]
+        assert meta_a["landmark_index"] == meta_b["landmark_index"]
+        for axis in (*"xyz", "mask"):
+            np.testing.assert_array_equal(labels_a[axis], labels_b[axis])
         np.testing.assert_array_equal(meta_a["window_voxel"], meta_b["window_voxel"])
 
 

@@ -55,8 +55,9 @@ def test_outputs_follow_from_the_probabilities_by_the_geometry_rules(tiny3, shap
     # the fine windows really are those crops of the preprocessed volume
     features = preprocess(volume, config.spacing_mm, config.highpass_sigma_mm).numpy()
     windows = np.stack([G.crop_with_padding(features, o, (config.fine.window_size,) * 3) for o in origins])
-    logits = fine({"window": windows, "landmark_index": np.arange(3, dtype=np.int32)})
-    np.testing.assert_allclose(out["probabilities_x"], tf.nn.softmax(logits["x"]).numpy(), atol=1e-5)
+    logits = fine({"window": windows})  # [3 windows, 3 landmarks, C]: window k was placed for landmark k
+    own = tf.nn.softmax(logits["x"]).numpy()[np.arange(3), np.arange(3)]
+    np.testing.assert_allclose(out["probabilities_x"], own, atol=1e-5)
 
 
 def test_chunked_fine_batches_and_coarse_signature_agree_with_the_full_call(tiny3, rng):
@@ -83,8 +84,8 @@ def test_shared_windows_run_the_trunk_once_per_window(tiny3, rng):
     origin = out["window_origin_voxel"].numpy()
     np.testing.assert_array_equal(origin, np.repeat(origin[:1], 3, axis=0))
     window = G.crop_with_padding(features, origin[0], (size,) * 3)
-    logits = fine({"window": np.repeat(window[None], 3, axis=0), "landmark_index": np.arange(3, dtype=np.int32)})
-    np.testing.assert_allclose(out["probabilities_y"].numpy(), tf.nn.softmax(logits["y"]).numpy(), atol=1e-5)
+    logits = fine({"window": window[None]})  # one window, all three landmarks read from it
+    np.testing.assert_allclose(out["probabilities_y"].numpy(), tf.nn.softmax(logits["y"]).numpy()[0], atol=1e-5)
     # far apart: one window each, exactly the unshared (paper) windows and results
     far = np.array([[5.0, 5, 5], [30, 8, 20], [10, 30, 25]], np.float32)
     out, unshared = shared.fine(volume, far), localizer.fine(volume, far)
@@ -163,8 +164,7 @@ def test_tiny_preset_learns_to_localize_blobs_to_below_one_voxel():
             windows.append(G.crop_with_padding(inputs[i], origin, (window,) * 3))
             classes.append(G.window_voxel_to_class(centres[i] - origin, window, n, 1))
         classes = np.array(classes, np.int32)
-        index = np.zeros(batch, np.int32)
-        return {"window": np.stack(windows), "landmark_index": index}, {a: classes[:, j] for j, a in enumerate("xyz")}
+        return {"window": np.stack(windows)}, {a: classes[:, None, j] for j, a in enumerate("xyz")}
 
     start, cpu_start = time.perf_counter(), time.process_time()
     coarse = N.compile_for_training(N.build_coarse_model(config), config)

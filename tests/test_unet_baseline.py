@@ -58,9 +58,13 @@ def test_heatmap_target_peaks_at_window_voxel(window_voxel, sigma):
 def test_heatmap_example_maps_a_batched_fine_element():
     unet = UNetConfig(sigma_voxel=2.0, heatmap_amplitude=3.0)
     window_voxel = np.array([[7.3, 8.6, 6.5], [5.0, 10.2, 9.9]], np.float32)
-    inputs = {"window": tf.zeros([2, W, W, W, 2]), "landmark_index": tf.constant([0, 1])}
-    labels = {axis: tf.zeros([2], tf.int32) for axis in "xyz"}
-    metadata = {"window_voxel": tf.constant(window_voxel), "subject": tf.constant(["a", "b"])}
+    # all landmarks' positions [B, K, 3]; each window's own landmark (index 0, then 1) is on the diagonal
+    all_window_voxel = np.full((2, 2, 3), 99.0, np.float32)  # the other landmark: far outside, must be ignored
+    all_window_voxel[0, 0], all_window_voxel[1, 1] = window_voxel
+    inputs = {"window": tf.zeros([2, W, W, W, 2])}
+    labels = {axis: tf.zeros([2, 2], tf.int32) for axis in "xyz"}
+    metadata = {"window_voxel": tf.constant(all_window_voxel), "subject": tf.constant(["a", "b"]),
+                "landmark_index": tf.constant([0, 1])}
     dataset = tf.data.Dataset.from_tensors((inputs, labels, metadata)).map(
         lambda i, lab, m: heatmap_example(i, lab, m, window_size=W, unet=unet)
     )

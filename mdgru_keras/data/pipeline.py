@@ -95,6 +95,14 @@ def _compiled_window_sampler(window_size: tuple[int, int, int]):
     )
 
 
+def coarse_centre_origin(inputs: tf.Tensor, config: Config) -> tf.Tensor:
+    """The origin ``[3]`` of the coarse region before any offset, as inference places it (``coarse.centre``)."""
+    size = config.coarse.padded_size
+    if config.coarse.centre == "mass":
+        return geometry.mass_centred_window_origin_tf(inputs[..., 0], size)
+    return geometry.centered_window_origin_tf(tf.shape(inputs)[:3], size)
+
+
 def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
                 config: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """A random coarse region ``[P, P, P, C]`` of a preprocessed volume and the landmarks in it ``[K, 3]``."""
@@ -102,7 +110,8 @@ def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
     margin = _coarse_margin(config)
     origin_seed, linear_seed = augment.split_seed(seed, 2)
     low, high = geometry.window_origin_bounds_tf(
-        tf.shape(inputs)[:3], landmarks_voxel, size, config.coarse.offset_range_voxel, margin
+        tf.shape(inputs)[:3], landmarks_voxel, size, config.coarse.offset_range_voxel, margin,
+        centre_origin=coarse_centre_origin(inputs, config),
     )
     origin = augment.uniform_int(origin_seed, low, high)
     if not augment.has_spatial_augmentation(config.augmentation):

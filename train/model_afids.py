@@ -1,0 +1,105 @@
+"""``make model-afids``: train the shipped 32-AFIDs model from scratch, resumably, bounded by steps.
+
+Every step writes its result atomically and is skipped when its result exists, so the same command continues
+after any interruption (a killed training resumes from its newest checkpoint):
+
+1. demo data: the MNI152NLin2009cAsym T1w/T2w templates with the 32 AFIDs (``mdgru-localize demo-data``);
+2. a synthetic training population from them (``mdgru-localize synth``, seed :data:`TRAIN_SEED`);
+3. TFRecords (``mdgru-localize prepare``);
+4. the coarse stage, then the fine stage (``configs/afids.yaml``; :data:`COARSE_EPOCHS` and :data:`FINE_EPOCHS`
+   epochs of a fixed number of steps: every machine makes the same model, a slower one takes longer);
+5. one SavedModel (``mdgru-localize export``);
+6. installed as the package's pretrained model (:mod:`mdgru_keras.pretrained`): the SavedModel's files plus a
+   manifest of their SHA-256, replaced in one step.
+
+Run it as ``make model-afids`` or ``python -m train.model_afids --work runs/model-afids``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "afids.yaml"
+TRAIN_SUBJECTS = 88  # 80 training and 8 validation subjects
+TRAIN_SEED = 101
+COARSE_EPOCHS = 5
+FINE_EPOCHS = 16
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "mdgru_keras.cli"]  # the CLI of this interpreter's environment
+
+
+def _step(title: str, done: Path | None, command: list[str]) -> None:
+    """Run ``command`` unless ``done`` exists; print what happens and how long it took."""
+    if done is not None and done.exists():
+        print(f"[model-afids] {title}: done already ({done})", flush=True)
+        return
+    print(f"[model-afids] {title} ...\n  $ {' '.join(command)}", flush=True)
+    started = time.monotonic()
+    subprocess.run(command, check=True)
+    print(f"[model-afids] {title}: {time.monotonic() - started:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "model-afids", help="working folder")
+    parser.add_argument("--demo", type=Path, default=REPO / "demo", help="demo data folder")
+    parser.add_argument("--coarse-epochs", type=int, default=COARSE_EPOCHS)
+    parser.add_argument("--fine-epochs", type=int, default=FINE_EPOCHS)
+    parser.add_argument("--subjects", type=int, default=TRAIN_SUBJECTS)
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--no-install", action="store_true", help="leave the package's pretrained model alone")
+    args = parser.parse_args(argv)
+    work, demo = args.work.resolve(), args.demo.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    t1 = demo / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
+    _step("demo data", demo / "afids.fcsv", [*_cli(), "demo-data", "--out", str(demo)])
+    _step(
+        "synthetic population",
+        work / "population" / "manifest.csv",
+        [*_cli(), "synth", "--image", str(t1), "--image2", str(demo / "tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz"),
+         "--landmarks", str(demo / "afids.fcsv"), "--n", str(args.subjects), "--seed", str(TRAIN_SEED),
+         "--workers", "2", "--out", str(work / "population")],
+    )
+    _step(
+        "TFRecords",
+        work / "dataset" / "dataset.json",
+        [*_cli(), "prepare", str(work / "population" / "manifest.csv"), "--out", str(work / "dataset"),
+         "--val-fraction", "0.09", "--test-fraction", "0", "--overwrite"],
+    )
+    for stage, epochs in (("coarse", args.coarse_epochs), ("fine", args.fine_epochs)):
+        # --resume continues a killed run from its newest checkpoint, or starts one; a finished run returns at once
+        _step(
+            f"{stage} stage ({epochs} epochs)",
+            None,
+            [*_cli(), "train", "--stage", stage, "--config", str(args.config),
+             "--data", str(work / "dataset"), "--out", str(work / stage), "--epochs", str(epochs), "--resume"],
+        )
+    export_dir = work / "export" / "afids32" / "1"
+    _step(
+        "SavedModel",
+        export_dir,
+        [*_cli(), "export", "--coarse", str(work / "coarse"), "--fine", str(work / "fine"),
+         "--out", str(work / "export"), "--name", "afids32", "--version", "1"],
+    )
+    if not args.no_install:
+        from mdgru_keras.pretrained import install_pretrained
+
+        target = install_pretrained("afids32", export_dir)
+        size_mb = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 1e6
+        print(f"[model-afids] installed {target} ({size_mb:.1f} MB)", flush=True)
+    print(f"[model-afids] done in {time.monotonic() - started:.0f} s", flush=True)
+    shutil.rmtree(work / "tmp", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
