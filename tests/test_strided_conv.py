@@ -13,6 +13,8 @@ import pytest
 import tensorflow as tf
 from training_helpers import ROOT, cli_env
 
+from mdgru_keras import networks as N
+from mdgru_keras.config import load_preset
 from mdgru_keras.layers import StridedConv3D, StridedConv3DTranspose, upgrade_strided_convolutions
 from mdgru_keras.layers.strided_conv import block_conv3d_transpose, strided_conv3d, strided_conv3d_flops
 
@@ -146,6 +148,21 @@ def test_training_graphs_contain_no_strided_conv3d_gradient_kernels(rng):
     assert _conv3d_ops(concrete) == {("Conv3D", 4)}  # the forward strided convolution is TensorFlow's
     assert "MatMul" in {op.type for op in concrete.graph.get_operations()}
 
+    # The whole tiny coarse model's training step as well.
+    model = N.build_coarse_model(load_preset("tiny"))
+    volume = tf.constant(rng.normal(size=(2, 32, 32, 32, 2)).astype("float32"))
+
+    @tf.function
+    def model_step(volume):
+        with tf.GradientTape() as tape:
+            outputs = model({"volume": volume}, training=True)
+            loss = tf.add_n([tf.reduce_sum(v**2) for v in outputs.values()])
+        return tape.gradient(loss, model.trainable_variables)
+
+    ops = _conv3d_ops(model_step.get_concrete_function(volume))
+    assert ("Conv3D", 4) in ops  # the input convolution; the 1x1x1 voxelwise layers have stride 1
+    assert not {(kind, stride) for kind, stride in ops if kind.startswith("Conv3DBackprop") and stride > 1}
+
 
 def test_config_round_trip_and_argument_errors():
     layer = StridedConv3D(
@@ -209,6 +226,47 @@ def test_model_trains_like_one_with_keras_conv3d(rng):
     for b, w_ours, w_theirs in zip(before, ours.get_weights(), theirs.get_weights()):
         assert not np.array_equal(b, w_ours)  # every weight moved, the 1x1x1 conv before too
         np.testing.assert_allclose(w_ours, w_theirs, rtol=1e-4, atol=1e-6)
+
+
+def _with_keras_conv3d(model: keras.Model) -> keras.Model:
+    """The same model with ``keras.layers.Conv3D`` in place of StridedConv3D: a model saved before it existed."""
+
+    def clone(layer):
+        if isinstance(layer, StridedConv3D):
+            config = layer.get_config()
+            arguments = ("filters", "kernel_size", "strides", "padding", "use_bias", "name")
+            return keras.layers.Conv3D(**{key: config[key] for key in arguments})
+        return layer
+
+    old = keras.models.clone_model(model, clone_function=clone)
+    old.set_weights(model.get_weights())
+    return old
+
+
+def test_coarse_model_saved_with_keras_conv3d_loads_with_the_same_outputs(tmp_path, rng):
+    from train.trainer import model_variables
+
+    config = load_preset("tiny")
+    old = _with_keras_conv3d(N.build_coarse_model(config))
+    assert type(old.get_layer("coarse_input_conv")) is keras.layers.Conv3D
+    volume = {"volume": rng.normal(size=(2, 32, 32, 32, 2)).astype("float32")}
+    expected = old(volume)
+
+    # .keras file: networks.load_model converts the layer and keeps the weights
+    old.save(tmp_path / "old.keras")
+    loaded = N.load_model(str(tmp_path / "old.keras"))
+    assert type(loaded.get_layer("coarse_input_conv")) is StridedConv3D
+    for axis in "xyz":
+        np.testing.assert_array_equal(loaded(volume)[axis].numpy(), expected[axis].numpy())
+    loaded.save(tmp_path / "new.keras")  # and it saves as a current model
+    assert type(N.load_model(str(tmp_path / "new.keras")).get_layer("coarse_input_conv")) is StridedConv3D
+
+    # training checkpoints (train/trainer.py: every variable by position) restore into the new model
+    tf.train.Checkpoint(model=model_variables(old)).write(str(tmp_path / "ckpt" / "ckpt"))
+    new = N.build_coarse_model(config)
+    tf.train.Checkpoint(model=model_variables(new)).read(str(tmp_path / "ckpt" / "ckpt")).assert_consumed()
+    for axis in "xyz":
+        np.testing.assert_array_equal(new(volume)[axis].numpy(), expected[axis].numpy())
 
 
 def test_upgrade_replaces_only_plain_strided_layers(rng):
