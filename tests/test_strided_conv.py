@@ -25,6 +25,7 @@ CASES = [
     ((1, 13, 15, 11, 2), 9, 4, "same", 3),  # sizes not divisible by the stride
     ((1, 13, 15, 11, 2), 9, 4, "valid", 3),
     ((2, 10, 11, 12, 3), 3, 2, "same", 4),
+    ((1, 11, 12, 10, 2), 7, 2, "same", 3),  # padding (3) larger than the stride
     ((1, 17, 16, 15, 1), 4, 3, "valid", 2),  # even filter
     ((2, 9, 9, 9, 2), 1, 2, "same", 2),  # filter smaller than the stride
     ((1, 12, 13, 9, 2), (3, 5, 4), (2, 3, 1), "same", 3),  # per-axis filters and strides
@@ -80,21 +81,23 @@ def test_layer_equals_keras_conv3d_in_float32_with_bias_gradient(rng):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
-def test_dynamic_batch_and_spatial_sizes_inside_tf_function(rng):
-    kernel = tf.constant(rng.normal(size=(5, 5, 5, 2, 3)).astype("float32"))
+@pytest.mark.parametrize(("kernel_size", "strides", "padding"), [(5, 2, "same"), (7, 3, "valid"), (7, 2, "same")])
+def test_dynamic_batch_and_spatial_sizes_inside_tf_function(kernel_size, strides, padding, rng):
+    kernel = tf.constant(rng.normal(size=(kernel_size,) * 3 + (2, 3)).astype("float32"))
+    tf_strides = [1, strides, strides, strides, 1]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 2])])
     def gradients(x):
         with tf.GradientTape() as tape:
             tape.watch([x, kernel])
-            loss = tf.reduce_sum(strided_conv3d(x, kernel, (2, 2, 2), "same") ** 2)
+            loss = tf.reduce_sum(strided_conv3d(x, kernel, strides, padding) ** 2)
         return tape.gradient(loss, [x, kernel])
 
     for shape in ((1, 9, 10, 11, 2), (3, 8, 8, 8, 2)):
         x = tf.constant(rng.normal(size=shape).astype("float32"))
         with tf.GradientTape() as tape:
             tape.watch([x, kernel])
-            loss = tf.reduce_sum(tf.nn.conv3d(x, kernel, [1, 2, 2, 2, 1], "SAME") ** 2)
+            loss = tf.reduce_sum(tf.nn.conv3d(x, kernel, tf_strides, padding.upper()) ** 2)
         for want, got in zip(tape.gradient(loss, [x, kernel]), gradients(x)):
             assert got.shape == want.shape
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
@@ -200,7 +203,7 @@ def test_output_shapes_match_keras_conv3d():
         StridedConv3D(3, 9, strides=4, padding="valid").compute_output_shape((None, 13, 13, 5, 2))
     flops = strided_conv3d_flops((8, 160, 160, 160, 2), 11, 5, 8)
     assert flops["direct"] == 2.0 * 8 * 32**3 * 11**3 * 2 * 8
-    assert flops["blocked"] == 2.0 * 8 * 34**3 * 125 * 2 * 27 * 8
+    assert flops["blocked"] == 2.0 * 8 * 32**3 * 125 * 2 * 27 * 8  # 32^3 blocks of 5^3 voxels, 3^3 per field
 
 
 def _inner_model(conv: keras.layers.Layer) -> keras.Model:
