@@ -30,7 +30,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
+	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
 
 install: $(STAMP)
 
@@ -95,6 +95,12 @@ clean-demo:
 # ---- benchmarks: JSON under bench/results/, summaries in docs/ ------------------------------------------
 bench-layer: $(STAMP)
 	$(BIN)/python -m bench.bench_layer
+
+# The models' strided 3D convolutions, TensorFlow's layers against StridedConv3D / StridedConv3DTranspose (under
+# a minute on 2 cores; STRIDED_CONV_ARGS="--cases paper" for the paper preset's 256^3 input convolution).
+STRIDED_CONV_ARGS ?=
+bench-strided-conv: $(STAMP)
+	$(BIN)/python -m bench.bench_strided_conv $(STRIDED_CONV_ARGS)
 
 bench-data: $(STAMP)
 	$(BIN)/python -m bench.bench_data

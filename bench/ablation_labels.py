@@ -51,6 +51,7 @@ def build(kind: str, config, classes: int):
     import tensorflow as tf
 
     from mdgru_keras import networks
+    from mdgru_keras.layers import StridedConv3D
 
     if kind == "mdgru":
         model = networks.build_fine_model(config)
@@ -61,7 +62,8 @@ def build(kind: str, config, classes: int):
     inputs = keras.Input((size, size, size, 2))
     x = inputs
     for channels in config.fine.network.fc_channels:
-        x = keras.layers.Conv3D(channels, 3, strides=2, padding="same", activation="relu")(x)
+        # Conv3D with its gradients as matmuls (TensorFlow's strided conv3d gradients are slow on AVX2 CPUs)
+        x = keras.layers.ReLU()(StridedConv3D(channels, 3, strides=2, padding="same")(x))
     hidden = keras.layers.LeakyReLU(0.01)(keras.layers.Dense(3 * classes)(keras.layers.Flatten()(x)))
     model = keras.Model(inputs, {axis: keras.layers.Dense(classes)(hidden) for axis in "xyz"})
     return model, lambda x, training: model(x, training=training)

@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from mdgru_keras.config import Config, NetworkConfig
 from mdgru_keras.geometry import num_classes
-from mdgru_keras.layers import CGRU, MDGRU
+from mdgru_keras.layers import CGRU, MDGRU, StridedConv3D, upgrade_strided_convolutions
 
 AXES = ("x", "y", "z")
 INPUT_CHANNELS = 2  # volume and its high-pass (mdgru_keras.preprocessing)
@@ -227,8 +227,9 @@ def build_coarse_model(config: Config) -> keras.Model:
     size, stride = config.coarse.padded_size, config.coarse.input_stride
     net = config.coarse.network
     volume = keras.Input(shape=(size, size, size, INPUT_CHANNELS), name="volume")
-    # The paper reduces the padded scan with one strided convolution of filter 2s + 1 (linear).
-    x = keras.layers.Conv3D(
+    # The paper reduces the padded scan with one strided convolution of filter 2s + 1 (linear). StridedConv3D:
+    # Conv3D's forward and weights, exact gradients without the strided conv3d gradient kernels (slow on AVX2).
+    x = StridedConv3D(
         config.coarse.input_channels,
         2 * stride + 1,
         strides=stride,
@@ -290,13 +291,19 @@ def custom_objects() -> dict[str, type]:
         "MDGRU": MDGRU,
         "CGRU": CGRU,
         "LandmarkHeads": LandmarkHeads,
+        "StridedConv3D": StridedConv3D,
         "AxisCrossEntropy": AxisCrossEntropy,
     }
 
 
 def load_model(path: str) -> keras.Model:
-    """Load a coarse or fine model saved with ``model.save(path)`` (``.keras``)."""
-    return keras.saving.load_model(path, custom_objects=custom_objects(), compile=False)
+    """Load a coarse or fine model saved with ``model.save(path)`` (``.keras``).
+
+    A coarse model saved with a ``keras.layers.Conv3D`` input convolution (before :class:`StridedConv3D`) is
+    converted to the current layer with the same weights (:func:`upgrade_strided_convolutions`).
+    """
+    model = keras.saving.load_model(path, custom_objects=custom_objects(), compile=False)
+    return upgrade_strided_convolutions(model)
 
 
 # ---------------------------------------------------------------------------------------------------------

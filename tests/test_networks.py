@@ -11,10 +11,10 @@ import tensorflow as tf
 
 from mdgru_keras import networks as N
 from mdgru_keras.config import load_preset, with_landmarks
-from mdgru_keras.layers import CGRU, MDGRU
+from mdgru_keras.layers import CGRU, MDGRU, StridedConv3D
 
 
-def layer_params(model: keras.Model, kind: type) -> int:
+def layer_params(model: keras.Model, kind: type | tuple[type, ...]) -> int:
     return sum(layer.count_params() for layer in model._flatten_layers(include_self=False) if isinstance(layer, kind))
 
 
@@ -43,7 +43,7 @@ def test_paper_models_have_the_papers_shapes_and_parameter_counts(stage, landmar
         # Keras' count equals the analytic one, part by part.
         counts = N.count_parameters(config, stage)
         assert model.count_params() == counts["total"]
-        assert layer_params(model, MDGRU) + layer_params(model, keras.layers.Conv3D) == (
+        assert layer_params(model, MDGRU) + layer_params(model, (keras.layers.Conv3D, StridedConv3D)) == (
             counts["trunk"] + counts["input_conv"]
         )
         assert heads.count_params() == counts["head_hidden"] + counts["head_output"]
@@ -107,7 +107,7 @@ def test_initialization_follows_the_paper(tiny3):
             assert np.abs(values).max() > 0.9 * limit  # really uniform over the whole range
         assert not heads.hidden_bias.numpy().any() and not heads.output_bias.numpy().any()
         for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.Conv3D):
+            if isinstance(layer, (keras.layers.Conv3D, StridedConv3D)):
                 assert not layer.bias.numpy().any()
                 fan_in = np.prod(layer.kernel.shape[:-1])
                 fan_out = np.prod(layer.kernel.shape[:-2]) * layer.kernel.shape[-1]

@@ -208,6 +208,30 @@ def test_save_load_round_trip_gives_the_same_output(trained, tmp_path):
     )
 
 
+def test_unet_saved_with_keras_conv3d_transpose_loads_with_the_same_output(tmp_path):
+    import keras
+
+    from mdgru_keras.layers import StridedConv3DTranspose
+
+    config = with_landmarks(load_preset("tiny"), ["A", "B"])
+    model = build_unet(config, UNetConfig(levels=3))
+    assert sum(isinstance(layer, StridedConv3DTranspose) for layer in model.layers) == 2
+
+    def keras_layers(layer):
+        if isinstance(layer, StridedConv3DTranspose):
+            return keras.layers.Conv3DTranspose(layer.filters, 2, strides=2, name=layer.name)
+        return layer
+
+    old = keras.models.clone_model(model, clone_function=keras_layers)  # a U-Net saved before the new layer
+    old.set_weights(model.get_weights())
+    old.save(tmp_path / "old.keras")
+    loaded = load_unet(tmp_path / "old.keras")
+    assert {type(loaded.get_layer(f"up{level}_transpose")) for level in (0, 1)} == {StridedConv3DTranspose}
+    rng = np.random.default_rng(6)
+    inputs = {"window": rng.normal(size=(2, W, W, W, 2)).astype(np.float32), "landmark_index": np.array([0, 1])}
+    np.testing.assert_allclose(loaded(inputs).numpy(), old(inputs).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_localizer_refuses_mismatched_inputs(trained):
     model, config, _ = trained
     localizer = UNetLocalizer(model, config)

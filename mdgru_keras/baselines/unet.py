@@ -38,6 +38,7 @@ from mdgru_keras.geometry import (
     heatmap_peak,
     window_origin_around,
 )
+from mdgru_keras.layers import StridedConv3DTranspose, upgrade_strided_convolutions
 from mdgru_keras.preprocessing import preprocess
 
 _PACKAGE = "mdgru_keras.baselines"
@@ -133,7 +134,8 @@ def build_unet(config: Config, unet: UNetConfig | None = None, input_channels: i
     for level in reversed(range(unet.levels - 1)):
         filters = unet.base_filters * 2**level
         if unet.upsampling == "transpose":
-            x = keras.layers.Conv3DTranspose(filters, 2, strides=2, name=f"up{level}_transpose")(x)
+            # Conv3DTranspose's weights and result, as matmuls: its own kernels are strided conv3d gradients
+            x = StridedConv3DTranspose(filters, 2, strides=2, name=f"up{level}_transpose")(x)
         else:
             x = keras.layers.UpSampling3D(2, name=f"up{level}_upsample")(x)
             x = keras.layers.Conv3D(filters, 1, name=f"up{level}_project")(x)
@@ -177,8 +179,12 @@ def compile_unet(model: keras.Model, unet: UNetConfig) -> keras.Model:
 
 
 def load_unet(path: str | Path) -> keras.Model:
-    """Load a model written by :func:`fit_unet` (``.keras``), without its optimizer state."""
-    return keras.saving.load_model(str(path), compile=False)
+    """Load a model written by :func:`fit_unet` (``.keras``), without its optimizer state.
+
+    Models saved with ``keras.layers.Conv3DTranspose`` upsampling get :class:`StridedConv3DTranspose` layers
+    with the same weights (:func:`upgrade_strided_convolutions`).
+    """
+    return upgrade_strided_convolutions(keras.saving.load_model(str(path), compile=False))
 
 
 # ---------------------------------------------------------------------------------------------------------
