@@ -18,13 +18,24 @@ from mdgru_keras.io import check_landmarks_inside, read_landmarks, read_volume, 
 
 SHAPE = (40, 40, 40)
 MARKER_SIGMA_VOXEL = 1.2
-# small moves for a 40 mm template; strong enough that the rotation and the deformation matter
+# small moves for a 40 mm template; strong enough that the scaling, rotation and deformation matter. No
+# intensity change and 1 mm voxels: the markers keep their shape, so their centroids show where the image went.
 SMALL = SynthOptions(
+    max_scale=0.1,
     max_rotation_deg=15.0,
     max_translation_mm=3.0,
     elastic_mm=1.5,
     elastic_smoothness_mm=10.0,
+    max_elastic_large_mm=2.0,
+    elastic_large_smoothness_mm=25.0,
     elastic_grid_mm=4.0,
+    lowres_probability=0.0,
+    anisotropic_probability=0.0,
+    max_contrast_log_slope=0.0,
+    strong_contrast_probability=0.0,
+    max_log_gamma=0.0,
+    max_sharpen=0.0,
+    max_blur_mm=0.0,
     bias_std=0.0,
     max_noise=0.0,
     landmark_margin_mm=5.0,
@@ -101,7 +112,8 @@ def test_the_deformation_is_not_rigid() -> None:
         return np.linalg.norm(points[:, None] - points[None], axis=-1)
 
     before = distances(template.landmarks_world_mm)
-    rigid = make_subject(template, SynthOptions(**{**SMALL.__dict__, "elastic_mm": 0.0}), np.random.default_rng(1))
+    no_elastic = {"elastic_mm": 0.0, "max_elastic_large_mm": 0.0, "max_scale": 0.0}
+    rigid = make_subject(template, SynthOptions(**{**SMALL.__dict__, **no_elastic}), np.random.default_rng(1))
     np.testing.assert_allclose(distances(rigid.landmarks_world_mm), before, atol=1e-9)
     elastic = make_subject(template, SMALL, np.random.default_rng(1))
     assert np.abs(distances(elastic.landmarks_world_mm) - before).max() > 0.3
@@ -143,7 +155,9 @@ def test_fields_of_view_centred_and_lowered() -> None:
     template = marker_template()
     low, high = template.world_bounds_mm()
     for neck, seed in [(0.0, 3), (1.0, 3)]:
-        options = SynthOptions(**{**SMALL.__dict__, "neck_probability": neck, "max_translation_mm": 0.0})
+        options = SynthOptions(
+            **{**SMALL.__dict__, "neck_probability": neck, "max_translation_mm": 0.0, "max_scale": 0.0}
+        )
         subject = make_subject(template, options, np.random.default_rng(seed))
         assert subject.parameters["neck"] is bool(neck)
         shape = np.asarray(subject.data.shape)

@@ -1,22 +1,31 @@
 """A synthetic, labelled population made from one template scan with landmarks.
 
-Each subject is the template under a random smooth elastic deformation and a random rigid pose, seen
-through a random field of view (centred on the head, or lower, reaching the neck), optionally with
-anisotropic voxels, and with a smooth multiplicative bias field and Rician noise. The landmarks go through
-the same transform exactly.
+Each subject is the template with a random head size (anisotropic scaling), a random smooth elastic
+deformation at two scales and a random rigid pose, with randomly changed tissue contrast (a piecewise-linear
+intensity curve and a gamma), blurred or sharpened, acquired at a random resolution (1 mm, isotropic lower
+resolution or thick slices) through a random field of view (centred on the head, or lower, reaching the
+neck), with a smooth multiplicative bias field and Rician noise. The landmarks go through the same geometric
+transform exactly; the intensity operations do not move them. What each option draws, and the ``train`` /
+``heldout`` families for a generalization check, are described in ``docs/SYNTH.md``.
 
 How the transform is built (coordinate math in :mod:`mdgru_keras.geometry`):
 
+* The forward affine ``A`` (template world -> subject world) scales each template axis about the template
+  centre, then rotates about it and translates: ``A(x) = R S (x - c) + c + t``.
 * The image is resampled through the *pull-back* map from subject world to template world,
-  ``template_mm = rigid^-1(subject_mm + u(subject_mm))``, where ``u`` is a displacement field on a coarse
-  control grid (``elastic_grid_mm``) fixed in subject world, interpolated trilinearly.
-* The landmarks take the *forward* map: ``z = rigid(template_mm)``, then ``y + u(y) = z`` is solved for
-  ``y`` by fixed-point iteration (:func:`~mdgru_keras.geometry.invert_displacement`), with the very same
-  trilinear ``u`` the image sees, so they agree to 1e-6 mm.
+  ``template_mm = A^-1(subject_mm + u(subject_mm))``, where ``u`` is the sum of two displacement fields (a
+  fine and a large-scale one) on one coarse control grid (``elastic_grid_mm``) fixed in subject world,
+  interpolated trilinearly.
+* The landmarks take the *forward* map: ``z = A(template_mm)``, then ``y + u(y) = z`` is solved for ``y`` by
+  fixed-point iteration (:func:`~mdgru_keras.geometry.invert_displacement`), with the very same trilinear
+  ``u`` the image sees, so they agree to 1e-6 mm.
 * Speed: the pull-back is affine plus ``u``, and trilinear interpolation reproduces affine maps exactly, so
   the template-voxel coordinates are computed on the control grid only and upsampled separably to the
   subject grid (:func:`~mdgru_keras.geometry.resample_axis_aligned`); one ``map_coordinates`` (order 1)
   samples the template.
+* Intensities are changed on the template side, before resampling (contrast curve and gamma through one
+  lookup table, unsharp masking, then one Gaussian with the subject's acquisition blur mapped to template
+  voxels), and on the subject grid after it (bias, noise). None of them moves a landmark.
 
 Outside the template the image continues with its edge values (``mode="nearest"``): a field of view that
 reaches below the template's last slice sees its lowest slice extended, a crude neck.
@@ -47,48 +56,105 @@ from mdgru_keras.io.nifti import read_volume, write_volume
 MANIFEST_NAME = "manifest.csv"
 DESCRIPTION_NAME = "synth.json"
 
+FAMILIES = ("all", "train", "heldout")
+# Family split of every split range (see docs/SYNTH.md): "train" draws the lower FAMILY_SPLIT of its magnitude,
+# "heldout" the rest, "all" the whole range; e.g. scale factors with max_scale 0.10: train [0.94, 1.06], heldout
+# [0.90, 0.94) and (1.06, 1.10].
+FAMILY_SPLIT = 0.6
+# Knots of the contrast curve: the template's minimum, these percentiles of its foreground (voxels above 10 % of
+# its 99th percentile), and its maximum; one random slope change per segment between knots.
+CONTRAST_PERCENTILES = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0)
+CONTRAST_SEGMENTS = len(CONTRAST_PERCENTILES) + 1
+SHARPEN_SIGMA_MM = 1.0  # Gaussian of the unsharp mask
+_LOOKUP_SIZE = 2048  # entries of the intensity lookup table (linear between entries)
+_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
 
 @dataclass(frozen=True)
 class SynthOptions:
-    """Random ranges of the synthetic population (defaults suit a 1 mm head template such as MNI 2009c)."""
+    """Random ranges of the synthetic population (defaults suit a 1 mm head template such as MNI 2009c and aim
+    at real T1w scans: head sizes, contrasts, sharpness, resolutions and noise levels that the template lacks).
 
+    Every ``max_*`` range and ``*_probability`` is switched off by 0. Ranges split by ``family`` are marked
+    [family]; see ``docs/SYNTH.md``.
+    """
+
+    # geometry
+    max_scale: float = 0.10  # [family] head size: each template axis scaled by a factor uniform in [1 - s, 1 + s]
     max_rotation_deg: float = 15.0  # each Euler angle uniform in [-a, a]
     max_translation_mm: float = 20.0  # each axis uniform in [-t, t]
-    elastic_mm: float = 3.0  # standard deviation of each displacement component
-    elastic_smoothness_mm: float = 20.0  # Gaussian correlation length of the displacement field
-    elastic_grid_mm: float = 8.0  # control-grid spacing of the displacement field
+    elastic_mm: float = 3.0  # fine displacement field: standard deviation of each component
+    elastic_smoothness_mm: float = 20.0  # Gaussian correlation length of the fine displacement field
+    max_elastic_large_mm: float = 4.0  # [family] large-scale displacement field: std uniform in [0, this]
+    elastic_large_smoothness_mm: float = 50.0  # its Gaussian correlation length
+    elastic_grid_mm: float = 8.0  # control-grid spacing of both displacement fields
+    # field of view and resolution
     neck_probability: float = 0.3  # field of view lowered (and taller), reaching the neck
-    spacing_mm: float = 1.0  # voxel size (in plane, for anisotropic subjects)
-    anisotropic_probability: float = 0.0  # one axis gets thick slices
-    slice_thickness_mm: tuple[float, float] = (1.5, 3.0)  # uniform range of that axis' spacing
+    spacing_mm: float = 1.0  # voxel size (unless lowres; in plane for anisotropic subjects)
+    lowres_probability: float = 0.3  # isotropic voxel size drawn from lowres_spacing_mm instead of spacing_mm
+    lowres_spacing_mm: tuple[float, float] = (1.0, 1.6)  # [family] uniform range of that voxel size
+    anisotropic_probability: float = 0.25  # one axis gets thick slices
+    slice_thickness_mm: tuple[float, float] = (1.5, 4.0)  # [family] uniform range of that axis' spacing
+    # appearance
+    max_contrast_log_slope: float = 0.4  # [family] contrast curve: each segment's slope times exp(U[-c, c])
+    strong_contrast_probability: float = 0.05  # a random, non-monotone curve instead (never in family train)
+    max_log_gamma: float = 0.3  # [family] gamma exp(U[-g, g]) on intensities normalized to the 99th percentile
+    sharpen_probability: float = 0.5  # unsharp mask (amount from max_sharpen), else Gaussian blur (max_blur_mm)
+    max_sharpen: float = 1.0  # [family] unsharp-mask amount uniform in [0, this] (Gaussian sigma 1 mm)
+    max_blur_mm: float = 1.2  # [family] Gaussian blur sigma uniform in [0, this]
     bias_std: float = 0.15  # log bias field: std at the nodes of a bias_grid^3 lattice over the field of view
     bias_grid: int = 4
-    max_noise: float = 0.03  # Rician noise sigma, uniform in [0, max_noise] x the 99th intensity percentile
+    max_noise: float = 0.06  # [family] Rician noise sigma, uniform in [0, max_noise] x the 99th percentile
     image2_probability: float = 0.5  # chance of a subject from the second image (when one is given)
+    family: str = "all"  # "all" (every range whole), "train" or "heldout" (disjoint parts; docs/SYNTH.md)
+    # output
     landmark_margin_mm: float = 10.0  # every landmark at least this far inside the field of view
     image_suffix: str = ".nii"  # or ".nii.gz": noisy images shrink by only ~12 % and gzip triples the time
     landmark_format: str = "fcsv"  # or "mrk.json", "csv"
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_rotation_deg", "max_translation_mm", "elastic_mm", "bias_std", "max_noise"):
+        for name in (
+            "max_rotation_deg",
+            "max_translation_mm",
+            "elastic_mm",
+            "max_elastic_large_mm",
+            "max_contrast_log_slope",
+            "max_log_gamma",
+            "max_sharpen",
+            "max_blur_mm",
+            "bias_std",
+            "max_noise",
+        ):
             if not getattr(self, name) >= 0:
-                problems.append(f"{name} must be >= 0")
-        for name in ("elastic_smoothness_mm", "elastic_grid_mm", "spacing_mm"):
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("elastic_smoothness_mm", "elastic_large_smoothness_mm", "elastic_grid_mm", "spacing_mm"):
             if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0")
-        for name in ("neck_probability", "anisotropic_probability", "image2_probability"):
+                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.max_scale < 1:
+            problems.append(f"max_scale must be in [0, 1), got {self.max_scale!r}")
+        for name in (
+            "neck_probability",
+            "lowres_probability",
+            "anisotropic_probability",
+            "strong_contrast_probability",
+            "sharpen_probability",
+            "image2_probability",
+        ):
             if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} must be in [0, 1]")
-        low, high = self.slice_thickness_mm
-        if not 0 < low <= high:
-            problems.append("slice_thickness_mm must be (low, high) with 0 < low <= high")
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("lowres_spacing_mm", "slice_thickness_mm"):
+            value = getattr(self, name)
+            if len(value) != 2 or not 0 < value[0] <= value[1]:
+                problems.append(f"{name} must be (low, high) with 0 < low <= high, got {tuple(value)!r}")
         if self.bias_grid < 2:
-            problems.append("bias_grid must be >= 2")
+            problems.append(f"bias_grid must be >= 2, got {self.bias_grid!r}")
+        if self.family not in FAMILIES:
+            problems.append(f"family must be all, train or heldout, got {self.family!r}")
         if self.image_suffix not in (".nii.gz", ".nii"):
-            problems.append("image_suffix must be .nii.gz or .nii")
+            problems.append(f"image_suffix must be .nii.gz or .nii, got {self.image_suffix!r}")
         if self.landmark_format not in ("fcsv", "mrk.json", "csv"):
-            problems.append("landmark_format must be fcsv, mrk.json or csv")
+            problems.append(f"landmark_format must be fcsv, mrk.json or csv, got {self.landmark_format!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -155,41 +221,130 @@ def load_template(image: str | Path, landmarks: str | Path, image2: str | Path |
 
 
 # ---------------------------------------------------------------------------------------------------------
-# one subject
+# one subject: the random parameters
+
+
+def _fraction(rng: np.random.Generator, family: str, size: int | None = None) -> np.ndarray:
+    """Uniform fractions of a split range: in [0, 1] for family ``all``, [0, FAMILY_SPLIT] for ``train`` and
+    [FAMILY_SPLIT, 1] for ``heldout``."""
+    uniform = rng.random(size)
+    if family == "train":
+        return FAMILY_SPLIT * uniform
+    if family == "heldout":
+        return FAMILY_SPLIT + (1.0 - FAMILY_SPLIT) * uniform
+    return uniform
+
+
+def _signed(rng: np.random.Generator, maximum: float, family: str, size: int | None = None) -> np.ndarray:
+    """Uniform in ``[-maximum, maximum]``, the magnitude split by family (:func:`_fraction`), the sign random."""
+    magnitude = maximum * _fraction(rng, family, size)
+    return np.where(rng.random(size) < 0.5, -1.0, 1.0) * magnitude
+
+
+def _in_range(rng: np.random.Generator, bounds: tuple[float, float], family: str) -> float:
+    """Uniform in ``[low, high]``, split by family: the lower part for ``train``, the upper for ``heldout``."""
+    low, high = bounds
+    return float(low + (high - low) * _fraction(rng, family))
+
+
+def sample_parameters(options: SynthOptions, rng: np.random.Generator) -> dict:
+    """The random scalars of one subject, JSON-ready (the displacement fields, the field of view's placement,
+    the bias field and the noise are drawn later, in :func:`make_subject`).
+
+    Every call consumes the same random numbers whatever the options, so switching one option off (or
+    changing the family) leaves all other draws of a seed as they were.
+    """
+    family = options.family
+    scale = 1.0 + _signed(rng, options.max_scale, family, 3)
+    rotation_deg = rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3)
+    translation_mm = rng.uniform(-options.max_translation_mm, options.max_translation_mm, 3)
+    elastic_large_mm = options.max_elastic_large_mm * float(_fraction(rng, family))
+    # resolution: isotropic lower resolution, then possibly one thick axis
+    lowres = bool(rng.random() < options.lowres_probability)
+    lowres_spacing_mm = _in_range(rng, options.lowres_spacing_mm, family)
+    anisotropic = bool(rng.random() < options.anisotropic_probability)
+    thick_axis = int(rng.integers(3))
+    thickness_mm = _in_range(rng, options.slice_thickness_mm, family)
+    spacing_mm = np.full(3, lowres_spacing_mm if lowres else options.spacing_mm)
+    if anisotropic:
+        spacing_mm[thick_axis] = max(thickness_mm, spacing_mm[thick_axis])
+    # contrast: a monotone curve with changed slopes, or (rarely, never in family train) a random one
+    log_slopes = _signed(rng, options.max_contrast_log_slope, family, CONTRAST_SEGMENTS)
+    strong_probability = 0.0 if family == "train" else options.strong_contrast_probability
+    strong = bool(rng.random() < strong_probability)
+    strong_values = rng.random(CONTRAST_SEGMENTS)
+    gamma = float(np.exp(_signed(rng, options.max_log_gamma, family)))
+    # sharpness: unsharp mask or Gaussian blur
+    sharpen = bool(rng.random() < options.sharpen_probability)
+    sharpen_amount = options.max_sharpen * float(_fraction(rng, family))
+    blur_sigma_mm = options.max_blur_mm * float(_fraction(rng, family))
+    noise_fraction = options.max_noise * float(_fraction(rng, family))
+    parameters = {
+        "family": family,
+        "scale": scale.tolist(),
+        "rotation_deg": rotation_deg.tolist(),
+        "translation_mm": translation_mm.tolist(),
+        "elastic_large_mm": elastic_large_mm,
+        "lowres": lowres,
+        "thick_axis": thick_axis if anisotropic else None,
+        "spacing_mm": spacing_mm.tolist(),
+        "contrast": "strong" if strong else "monotone",
+    }
+    if strong:
+        parameters["contrast_values"] = strong_values.tolist()
+    else:
+        parameters["contrast_log_slopes"] = log_slopes.tolist()
+    parameters.update(
+        gamma=gamma,
+        sharpen_amount=sharpen_amount if sharpen else 0.0,
+        blur_sigma_mm=0.0 if sharpen else blur_sigma_mm,
+        noise_fraction=noise_fraction,
+    )
+    return parameters
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one subject: geometry
 
 
 def _control_grid(template: Template, options: SynthOptions) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Origin (world mm) and shape of the displacement control grid: the template's box grown on every side
-    by half its extent plus the largest translation, so that every field of view lies inside it."""
+    by half its extent (more for larger heads) plus the largest translation, so that every field of view lies
+    inside it."""
     low, high = template.world_bounds_mm()
-    margin = 0.5 * (high - low) + options.max_translation_mm + options.landmark_margin_mm
+    margin = (0.5 + options.max_scale) * (high - low) + options.max_translation_mm + options.landmark_margin_mm
     origin = low - margin
     shape = tuple(int(np.ceil((high - low + 2 * margin)[a] / options.elastic_grid_mm)) + 1 for a in range(3))
     return origin, shape
 
 
-def _displacement_field(shape: tuple[int, int, int], options: SynthOptions, rng: np.random.Generator) -> np.ndarray:
+def _displacement_field(
+    shape: tuple[int, int, int], std_mm: float, smoothness_mm: float, grid_mm: float, rng: np.random.Generator
+) -> np.ndarray:
     """Smooth random displacement ``[L1, L2, L3, 3]`` (mm) on the control grid, each component with std
-    ``elastic_mm``."""
-    if options.elastic_mm == 0:
-        return np.zeros((*shape, 3), np.float64)
-    sigma_nodes = options.elastic_smoothness_mm / options.elastic_grid_mm
-    field = np.empty((*shape, 3), np.float64)
+    ``std_mm`` and Gaussian correlation length ``smoothness_mm``. The random numbers are drawn even for
+    ``std_mm == 0``, so that switching one field off leaves the later draws alone."""
+    noise = rng.standard_normal((3, *shape))
+    field = np.zeros((*shape, 3), np.float64)
+    if std_mm == 0:
+        return field
     for component in range(3):
-        smooth = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_nodes, mode="wrap")
-        field[..., component] = smooth * (options.elastic_mm / max(smooth.std(), 1e-12))
+        smooth = ndimage.gaussian_filter(noise[component], smoothness_mm / grid_mm, mode="wrap")
+        field[..., component] = smooth * (std_mm / max(smooth.std(), 1e-12))
     return field
 
 
 def _field_of_view(
-    template: Template,
+    head_box_mm: tuple[np.ndarray, np.ndarray],
     landmarks_mm: np.ndarray,
     grid_box: tuple[np.ndarray, np.ndarray],
+    spacing: np.ndarray,
     options: SynthOptions,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray, dict]:
-    """Spacing ``[3]``, shape and first-voxel-centre world position ``[3]`` of a random field of view."""
-    low, high = template.world_bounds_mm()
+) -> tuple[tuple[int, int, int], np.ndarray, dict]:
+    """Shape and first-voxel-centre world position ``[3]`` of a random field of view around the (scaled)
+    template box ``head_box_mm``, with voxel size ``spacing [3]``."""
+    low, high = head_box_mm
     extent = high - low
     centre = 0.5 * (low + high) + rng.uniform(-0.05, 0.05, 3) * extent
     size_mm = extent * rng.uniform(0.9, 1.05, 3)
@@ -199,11 +354,6 @@ def _field_of_view(
         centre[2] -= extent[2] * rng.uniform(0.1, 0.2)
     else:
         size_mm[2] = extent[2] * rng.uniform(0.85, 1.0)
-    spacing = np.full(3, options.spacing_mm)
-    thick_axis = None
-    if rng.random() < options.anisotropic_probability:
-        thick_axis = int(rng.integers(3))
-        spacing[thick_axis] = rng.uniform(*options.slice_thickness_mm)
     # all landmarks at least margin inside: grow, then shift the box [centre - size/2, centre + size/2]
     need_low = landmarks_mm.min(axis=0) - options.landmark_margin_mm
     need_high = landmarks_mm.max(axis=0) + options.landmark_margin_mm
@@ -215,23 +365,119 @@ def _field_of_view(
     box_low, box_high = grid_box
     centre = np.clip(centre, box_low + size_mm / 2, box_high - size_mm / 2)
     first_voxel_mm = centre - size_mm / 2 + spacing / 2
-    described = {"neck": neck, "thick_axis": thick_axis, "spacing_mm": spacing.tolist(), "shape": shape.tolist()}
-    return spacing, tuple(int(n) for n in shape), first_voxel_mm, described
+    return tuple(int(n) for n in shape), first_voxel_mm, {"neck": neck, "shape": shape.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one subject: appearance (intensity only; nothing here moves a landmark)
+
+
+def contrast_knots(volume: np.ndarray) -> np.ndarray:
+    """Input knots of the contrast curve, ``[CONTRAST_SEGMENTS + 1]`` non-decreasing intensities: the minimum,
+    the ``CONTRAST_PERCENTILES`` of the foreground (above 10 % of the 99th percentile) and the maximum."""
+    step = 3 if volume.size > 2_000_000 else 1
+    sample = volume[::step, ::step, ::step].ravel()
+    foreground = sample[sample > 0.1 * np.percentile(sample, 99)]
+    if foreground.size == 0:
+        foreground = sample
+    knots = np.concatenate([[volume.min()], np.percentile(foreground, CONTRAST_PERCENTILES), [volume.max()]])
+    return np.maximum.accumulate(knots.astype(np.float64))
+
+
+def contrast_curve(knots: np.ndarray, parameters: dict) -> np.ndarray:
+    """Output intensities at the ``knots``: the minimum stays; a ``monotone`` curve multiplies each segment's
+    slope by ``exp(log_slope)``, a ``strong`` one puts each later knot at a random fraction of the range
+    minimum..99th percentile."""
+    low = knots[0]
+    if parameters["contrast"] == "strong":
+        return low + (knots[-2] - low) * np.concatenate([[0.0], parameters["contrast_values"]])
+    slopes = np.exp(np.asarray(parameters["contrast_log_slopes"]))
+    return low + np.concatenate([[0.0], np.cumsum(np.diff(knots) * slopes)])
+
+
+def remap_intensities(volume: np.ndarray, knots: np.ndarray, values: np.ndarray, gamma: float) -> np.ndarray:
+    """``volume`` through the piecewise-linear curve ``knots -> values``, then the ``gamma`` on intensities
+    normalized to the range minimum..99th percentile (``knots[0]..knots[-2]``); one lookup table, linear
+    between its entries."""
+    low, high = float(knots[0]), float(knots[-1])
+    if not high > low:
+        return volume
+    span = float(knots[-2] - low) if knots[-2] > low else high - low
+    table = np.interp(np.linspace(low, high, _LOOKUP_SIZE), knots, values)
+    table = (low + span * np.clip((table - low) / span, 0.0, None) ** gamma).astype(np.float32)
+    position = (volume - np.float32(low)) * np.float32((_LOOKUP_SIZE - 1) / (high - low))
+    np.clip(position, 0, _LOOKUP_SIZE - 1, out=position)
+    index = np.minimum(position.astype(np.int32), _LOOKUP_SIZE - 2)
+    position -= index  # the weight of the upper entry
+    position *= np.diff(table)[index]
+    position += table[index]
+    return position
+
+
+def sharpen(volume: np.ndarray, amount: float, voxel_to_world: np.ndarray) -> np.ndarray:
+    """Unsharp mask: ``volume + amount * (volume - gaussian(volume))`` (sigma ``SHARPEN_SIGMA_MM``), never
+    below the volume's minimum."""
+    sigma_voxel = SHARPEN_SIGMA_MM / geometry.voxel_spacing_mm(voxel_to_world)
+    detail = volume - ndimage.gaussian_filter(volume, sigma_voxel, mode="nearest")
+    detail *= np.float32(amount)
+    detail += volume
+    return np.maximum(detail, volume.min(), out=detail)
+
+
+def acquisition_sigma_voxel(
+    voxel_to_world: np.ndarray, forward: np.ndarray, spacing_mm: np.ndarray, blur_sigma_mm: float
+) -> np.ndarray:
+    """Per-axis Gaussian sigma (template voxels) that makes the template look acquired with the subject's
+    voxels: along each subject axis FWHM = its spacing (less the template's own voxel size) plus an isotropic
+    ``blur_sigma_mm``, a covariance in subject mm mapped through the linear part of the pull-back to template
+    voxels, of which the diagonal is kept (an axis-aligned Gaussian)."""
+    native_mm = float(np.mean(geometry.voxel_spacing_mm(voxel_to_world)))
+    spacing_mm = np.asarray(spacing_mm, dtype=np.float64)
+    variance_mm2 = np.maximum(spacing_mm**2 - native_mm**2, 0.0) / _FWHM_PER_SIGMA**2 + blur_sigma_mm**2
+    subject_mm_to_voxel = np.linalg.inv(voxel_to_world[:3, :3]) @ np.linalg.inv(forward[:3, :3])
+    covariance = subject_mm_to_voxel @ np.diag(variance_mm2) @ subject_mm_to_voxel.T
+    return np.sqrt(np.diag(covariance))
+
+
+def _appearance(
+    volume: np.ndarray, voxel_to_world: np.ndarray, forward: np.ndarray, spacing_mm: np.ndarray, drawn: dict
+) -> np.ndarray:
+    """The template image as this subject shows it before resampling: contrast and gamma, sharpening, then
+    the acquisition blur (see :func:`acquisition_sigma_voxel`)."""
+    identity = drawn["contrast"] == "monotone" and not np.any(drawn["contrast_log_slopes"])
+    if not (identity and drawn["gamma"] == 1.0):
+        knots = contrast_knots(volume)
+        volume = remap_intensities(volume, knots, contrast_curve(knots, drawn), drawn["gamma"])
+    if drawn["sharpen_amount"] > 0:
+        volume = sharpen(volume, drawn["sharpen_amount"], voxel_to_world)
+    sigma_voxel = acquisition_sigma_voxel(voxel_to_world, forward, spacing_mm, drawn["blur_sigma_mm"])
+    if sigma_voxel.max() > 1e-3:
+        volume = ndimage.gaussian_filter(volume, sigma_voxel, mode="nearest")
+    return volume
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one subject
 
 
 def make_subject(template: Template, options: SynthOptions, rng: np.random.Generator) -> Subject:
     """Draw one subject (see the module docstring)."""
     labels = template.labels
     label = labels[1] if len(labels) > 1 and rng.random() < options.image2_probability else labels[0]
-    # rigid pose (forward: template world -> subject world, rotation about the template centre)
+    drawn = sample_parameters(options, rng)
+    # forward affine: template world -> subject world, scaling then rotation about the template centre
     low, high = template.world_bounds_mm()
-    angles_deg = rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3)
-    translation_mm = rng.uniform(-options.max_translation_mm, options.max_translation_mm, 3)
-    rigid = geometry.rigid_affine(geometry.rotation_matrix_deg(angles_deg), translation_mm, 0.5 * (low + high))
-    # elastic displacement u on a control grid fixed in subject world
+    centre = 0.5 * (low + high)
+    scale = np.asarray(drawn["scale"])
+    linear = geometry.rotation_matrix_deg(drawn["rotation_deg"]) @ np.diag(scale)
+    forward = geometry.rigid_affine(linear, drawn["translation_mm"], centre)  # any linear part about the centre
+    # elastic displacement u (fine + large-scale) on a control grid fixed in subject world
     grid_origin, grid_shape = _control_grid(template, options)
-    displacement = _displacement_field(grid_shape, options, rng)
     grid_step = options.elastic_grid_mm
+    displacement = _displacement_field(grid_shape, options.elastic_mm, options.elastic_smoothness_mm, grid_step, rng)
+    displacement += _displacement_field(
+        grid_shape, drawn["elastic_large_mm"], options.elastic_large_smoothness_mm, grid_step, rng
+    )
 
     def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
         return geometry.interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
@@ -239,10 +485,12 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     # landmarks: forward map, the displacement inverted at each point
     names = list(template.landmarks_world_mm)
     template_mm = np.stack([template.landmarks_world_mm[n] for n in names])
-    subject_mm = geometry.invert_displacement(geometry.apply_affine(rigid, template_mm), displacement_at)
+    subject_mm = geometry.invert_displacement(geometry.apply_affine(forward, template_mm), displacement_at)
 
     grid_box = (grid_origin, grid_origin + (np.asarray(grid_shape) - 1) * grid_step)
-    spacing, shape, first_voxel_mm, fov = _field_of_view(template, subject_mm, grid_box, options, rng)
+    spacing = np.asarray(drawn["spacing_mm"])
+    head_box_mm = (centre - 0.5 * scale * (high - low), centre + 0.5 * scale * (high - low))
+    shape, first_voxel_mm, fov = _field_of_view(head_box_mm, subject_mm, grid_box, spacing, options, rng)
     subject_affine = np.diag([*spacing, 1.0])
     subject_affine[:3, 3] = first_voxel_mm
 
@@ -250,7 +498,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     node_mm = np.stack(
         np.meshgrid(*[grid_origin[a] + grid_step * np.arange(grid_shape[a]) for a in range(3)], indexing="ij"), -1
     )
-    pull_back = np.linalg.inv(template.voxel_to_world) @ np.linalg.inv(rigid)
+    pull_back = np.linalg.inv(template.voxel_to_world) @ np.linalg.inv(forward)
     node_template_voxel = geometry.apply_affine(pull_back, node_mm + displacement).astype(np.float32)
     subject_to_node = np.eye(4)
     subject_to_node[:3, :3] = np.diag(spacing / grid_step)
@@ -258,11 +506,9 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     coordinates = np.stack(
         [geometry.resample_axis_aligned(node_template_voxel[..., a], subject_to_node, shape) for a in range(3)]
     )
-    source = template.images[label]
-    if fov["thick_axis"] is not None:
-        source = _slice_profile(source, template.voxel_to_world, rigid, fov["thick_axis"], spacing)
+    source = _appearance(template.images[label], template.voxel_to_world, forward, spacing, drawn)
     data = ndimage.map_coordinates(source, coordinates, order=1, mode="nearest", prefilter=False)
-    del coordinates
+    del coordinates, source
 
     # smooth multiplicative bias, then Rician noise
     if options.bias_std > 0:
@@ -271,35 +517,15 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         subject_to_bias = np.eye(4)
         subject_to_bias[:3, :3] = np.diag([(g - 1) / max(n - 1, 1) for n in shape])
         data *= np.exp(geometry.resample_axis_aligned(log_bias, subject_to_bias, shape))
-    noise_fraction = float(rng.uniform(0, options.max_noise))
+    noise_fraction = drawn["noise_fraction"]
     if noise_fraction > 0:
         sigma = noise_fraction * float(np.percentile(data[::4, ::4, ::4], 99))
         real = data + sigma * rng.standard_normal(shape, dtype=np.float32)
         imaginary = sigma * rng.standard_normal(shape, dtype=np.float32)
         data = np.sqrt(real * real + imaginary * imaginary)
-    parameters = {
-        "modality": label,
-        "rotation_deg": angles_deg.tolist(),
-        "translation_mm": translation_mm.tolist(),
-        "noise_fraction": noise_fraction,
-        **fov,
-    }
+    parameters = {"modality": label, **drawn, **fov}
     landmarks = {name: subject_mm[k] for k, name in enumerate(names)}
     return Subject(data.astype(np.float32, copy=False), subject_affine, landmarks, parameters)
-
-
-def _slice_profile(
-    volume: np.ndarray, voxel_to_world: np.ndarray, rigid: np.ndarray, thick_axis: int, spacing: np.ndarray
-) -> np.ndarray:
-    """The template blurred along the axis that the subject's thick slices cut (Gaussian, FWHM = thickness),
-    so that thick slices average over their thickness instead of aliasing."""
-    direction = np.linalg.inv(voxel_to_world[:3, :3]) @ np.linalg.inv(rigid[:3, :3])[:, thick_axis]
-    axis = int(np.argmax(np.abs(direction)))
-    template_spacing = geometry.voxel_spacing_mm(voxel_to_world)[axis]
-    fwhm = np.sqrt(max(spacing[thick_axis] ** 2 - template_spacing**2, 0.0)) / template_spacing
-    if fwhm <= 0:
-        return volume
-    return ndimage.gaussian_filter1d(volume, fwhm / 2.3548, axis=axis, mode="nearest")
 
 
 # ---------------------------------------------------------------------------------------------------------
