@@ -535,3 +535,34 @@ def test_synth_command_refuses_mismatched_grids(tmp_path: Path, template_files) 
         main, ["synth", "--image", str(t1), "--landmarks", str(outside), "--n", "1", "--out", "x"]
     )
     assert result.exit_code == 1 and "landmark 'far' at (500.0, 0.0, 0.0) mm lies outside the image" in result.output
+
+
+def test_synth_command_defaults_match_the_options() -> None:
+    """The command repeats SynthOptions' defaults (the library is imported lazily); they must agree."""
+    from mdgru_keras.commands.synth import synth
+
+    defaults = SynthOptions()
+    fields = {name for name in defaults.__dataclass_fields__}
+    matched = [p for p in synth.params if p.name in fields]
+    assert len(matched) >= 24
+    for parameter in matched:
+        expected = getattr(defaults, parameter.name)
+        assert parameter.default == expected, (parameter.name, parameter.default, expected)
+
+
+def test_synth_command_family_and_new_ranges(tmp_path: Path, template_files) -> None:
+    t1, _, landmarks = template_files
+    out = tmp_path / "heldout"
+    args = ["synth", "--image", str(t1), "--landmarks", str(landmarks), "--n", "2", "--out", str(out)]
+    args += ["--max-translation-mm", "3", "--elastic-smoothness-mm", "10", "--elastic-large-smoothness-mm", "20"]
+    args += ["--family", "heldout", "--max-scale", "0.05", "--lowres-probability", "1", "--lowres-spacing-mm", "1", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    description = json.loads((out / "synth.json").read_text())
+    assert description["options"]["family"] == "heldout" and description["options"]["max_scale"] == 0.05
+    for subject in description["subjects"]:
+        assert subject["family"] == "heldout"
+        assert all(0.03 <= abs(s - 1) <= 0.05 for s in subject["scale"])  # the outer 40 % of the range
+        assert subject["lowres"] and min(subject["spacing_mm"]) >= 1.6
+    result = CliRunner().invoke(main, [*args[:9], "--lowres-spacing-mm", "2", "1"])
+    assert result.exit_code == 2 and "lowres_spacing_mm must be (low, high) with 0 < low <= high" in result.output
