@@ -20,6 +20,7 @@ from mdgru_keras.data.synth import (
     FAMILY_SPLIT,
     SynthOptions,
     Template,
+    _displacement_field,
     acquisition_sigma_voxel,
     contrast_curve,
     contrast_knots,
@@ -249,6 +250,31 @@ def test_the_large_elastic_field_moves_landmarks_non_rigidly() -> None:
 
     rigid = distances(replace(only_large, max_elastic_large_mm=0.0))
     assert np.abs(distances(only_large) - rigid).max() > 0.2
+
+
+def test_a_field_smoother_than_its_grid_is_a_bounded_shift() -> None:
+    """A correlation length beyond the control grid (a small template with the 50 mm default) gives a random
+    shift of about the asked std, not a nearly constant field blown up to it."""
+    shifts = np.stack([_displacement_field((9, 9, 9), 4.0, 50.0, 4.0, np.random.default_rng(s)) for s in range(20)])
+    assert shifts.std(axis=(1, 2, 3)).max() < 0.4  # nearly constant over the grid
+    assert 2.0 < shifts.mean(axis=(1, 2, 3)).std() < 6.0  # a shift of ~4 mm std across subjects
+
+
+@pytest.mark.parametrize("family", ["all", "train", "heldout"])
+def test_default_ranges_on_a_small_template(family: str) -> None:
+    """Every default range on the 40 mm marker template: the landmarks stay landmark_margin_mm inside the field
+    of view."""
+    template = marker_template()
+    options = SynthOptions(family=family, landmark_margin_mm=5.0, elastic_grid_mm=4.0)
+    for seed in range(6):
+        subject = make_subject(template, options, np.random.default_rng(seed))
+        spacing = np.asarray(subject.parameters["spacing_mm"])
+        shape = np.asarray(subject.data.shape)
+        for world_mm in subject.landmarks_world_mm.values():
+            voxel = geometry.world_to_voxel(world_mm, subject.voxel_to_world)
+            inside_mm = np.minimum(voxel + 0.5, shape - 0.5 - voxel) * spacing
+            assert inside_mm.min() > 5.0 - 1e-6, (seed, inside_mm, subject.parameters)
+        assert np.isfinite(subject.data).all() and subject.data.min() >= 0
 
 
 def tissue_template() -> Template:

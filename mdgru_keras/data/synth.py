@@ -321,16 +321,25 @@ def _control_grid(template: Template, options: SynthOptions) -> tuple[np.ndarray
 def _displacement_field(
     shape: tuple[int, int, int], std_mm: float, smoothness_mm: float, grid_mm: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Smooth random displacement ``[L1, L2, L3, 3]`` (mm) on the control grid, each component with std
-    ``std_mm`` and Gaussian correlation length ``smoothness_mm``. The random numbers are drawn even for
-    ``std_mm == 0``, so that switching one field off leaves the later draws alone."""
+    """Smooth random displacement ``[L1, L2, L3, 3]`` (mm) on the control grid: white noise through a periodic
+    Gaussian of correlation length ``smoothness_mm``, scaled so that each component's expected std is
+    ``std_mm``. On a grid not much larger than the correlation length the field tends to a random shift (its
+    realized std is not forced to ``std_mm``: dividing by it would blow a nearly constant field up). The
+    random numbers are drawn even for ``std_mm == 0``, so that switching one field off leaves the later draws
+    alone."""
     noise = rng.standard_normal((3, *shape))
     field = np.zeros((*shape, 3), np.float64)
     if std_mm == 0:
         return field
+    sigma_nodes = smoothness_mm / grid_mm
+    kernel_norm = 1.0  # root sum of squares of the periodic 3D kernel: the std of filtered unit white noise
+    for n in shape:
+        delta = np.zeros(n)
+        delta[0] = 1.0
+        kernel_norm *= float(np.sqrt(np.sum(ndimage.gaussian_filter1d(delta, sigma_nodes, mode="wrap") ** 2)))
     for component in range(3):
-        smooth = ndimage.gaussian_filter(noise[component], smoothness_mm / grid_mm, mode="wrap")
-        field[..., component] = smooth * (std_mm / max(smooth.std(), 1e-12))
+        smooth = ndimage.gaussian_filter(noise[component], sigma_nodes, mode="wrap")
+        field[..., component] = smooth * (std_mm / kernel_norm)
     return field
 
 
