@@ -224,7 +224,7 @@ def load_template(image: str | Path, landmarks: str | Path, image2: str | Path |
 # one subject: the random parameters
 
 
-def _fraction(rng: np.random.Generator, family: str, size: int | None = None) -> np.ndarray:
+def _fraction(rng: np.random.Generator, family: str, size: int | None = None) -> np.ndarray | float:
     """Uniform fractions of a split range: in [0, 1] for family ``all``, [0, FAMILY_SPLIT] for ``train`` and
     [FAMILY_SPLIT, 1] for ``heldout``."""
     uniform = rng.random(size)
@@ -235,7 +235,7 @@ def _fraction(rng: np.random.Generator, family: str, size: int | None = None) ->
     return uniform
 
 
-def _signed(rng: np.random.Generator, maximum: float, family: str, size: int | None = None) -> np.ndarray:
+def _signed(rng: np.random.Generator, maximum: float, family: str, size: int | None = None) -> np.ndarray | float:
     """Uniform in ``[-maximum, maximum]``, the magnitude split by family (:func:`_fraction`), the sign random."""
     magnitude = maximum * _fraction(rng, family, size)
     return np.where(rng.random(size) < 0.5, -1.0, 1.0) * magnitude
@@ -275,7 +275,7 @@ def sample_parameters(options: SynthOptions, rng: np.random.Generator) -> dict:
     strong_values = rng.random(CONTRAST_SEGMENTS)
     gamma = float(np.exp(_signed(rng, options.max_log_gamma, family)))
     # sharpness: unsharp mask or Gaussian blur
-    sharpen = bool(rng.random() < options.sharpen_probability)
+    sharpened = bool(rng.random() < options.sharpen_probability)
     sharpen_amount = options.max_sharpen * float(_fraction(rng, family))
     blur_sigma_mm = options.max_blur_mm * float(_fraction(rng, family))
     noise_fraction = options.max_noise * float(_fraction(rng, family))
@@ -296,8 +296,8 @@ def sample_parameters(options: SynthOptions, rng: np.random.Generator) -> dict:
         parameters["contrast_log_slopes"] = log_slopes.tolist()
     parameters.update(
         gamma=gamma,
-        sharpen_amount=sharpen_amount if sharpen else 0.0,
-        blur_sigma_mm=0.0 if sharpen else blur_sigma_mm,
+        sharpen_amount=sharpen_amount if sharpened else 0.0,
+        blur_sigma_mm=0.0 if sharpened else blur_sigma_mm,
         noise_fraction=noise_fraction,
     )
     return parameters
