@@ -32,6 +32,13 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="Chance of a lowered, taller field of view reaching the neck (else centred on the head).",
 )
+@click.option(
+    "--max-scale",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.10,
+    show_default=True,
+    help="Head size: each template axis scaled by a factor in [1 - s, 1 + s].",
+)
 @click.option("--max-rotation-deg", type=click.FloatRange(min=0), default=15.0, show_default=True)
 @click.option("--max-translation-mm", type=click.FloatRange(min=0), default=20.0, show_default=True)
 @click.option(
@@ -39,24 +46,79 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     type=click.FloatRange(min=0),
     default=3.0,
     show_default=True,
-    help="Std of the smooth elastic displacement (per component, mm); 0 for rigid only.",
+    help="Std of the fine elastic displacement (per component, mm); 0 for none.",
 )
 @click.option(
     "--elastic-smoothness-mm",
     type=click.FloatRange(min=1),
     default=20.0,
     show_default=True,
-    help="Correlation length of the elastic displacement.",
+    help="Correlation length of the fine elastic displacement.",
+)
+@click.option(
+    "--max-elastic-large-mm",
+    type=click.FloatRange(min=0),
+    default=4.0,
+    show_default=True,
+    help="Largest std of the large-scale elastic displacement (per subject uniform in [0, this]); 0 for none.",
+)
+@click.option(
+    "--elastic-large-smoothness-mm",
+    type=click.FloatRange(min=1),
+    default=50.0,
+    show_default=True,
+    help="Correlation length of the large-scale elastic displacement.",
 )
 @click.option("--spacing-mm", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Voxel size.")
 @click.option(
+    "--lowres-probability",
+    type=click.FloatRange(0, 1),
+    default=0.3,
+    show_default=True,
+    help="Chance of an isotropic voxel size from --lowres-spacing-mm instead of --spacing-mm.",
+)
+@click.option("--lowres-spacing-mm", type=(float, float), default=(1.0, 1.6), show_default=True)
+@click.option(
     "--anisotropic-probability",
     type=click.FloatRange(0, 1),
-    default=0.0,
+    default=0.25,
     show_default=True,
     help="Chance that one axis gets thick slices (see --slice-thickness-mm).",
 )
-@click.option("--slice-thickness-mm", type=(float, float), default=(1.5, 3.0), show_default=True)
+@click.option("--slice-thickness-mm", type=(float, float), default=(1.5, 4.0), show_default=True)
+@click.option(
+    "--max-contrast-log-slope",
+    type=click.FloatRange(min=0),
+    default=0.4,
+    show_default=True,
+    help="Tissue contrast: each segment of a monotone intensity curve (knots at template percentiles) has its "
+    "slope multiplied by exp(U[-c, c]).",
+)
+@click.option(
+    "--strong-contrast-probability",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Chance of a random, non-monotone intensity curve instead (never in --family train).",
+)
+@click.option(
+    "--max-log-gamma",
+    type=click.FloatRange(min=0),
+    default=0.3,
+    show_default=True,
+    help="Gamma exp(U[-g, g]) on intensities normalized to the 99th percentile.",
+)
+@click.option(
+    "--sharpen-probability",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Chance of an unsharp mask (--max-sharpen), else a Gaussian blur (--max-blur-mm).",
+)
+@click.option("--max-sharpen", type=click.FloatRange(min=0), default=1.0, show_default=True, help="Unsharp amount.")
+@click.option(
+    "--max-blur-mm", type=click.FloatRange(min=0), default=1.2, show_default=True, help="Largest blur sigma (mm)."
+)
 @click.option(
     "--bias", "bias_std", type=click.FloatRange(min=0), default=0.15, show_default=True, help="Bias field strength."
 )
@@ -64,9 +126,17 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     "--noise",
     "max_noise",
     type=click.FloatRange(min=0),
-    default=0.03,
+    default=0.06,
     show_default=True,
     help="Largest Rician noise sigma, as a fraction of the 99th intensity percentile.",
+)
+@click.option(
+    "--family",
+    type=click.Choice(["all", "train", "heldout"]),
+    default="all",
+    show_default=True,
+    help="Generalization check: train draws the lower 60 % of every marked range, heldout the rest and never "
+    "seen contrasts (docs/SYNTH.md); all draws whole ranges.",
 )
 @click.option("--landmark-format", type=click.Choice(["fcsv", "mrk.json", "csv"]), default="fcsv", show_default=True)
 @click.option(
@@ -86,11 +156,14 @@ def synth(
 ) -> None:
     """Write a synthetic population made from one template scan and its landmarks.
 
-    Every subject is the template under a random smooth elastic deformation and a random rigid pose
-    (rotations up to --max-rotation-deg about each axis, translations up to --max-translation-mm), seen
-    through a random field of view (centred on the head, or lowered to reach the neck), with a bias field
-    and Rician noise; optionally with thick slices. The landmarks follow the same transform exactly.
-    With --image2, subjects are mixed from both images (e.g. T1w and T2w).
+    Every subject is the template with a random head size (--max-scale), a random smooth elastic deformation
+    at two scales and a random rigid pose (rotations up to --max-rotation-deg about each axis, translations up
+    to --max-translation-mm), with changed tissue contrast and gamma, sharpened or blurred, acquired at 1 mm,
+    lower isotropic resolution or with thick slices, through a random field of view (centred on the head, or
+    lowered to reach the neck), with a bias field and Rician noise. The landmarks follow the same transform
+    exactly. With --image2, subjects are mixed from both images (e.g. T1w and T2w). Every range and chance is
+    switched off by 0. --family train / heldout write two populations with disjoint ranges, to train on one
+    and measure the error on unseen heads with the other (docs/SYNTH.md).
 
     OUT gets images/ (int16 NIfTI, .nii unless --gzip), landmarks/ (one file per subject, RAS), manifest.csv
     (subject,image,landmarks,split; ready for `mdgru-localize prepare`) and synth.json (what was drawn).

@@ -224,7 +224,7 @@ def load_template(image: str | Path, landmarks: str | Path, image2: str | Path |
 # one subject: the random parameters
 
 
-def _fraction(rng: np.random.Generator, family: str, size: int | None = None) -> np.ndarray:
+def _fraction(rng: np.random.Generator, family: str, size: int | None = None) -> np.ndarray | float:
     """Uniform fractions of a split range: in [0, 1] for family ``all``, [0, FAMILY_SPLIT] for ``train`` and
     [FAMILY_SPLIT, 1] for ``heldout``."""
     uniform = rng.random(size)
@@ -235,7 +235,7 @@ def _fraction(rng: np.random.Generator, family: str, size: int | None = None) ->
     return uniform
 
 
-def _signed(rng: np.random.Generator, maximum: float, family: str, size: int | None = None) -> np.ndarray:
+def _signed(rng: np.random.Generator, maximum: float, family: str, size: int | None = None) -> np.ndarray | float:
     """Uniform in ``[-maximum, maximum]``, the magnitude split by family (:func:`_fraction`), the sign random."""
     magnitude = maximum * _fraction(rng, family, size)
     return np.where(rng.random(size) < 0.5, -1.0, 1.0) * magnitude
@@ -275,7 +275,7 @@ def sample_parameters(options: SynthOptions, rng: np.random.Generator) -> dict:
     strong_values = rng.random(CONTRAST_SEGMENTS)
     gamma = float(np.exp(_signed(rng, options.max_log_gamma, family)))
     # sharpness: unsharp mask or Gaussian blur
-    sharpen = bool(rng.random() < options.sharpen_probability)
+    sharpened = bool(rng.random() < options.sharpen_probability)
     sharpen_amount = options.max_sharpen * float(_fraction(rng, family))
     blur_sigma_mm = options.max_blur_mm * float(_fraction(rng, family))
     noise_fraction = options.max_noise * float(_fraction(rng, family))
@@ -296,8 +296,8 @@ def sample_parameters(options: SynthOptions, rng: np.random.Generator) -> dict:
         parameters["contrast_log_slopes"] = log_slopes.tolist()
     parameters.update(
         gamma=gamma,
-        sharpen_amount=sharpen_amount if sharpen else 0.0,
-        blur_sigma_mm=0.0 if sharpen else blur_sigma_mm,
+        sharpen_amount=sharpen_amount if sharpened else 0.0,
+        blur_sigma_mm=0.0 if sharpened else blur_sigma_mm,
         noise_fraction=noise_fraction,
     )
     return parameters
@@ -321,16 +321,25 @@ def _control_grid(template: Template, options: SynthOptions) -> tuple[np.ndarray
 def _displacement_field(
     shape: tuple[int, int, int], std_mm: float, smoothness_mm: float, grid_mm: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Smooth random displacement ``[L1, L2, L3, 3]`` (mm) on the control grid, each component with std
-    ``std_mm`` and Gaussian correlation length ``smoothness_mm``. The random numbers are drawn even for
-    ``std_mm == 0``, so that switching one field off leaves the later draws alone."""
+    """Smooth random displacement ``[L1, L2, L3, 3]`` (mm) on the control grid: white noise through a periodic
+    Gaussian of correlation length ``smoothness_mm``, scaled so that each component's expected std is
+    ``std_mm``. On a grid not much larger than the correlation length the field tends to a random shift (its
+    realized std is not forced to ``std_mm``: dividing by it would blow a nearly constant field up). The
+    random numbers are drawn even for ``std_mm == 0``, so that switching one field off leaves the later draws
+    alone."""
     noise = rng.standard_normal((3, *shape))
     field = np.zeros((*shape, 3), np.float64)
     if std_mm == 0:
         return field
+    sigma_nodes = smoothness_mm / grid_mm
+    kernel_norm = 1.0  # root sum of squares of the periodic 3D kernel: the std of filtered unit white noise
+    for n in shape:
+        delta = np.zeros(n)
+        delta[0] = 1.0
+        kernel_norm *= float(np.sqrt(np.sum(ndimage.gaussian_filter1d(delta, sigma_nodes, mode="wrap") ** 2)))
     for component in range(3):
-        smooth = ndimage.gaussian_filter(noise[component], smoothness_mm / grid_mm, mode="wrap")
-        field[..., component] = smooth * (std_mm / max(smooth.std(), 1e-12))
+        smooth = ndimage.gaussian_filter(noise[component], sigma_nodes, mode="wrap")
+        field[..., component] = smooth * (std_mm / kernel_norm)
     return field
 
 
