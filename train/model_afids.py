@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "afids.yaml"
 TRAIN_SUBJECTS = 88  # 80 training and 8 validation subjects
 TRAIN_SEED = 101
-COARSE_EPOCHS = 4
-FINE_EPOCHS = 14
+COARSE_EPOCHS = 5
+FINE_EPOCHS = 16
 
 
 def _cli() -> list[str]:
