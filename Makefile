@@ -12,14 +12,18 @@ LANDMARKS ?= PMJ
 DEMO ?= demo
 DEMO_TRAIN_SUBJECTS ?= 32
 DEMO_TEST_SUBJECTS ?= 6
-DEMO_COARSE_SECONDS ?= 360
+# Training in the demo is bounded by epochs (a fixed, seeded number of steps: 14 steps of 8 per epoch with the
+# 27 training subjects), so every machine trains the same model; a slower one only takes longer.
+DEMO_COARSE_EPOCHS ?= 22
 # The demo's template scans and landmarks (the AFIDs template by default; tests put a small synthetic one here)
 # and extra `mdgru-localize synth` options for its population.
 DEMO_T1 ?= $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz
 DEMO_T2 ?= $(DEMO)/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz
 DEMO_FIDUCIALS ?= $(DEMO)/afids.fcsv
 DEMO_SYNTH_ARGS ?=
-DEMO_FINE_SECONDS ?= 240
+DEMO_FINE_EPOCHS ?= 36
+# The demo also runs the model shipped with the package (all 32 AFIDs) on its held-out subjects: yes or no.
+DEMO_PRETRAINED ?= yes
 DATA ?= $(DEMO)/dataset
 RUN ?= runs/$(CONFIG)
 RUN_COARSE ?= $(RUN)/coarse
@@ -29,7 +33,7 @@ NAME ?= mdgru
 VERSION ?=
 TRAIN_ARGS ?=
 
-.PHONY: install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
+.PHONY: model-afids evaluate-pretrained install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
 	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
 
 install: $(STAMP)
@@ -83,11 +87,25 @@ evaluate-demo: $(STAMP)
 # The demo trains afresh into $(DEMO)/run each time (the population above is made once and reused).
 demo: demo-population
 	rm -rf $(DEMO)/run
-	$(MAKE) train-coarse RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_COARSE_SECONDS) $(TRAIN_ARGS)"
-	$(MAKE) train-fine RUN=$(DEMO)/run TRAIN_ARGS="--max-seconds $(DEMO_FINE_SECONDS) $(TRAIN_ARGS)"
+	$(MAKE) train-coarse RUN=$(DEMO)/run TRAIN_ARGS="--epochs $(DEMO_COARSE_EPOCHS) $(TRAIN_ARGS)"
+	$(MAKE) train-fine RUN=$(DEMO)/run TRAIN_ARGS="--epochs $(DEMO_FINE_EPOCHS) $(TRAIN_ARGS)"
 	$(MAKE) export RUN=$(DEMO)/run EXPORT=$(DEMO)/run/export
 	$(MAKE) evaluate-demo RUN=$(DEMO)/run EXPORT=$(DEMO)/run/export
+ifeq ($(DEMO_PRETRAINED),yes)
+	$(MAKE) evaluate-pretrained
+endif
 	@echo "Demo done: table above, figures in $(DEMO)/run/figures, Slicer files in $(DEMO)/run/predictions"
+
+# The shipped 32-AFIDs model on the demo's held-out subjects: per-landmark errors.
+evaluate-pretrained: $(STAMP) $(DEMO)/test/manifest.csv
+	$(CLI) evaluate --model "$$($(BIN)/python -c 'from mdgru_keras.pretrained import pretrained_model_dir as d; print(d())')" \
+		--manifest $(DEMO)/test/manifest.csv --json $(DEMO)/pretrained-evaluation.json
+
+# The shipped model: trains all 32 AFIDs from scratch on 2 CPU cores (steps fixed; resumable: run it again after
+# an interruption) and installs it into mdgru_keras/pretrained/afids32. See docs/MODEL_CARD.md.
+AFIDS_WORK ?= runs/model-afids
+model-afids: $(STAMP)
+	$(BIN)/python -m train.model_afids --work $(AFIDS_WORK) --demo $(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)

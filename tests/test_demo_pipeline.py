@@ -57,8 +57,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
         "DEMO_SYNTH_ARGS": "--max-rotation-deg 5 --max-translation-mm 2 --elastic-mm 1 --neck-probability 0",
         "DEMO_TRAIN_SUBJECTS": TRAIN_SUBJECTS,
         "DEMO_TEST_SUBJECTS": TEST_SUBJECTS,
-        "DEMO_COARSE_SECONDS": 60,
-        "DEMO_FINE_SECONDS": 60,
+        "DEMO_COARSE_EPOCHS": 3,
+        "DEMO_FINE_EPOCHS": 3,
+        "DEMO_PRETRAINED": "no",  # the shipped AFIDs model has no business with this synthetic template
         "CONFIG": "tiny",
         "LANDMARKS": "A",
         "TRAIN_ARGS": "--epochs 3 --quiet",

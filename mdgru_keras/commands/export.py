@@ -12,15 +12,21 @@ import click
     "--coarse",
     "coarse_run",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
+    default=None,
     help="Training run directory of the coarse stage (config.json, model.keras).",
 )
 @click.option(
     "--fine",
     "fine_run",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
+    default=None,
     help="Training run directory of the fine stage (config.json, model.keras).",
+)
+@click.option(
+    "--pretrained",
+    default=None,
+    help="Instead of --coarse/--fine: write a model shipped with the package (afids32: all 32 AFIDs) as a "
+    "TensorFlow Serving SavedModel, e.g. for the official TF Serving image.",
 )
 @click.option(
     "--out",
@@ -46,7 +52,13 @@ import click
     "lower it to bound memory with many landmarks and the paper preset).",
 )
 def export(
-    coarse_run: Path, fine_run: Path, base_dir: Path, name: str, version: int | None, fine_batch_size: int | None
+    coarse_run: Path | None,
+    fine_run: Path | None,
+    pretrained: str | None,
+    base_dir: Path,
+    name: str,
+    version: int | None,
+    fine_batch_size: int | None,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -62,12 +74,26 @@ def export(
     \b
       mdgru-localize export --coarse runs/coarse --fine runs/fine --out export --name mdgru
       mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
+      mdgru-localize export --pretrained afids32 --out models --name afids32
     """
     import time
 
     from mdgru_keras.errors import InputError
     from serving.export import export_runs, next_version, read_model_info
 
+    if pretrained is not None:
+        if coarse_run is not None or fine_run is not None:
+            raise click.UsageError("give either --pretrained or --coarse and --fine, not both")
+        from mdgru_keras.pretrained import copy_pretrained
+
+        try:
+            version_dir = copy_pretrained(pretrained, base_dir, name, version)
+        except (InputError, FileExistsError) as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"Wrote SavedModel {version_dir} (pretrained model {pretrained})")
+        return
+    if coarse_run is None or fine_run is None:
+        raise click.UsageError("give --coarse and --fine (training runs), or --pretrained NAME")
     started = time.monotonic()
     shown_version = version or next_version(base_dir / name)
     click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)

@@ -19,7 +19,8 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     "model_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="Exported model: BASE/NAME (the newest numbered version is used) or one version folder BASE/NAME/V.",
+    help="Exported model: BASE/NAME (the newest numbered version is used) or one version folder BASE/NAME/V. "
+    "Default (without --server): the model shipped with the package, all 32 AFIDs (docs/MODEL_CARD.md).",
 )
 @click.option(
     "--server",
@@ -72,8 +73,10 @@ def predict(
 ) -> None:
     """Find the landmarks in NIfTI scans (IMAGES: .nii or .nii.gz, any orientation and spacing).
 
-    The scans go through a model exported by `mdgru-localize export`, either loaded here (--model, loaded
-    once for all scans) or served by TensorFlow Serving (--server). Coordinates are reported in RAS
+    Without --model or --server, the model shipped with the package localizes all 32 AFIDs (anatomical
+    fiducials: AC, PC, PMJ, ...; docs/MODEL_CARD.md). Otherwise the scans go through a model exported by
+    `mdgru-localize export`, either loaded here (--model, loaded once for all scans) or served by
+    TensorFlow Serving (--server). Coordinates are reported in RAS
     millimetres (world_mm, as 3D Slicer shows them) and as voxel indices of each file's own array (voxel,
     0-based). A scan that cannot be read or that the model refuses is reported on one line and skipped;
     the others are still written, and the exit status is 1.
@@ -81,12 +84,21 @@ def predict(
     Examples:
 
     \b
+      mdgru-localize predict sub-01_T1w.nii.gz --format fcsv --out sub-01_afids.fcsv
       mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
       mdgru-localize predict scans/*.nii.gz --model export/mdgru --out landmarks.json --figure figures/
       mdgru-localize predict scans/*.nii.gz --server 127.0.0.1:8500 --format csv --out landmarks.csv
     """
-    if (model_dir is None) == (server is None):
-        raise click.UsageError("give exactly one of --model EXPORT_DIR and --server HOST:PORT")
+    if model_dir is not None and server is not None:
+        raise click.UsageError("give at most one of --model EXPORT_DIR and --server HOST:PORT")
+    if model_dir is None and server is None:
+        from mdgru_keras.errors import InputError
+        from mdgru_keras.pretrained import DEFAULT_MODEL, pretrained_model_dir
+
+        try:
+            model_dir = pretrained_model_dir(DEFAULT_MODEL)
+        except InputError as error:
+            raise click.ClickException(f"{error} (or give --model EXPORT_DIR)") from None
     if fmt == "fcsv" and out is None:
         raise click.UsageError("--format fcsv writes files: give --out (a .fcsv file, or a directory for many scans)")
     if fmt == "fcsv" and len(images) > 1 and out.suffix.lower() == ".fcsv":

@@ -37,19 +37,20 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _check_name(name: str) -> Path:
+def _check_name(name: str, root: Path | None = None) -> Path:
+    """The folder of pretrained model ``name`` under ``root`` (default: this package's folder)."""
     if name not in KNOWN:
         raise InputError(name, f"is not a pretrained model (known: {', '.join(sorted(KNOWN))})")
-    return _package_dir() / name
+    return (Path(root) if root is not None else _package_dir()) / name
 
 
-def is_installed(name: str = DEFAULT_MODEL) -> bool:
+def is_installed(name: str = DEFAULT_MODEL, root: Path | None = None) -> bool:
     """Whether the package holds pretrained model ``name`` (files present; not yet checked)."""
-    return (_check_name(name) / MANIFEST).is_file()
+    return (_check_name(name, root) / MANIFEST).is_file()
 
 
-def read_manifest(name: str = DEFAULT_MODEL) -> dict:
-    path = _check_name(name) / MANIFEST
+def read_manifest(name: str = DEFAULT_MODEL, root: Path | None = None) -> dict:
+    path = _check_name(name, root) / MANIFEST
     if not path.is_file():
         raise InputError(
             path.parent, f"pretrained model {name!r} is not installed in this package; make it with `make model-afids`"
@@ -60,26 +61,31 @@ def read_manifest(name: str = DEFAULT_MODEL) -> dict:
         raise InputError(path, f"unreadable pretrained-model manifest ({error})") from None
 
 
-def pretrained_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    """The SavedModel folder of pretrained model ``name``, every file checked against its manifest's SHA-256."""
-    manifest = read_manifest(name)
-    root = _check_name(name) / SAVED_MODEL
+def pretrained_model_dir(name: str = DEFAULT_MODEL, root: Path | None = None) -> Path:
+    """The SavedModel folder of pretrained model ``name``, every file checked against its manifest's SHA-256.
+
+    ``root``: where the models lie (default: this package); for tests and unpacked copies.
+    """
+    manifest = read_manifest(name, root)
+    folder = _check_name(name, root) / SAVED_MODEL
     for relative, expected in manifest["files"].items():
-        path = root / relative
+        path = folder / relative
         if not path.is_file():
             raise InputError(path, f"missing from pretrained model {name!r}; reinstall the package")
         if sha256_file(path) != expected["sha256"]:
             raise InputError(path, f"SHA-256 differs from the manifest of pretrained model {name!r}; reinstall")
-    return root
+    return folder
 
 
-def install_pretrained(name: str, version_dir: str | Path, recipe: dict | None = None) -> Path:
+def install_pretrained(
+    name: str, version_dir: str | Path, recipe: dict | None = None, root: Path | None = None
+) -> Path:
     """Copy an exported SavedModel version folder into the package as pretrained model ``name``.
 
     The files and their manifest are written to a temporary folder beside the target and swapped in with
     ``os.replace``: the package holds the old model or the new one, never a mix. Returns the model's folder.
     """
-    target = _check_name(name)
+    target = _check_name(name, root)
     source = Path(version_dir)
     if not (source / "saved_model.pb").is_file():
         raise InputError(source, "is not a SavedModel version folder (no saved_model.pb)")
@@ -110,4 +116,27 @@ def install_pretrained(name: str, version_dir: str | Path, recipe: dict | None =
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def copy_pretrained(
+    name: str, base_dir: str | Path, model_name: str, version: int | None = None, root: Path | None = None
+) -> Path:
+    """Write pretrained model ``name`` (checked) as ``BASE/MODEL_NAME/VERSION/``, TF Serving's layout, in one
+    atomic step; the default version is one more than the newest there. An existing version is never replaced."""
+    source = pretrained_model_dir(name, root)
+    model_dir = Path(base_dir) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        numbers = [int(child.name) for child in model_dir.iterdir() if child.name.isdigit()]
+        version = max(numbers, default=0) + 1
+    target = model_dir / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target}: version {version} exists already; choose another --version")
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
+    try:
+        shutil.copytree(source, staging / "model")
+        os.replace(staging / "model", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target

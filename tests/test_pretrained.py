@@ -1,0 +1,131 @@
+"""The model shipped with the package: integrity checks, and that it localizes the 32 AFIDs on a moved template.
+
+The accuracy test takes the AFIDs template (the `autoafids` wheel from PyPI, as `make demo` does), rotates,
+shifts and resamples it to 1.2 mm voxels, and asks `predict`'s code path (no --model: the shipped model) for
+the 32 landmarks: the template's expert landmarks moved by the same transform are the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from mdgru_keras import pretrained
+from mdgru_keras.errors import InputError
+
+SHIPPED = pretrained.is_installed(pretrained.DEFAULT_MODEL)
+# Mean error bound over the 32 AFIDs on the moved template (docs/MODEL_CARD.md has the measured value).
+MEAN_ERROR_BOUND_MM = 3.0
+
+
+def _pypi_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_unknown_pretrained_name_is_refused_in_one_line():
+    with pytest.raises(InputError, match="is not a pretrained model") as error:
+        pretrained.pretrained_model_dir("no-such-model")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no pretrained model installed (make model-afids)")
+def test_shipped_model_matches_its_manifest_and_a_damaged_copy_is_refused(tmp_path):
+    manifest = pretrained.read_manifest()
+    model_dir = pretrained.pretrained_model_dir()
+    assert (model_dir / "saved_model.pb").is_file()
+    files = manifest["files"]
+    assert "saved_model.pb" in files and sum(f["bytes"] for f in files.values()) < 25e6
+    # the same check on a copy with one byte changed
+    root = tmp_path / "pkg"
+    shutil.copytree(model_dir.parent, root / pretrained.DEFAULT_MODEL)
+    variables = next((root / pretrained.DEFAULT_MODEL / pretrained.SAVED_MODEL / "variables").glob("*.data-*"))
+    data = bytearray(variables.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    variables.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="SHA-256 differs") as error:
+        pretrained.pretrained_model_dir(root=root)
+    assert "\n" not in str(error.value)
+
+
+def test_install_and_copy_are_atomic_and_checked(tmp_path):
+    """install_pretrained writes files + manifest; copy_pretrained makes a TF-Serving version folder."""
+    export = tmp_path / "export" / "1"
+    (export / "variables").mkdir(parents=True)
+    (export / "saved_model.pb").write_bytes(b"graph")
+    (export / "variables" / "variables.index").write_bytes(b"index")
+    root = tmp_path / "pkg"
+    root.mkdir()
+    target = pretrained.install_pretrained(pretrained.DEFAULT_MODEL, export, recipe={"steps": 3}, root=root)
+    manifest = json.loads((target / pretrained.MANIFEST).read_text())
+    assert manifest["recipe"] == {"steps": 3}
+    assert set(manifest["files"]) == {"saved_model.pb", "variables/variables.index"}
+    assert pretrained.pretrained_model_dir(root=root) == target / pretrained.SAVED_MODEL
+    # a second install replaces the first entirely
+    (export / "saved_model.pb").write_bytes(b"graph 2")
+    pretrained.install_pretrained(pretrained.DEFAULT_MODEL, export, root=root)
+    assert (target / pretrained.SAVED_MODEL / "saved_model.pb").read_bytes() == b"graph 2"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    out = pretrained.copy_pretrained(pretrained.DEFAULT_MODEL, tmp_path / "serving", "afids32", root=root)
+    assert out == tmp_path / "serving" / "afids32" / "1" and (out / "saved_model.pb").read_bytes() == b"graph 2"
+    with pytest.raises(FileExistsError):
+        pretrained.copy_pretrained(pretrained.DEFAULT_MODEL, tmp_path / "serving", "afids32", version=1, root=root)
+    with pytest.raises(InputError, match="not a SavedModel"):
+        pretrained.install_pretrained(pretrained.DEFAULT_MODEL, tmp_path, root=root)
+
+
+def _moved_template(template: Path, landmarks_mm: np.ndarray, out: Path) -> np.ndarray:
+    """Write the template rotated by (8, -6, 10) degrees about its centre, shifted by (6, -9, 5) mm and
+    resampled to 1.2 mm voxels; return the landmarks moved the same way."""
+    image = nib.as_closest_canonical(nib.load(template))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    source_affine = image.affine
+    centre = source_affine[:3, :3] @ ((np.array(data.shape) - 1) / 2) + source_affine[:3, 3]
+    rotation = Rotation.from_euler("xyz", [8, -6, 10], degrees=True).as_matrix()
+    shift = np.array([6.0, -9.0, 5.0])
+    forward = np.eye(4)  # template world -> subject world
+    forward[:3, :3] = rotation
+    forward[:3, 3] = centre + shift - rotation @ centre
+    spacing = 1.2
+    shape = np.ceil(np.array(data.shape) / spacing).astype(int)
+    target_affine = np.diag([spacing, spacing, spacing, 1.0])
+    target_affine[:3, 3] = centre + shift - spacing * (shape - 1) / 2
+    # subject voxel -> subject world -> template world -> template voxel
+    pull = np.linalg.inv(source_affine) @ np.linalg.inv(forward) @ target_affine
+    moved = ndimage.affine_transform(data, pull[:3, :3], pull[:3, 3], output_shape=tuple(shape), order=1)
+    nib.save(nib.Nifti1Image(moved.astype(np.float32), target_affine), out)
+    return landmarks_mm @ forward[:3, :3].T + forward[:3, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED, reason="no pretrained model installed (make model-afids)")
+@pytest.mark.skipif(not _pypi_reachable(), reason="PyPI unreachable: the AFIDs template cannot be fetched")
+def test_shipped_model_localizes_the_32_afids_on_a_moved_template(tmp_path):
+    from mdgru_keras.data.demo import fetch_demo_data
+    from mdgru_keras.io.landmarks import read_landmarks
+    from mdgru_keras.prediction import predict_scan
+    from serving.servable import LocalLocalizationClient
+
+    demo = fetch_demo_data(tmp_path / "demo")
+    truth = read_landmarks(demo.named_landmarks)
+    names = list(truth)
+    assert len(names) == 32
+    moved = _moved_template(demo.t1w, np.stack([truth[n] for n in names]), tmp_path / "moved_T1w.nii.gz")
+    client = LocalLocalizationClient(pretrained.pretrained_model_dir())
+    prediction = predict_scan(client, tmp_path / "moved_T1w.nii.gz").world_mm_by_name()
+    errors = np.array([np.linalg.norm(prediction[name] - moved[k]) for k, name in enumerate(names)])
+    print("errors (mm):", " ".join(f"{n} {e:.1f}" for n, e in zip(names, errors)))
+    print(f"mean {errors.mean():.2f} mm, median {np.median(errors):.2f} mm, max {errors.max():.2f} mm")
+    assert errors.mean() < MEAN_ERROR_BOUND_MM
+    assert np.median(errors) < MEAN_ERROR_BOUND_MM
