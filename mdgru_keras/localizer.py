@@ -21,7 +21,8 @@ already at ``config.spacing_mm``) to the voxel coordinates of the config's K lan
 
 Decoding: ``voxel`` / ``coarse_voxel`` use the parabola refinement when ``config.parabola`` is true and the
 plain argmax otherwise; both variants are always returned too (``*_argmax``, ``*_parabola``), which are the
-rows of the paper's Table 1a. The fine windows are centred on ``coarse_voxel``.
+rows of the paper's Table 1a. The fine windows are centred on ``coarse_voxel`` (with ``fine_passes > 1``, later
+passes on the previous pass's ``voxel``).
 
 Confidence: per axis the probability mass of the peak class and its two neighbours
 (``geometry.peak_mass_tf``), multiplied over the three axes: the network's probability that the landmark lies
@@ -71,6 +72,9 @@ class TwoStageLocalizer(tf.Module):
             the paper preset); ``None``: all K at once.
         share_windows_margin_voxel: ``None`` (the paper): one window per landmark, centred on it; an integer
             ``m``: landmarks share windows with ``m`` voxels to spare (module docstring).
+        fine_passes: 1 (the paper): the fine windows are centred on the coarse estimates; 2 or more: each
+            further pass centres the windows on the previous fine estimates, so that a landmark the coarse
+            stage missed by several voxels is finally decoded near the centre of its window.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class TwoStageLocalizer(tf.Module):
         config: Config,
         fine_batch_size: int | None = None,
         share_windows_margin_voxel: int | None = None,
+        fine_passes: int = 1,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -89,6 +94,9 @@ class TwoStageLocalizer(tf.Module):
         self.num_landmarks = config.num_landmarks
         self.fine_batch_size = min(fine_batch_size or self.num_landmarks, self.num_landmarks)
         self.share_windows_margin_voxel = share_windows_margin_voxel
+        if fine_passes < 1:
+            raise ValueError(f"fine_passes must be >= 1, got {fine_passes}")
+        self.fine_passes = int(fine_passes)
         if share_windows_margin_voxel is not None and not 0 <= share_windows_margin_voxel <= (
             config.fine.window_size - 3
         ) // 2:
@@ -128,7 +136,11 @@ class TwoStageLocalizer(tf.Module):
         """The whole two-stage localization (plain TF; ``__call__`` is its compiled form)."""
         features = self._preprocess(volume)
         result = self._coarse_stage(features)
-        result.update(self._fine_stage(features, result["coarse_voxel"]))
+        centre = result["coarse_voxel"]
+        for _ in range(self.fine_passes):
+            fine = self._fine_stage(features, centre)
+            centre = fine["voxel"]
+        result.update(fine)
         return result
 
     def _preprocess(self, volume: tf.Tensor) -> tf.Tensor:

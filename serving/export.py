@@ -469,13 +469,17 @@ def export_runs(
     name: str = DEFAULT_MODEL_NAME,
     version: int | None = None,
     fine_batch_size: int | None = None,
+    fine_passes: int = 1,
 ) -> Path:
-    """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel."""
+    """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel
+    (``fine_passes``: see :class:`mdgru_keras.localizer.TwoStageLocalizer`)."""
     coarse = load_run(coarse_run, "coarse")
     fine = load_run(fine_run, "fine")
     config = combine_configs(coarse.config, fine.config, str(coarse.path), str(fine.path))
-    localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size)
+    localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size,
+                                  fine_passes=fine_passes)
     info = {
+        "fine_passes": fine_passes,
         "runs": {
             run.stage: {
                 "path": str(run.path.resolve()),

@@ -190,3 +190,19 @@ def test_tiny_preset_learns_to_localize_blobs_to_below_one_voxel():
     print("errors (coarse, fine):", " ".join(f"({c:.1f}, {f:.2f})" for c, f in zip(coarse_errors, errors)))
     assert np.mean(errors) < 1.0, errors
     assert np.mean(errors) < np.mean(coarse_errors), (errors, coarse_errors)
+
+
+def test_second_fine_pass_centres_the_windows_on_the_first_fine_estimates(tiny3, rng):
+    config, coarse, fine, localizer = tiny3
+    volume = rng.normal(size=(30, 34, 28)).astype(np.float32)
+    first = localizer(volume)
+    two = TwoStageLocalizer(coarse, fine, config, fine_passes=2)(volume)
+    again = localizer.fine(volume, first["voxel"])  # the fine stage around the first pass's answer
+    for key in ("voxel", "voxel_argmax", "confidence", "window_origin_voxel"):
+        np.testing.assert_allclose(two[key].numpy(), again[key].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(two["coarse_voxel"].numpy(), first["coarse_voxel"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(
+        two["window_origin_voxel"].numpy(), G.window_origin_around(first["voxel"].numpy(), config.fine.window_size)
+    )
+    with pytest.raises(ValueError, match="fine_passes"):
+        TwoStageLocalizer(coarse, fine, config, fine_passes=0)

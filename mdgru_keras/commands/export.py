@@ -51,6 +51,14 @@ import click
     help="At most this many fine windows through the fine network at once (default: all landmarks at once; "
     "lower it to bound memory with many landmarks and the paper preset).",
 )
+@click.option(
+    "--fine-passes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Fine passes: 1 centres the fine windows on the coarse estimates (the paper); 2 runs the fine stage "
+    "again with windows centred on the first fine estimates.",
+)
 def export(
     coarse_run: Path | None,
     fine_run: Path | None,
@@ -59,6 +67,7 @@ def export(
     name: str,
     version: int | None,
     fine_batch_size: int | None,
+    fine_passes: int,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -98,7 +107,7 @@ def export(
     shown_version = version or next_version(base_dir / name)
     click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)
     try:
-        version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size)
+        version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes)
     except (InputError, FileExistsError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     info = read_model_info(version_dir)

@@ -630,3 +630,36 @@ def synthesize_population(
     for row in rows:
         writer.writerow([row["subject"], row["image"], row["landmarks"], ""])
     return write_text_atomic(out_dir / MANIFEST_NAME, manifest.getvalue())
+
+
+def moved_copy(
+    image: str | Path,
+    landmarks_world_mm: np.ndarray,
+    out: str | Path,
+    rotation_deg: tuple[float, float, float] = (8.0, -6.0, 10.0),
+    shift_mm: tuple[float, float, float] = (6.0, -9.0, 5.0),
+    spacing_mm: float = 1.2,
+) -> np.ndarray:
+    """Write ``image`` rotated about its centre (x, y, z Euler angles), shifted and resampled to isotropic
+    ``spacing_mm`` voxels (trilinear) to ``out``; return ``landmarks_world_mm`` ``[K, 3]`` moved the same way.
+
+    A plain rigid move with none of the synthetic population's deformations or appearance changes: how the
+    shipped model's test and ``bench/bench_pretrained.py`` present the template itself as a new scan.
+    """
+    import nibabel as nib
+    from scipy.spatial.transform import Rotation
+
+    source = nib.as_closest_canonical(nib.load(str(image)))
+    data = np.asarray(source.dataobj, dtype=np.float32)
+    centre = source.affine[:3, :3] @ ((np.array(data.shape) - 1) / 2) + source.affine[:3, 3]
+    rotation = Rotation.from_euler("xyz", rotation_deg, degrees=True).as_matrix()
+    forward = np.eye(4)  # template world -> new world
+    forward[:3, :3] = rotation
+    forward[:3, 3] = centre + np.asarray(shift_mm) - rotation @ centre
+    shape = np.ceil(np.array(data.shape) / spacing_mm).astype(int)
+    target = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    target[:3, 3] = centre + np.asarray(shift_mm) - spacing_mm * (shape - 1) / 2
+    pull = np.linalg.inv(source.affine) @ np.linalg.inv(forward) @ target  # new voxel -> template voxel
+    moved = ndimage.affine_transform(data, pull[:3, :3], pull[:3, 3], output_shape=tuple(shape), order=1)
+    write_volume(out, moved.astype(np.float32), target)
+    return geometry.apply_affine(forward, np.asarray(landmarks_world_mm, dtype=np.float64))

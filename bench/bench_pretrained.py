@@ -1,0 +1,233 @@
+"""Benchmark: the shipped 32-AFIDs model on heads it never saw, next to atlas registration, and its speed.
+
+Run: ``python -m bench.bench_pretrained`` (``make bench-pretrained``). Every accuracy step is a user command
+(``mdgru-localize synth`` / ``evaluate --baseline registration``). Test conditions, none of them in training
+(the model trained on seed 101, ``docs/MODEL_CARD.md``):
+
+* ``unseen``: new subjects from the training ranges (seed 201, ``--family all``);
+* ``heldout-family``: only the upper part of every split range (seed 202, ``--family heldout``: larger and
+  smaller heads, stronger contrast changes, thicker slices, more noise);
+* ``beyond``: ranges wider than any training subject (seed 203): head sizes up to +-15 %, slices up to 6 mm,
+  noise up to 10 %, contrast and gamma 1.5 x wider, a random non-monotone contrast in 30 % of the subjects;
+* ``template``: the AFIDs template itself, T1w and T2w, rotated, shifted and resampled to 1.2 mm (no synthetic
+  deformation or appearance change at all).
+
+Speed: ``predict``'s code path on a 1 mm whole head, the model loaded once, median of repeats, with the same
+run's 2048^2 float32 matmul GFLOP/s and the process CPU time.
+
+Writes ``bench/results/bench_pretrained.json`` and the section between the markers in ``docs/MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_JSON = ROOT / "bench" / "results" / "bench_pretrained.json"
+MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
+BEGIN, END = "<!-- bench-pretrained:begin -->", "<!-- bench-pretrained:end -->"
+T1 = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
+T2 = "tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz"
+FIDUCIALS = "afids.fcsv"
+BEYOND = [
+    "--max-scale", "0.15", "--family", "heldout", "--slice-thickness-mm", "3", "6", "--anisotropic-probability",
+    "0.4", "--noise", "0.1", "--max-contrast-log-slope", "0.6", "--max-log-gamma", "0.45",
+    "--strong-contrast-probability", "0.3", "--max-elastic-large-mm", "6",
+]
+CONDITIONS = {
+    "unseen": ("201", ["--family", "all"]),
+    "heldout-family": ("202", ["--family", "heldout"]),
+    "beyond": ("203", BEYOND),
+}
+
+
+def cli() -> list[str]:
+    return [str(Path(sys.executable).parent / "mdgru-localize")]
+
+
+def run(command: list[str]) -> float:
+    print("$", " ".join(command), flush=True)
+    started = time.monotonic()
+    subprocess.run(command, check=True)
+    return time.monotonic() - started
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    import tensorflow as tf
+
+    a = tf.random.normal([2048, 2048])
+    product = tf.function(lambda: tf.matmul(a, a))
+    product().numpy()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product().numpy()
+        times.append(time.perf_counter() - started)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def template_condition(demo: Path, out: Path) -> Path:
+    """Manifest of the T1w and T2w templates moved as in tests/test_pretrained.py (1.2 mm voxels)."""
+    from mdgru_keras.data.synth import moved_copy
+    from mdgru_keras.io.landmarks import read_landmarks, write_landmarks
+
+    truth = read_landmarks(demo / FIDUCIALS)
+    names = list(truth)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["subject,image,landmarks,split"]
+    for label, name in (("T1w", T1), ("T2w", T2)):
+        moved = moved_copy(demo / name, np.stack([truth[n] for n in names]), out / f"moved_{label}.nii.gz")
+        write_landmarks(out / f"moved_{label}.fcsv", dict(zip(names, moved)))
+        rows.append(f"moved_{label},moved_{label}.nii.gz,moved_{label}.fcsv,test")
+    (out / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return out / "manifest.csv"
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def speed(model_dir: Path, scan: Path, repeats: int) -> dict:
+    from mdgru_keras.prediction import predict_scan
+    from serving.servable import LocalLocalizationClient
+
+    started = time.perf_counter()
+    client = LocalLocalizationClient(model_dir)
+    predict_scan(client, scan)  # the first call traces nothing (a SavedModel) but warms caches
+    load_s = time.perf_counter() - started
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        predict_scan(client, scan)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {
+        "load_and_first_s": load_s,
+        "wall_s_median": statistics.median(wall),
+        "cpu_s_median": statistics.median(cpu),
+        "wall_s": wall,
+        "cpu_s": cpu,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Run on {result['date']} on {result['machine']['processor']} ({result['machine']['cores']} cores; 2048² "
+        f"float32 matmul {result['speed']['matmul_gflops']:.0f} GFLOP/s in the same run). `make bench-pretrained`.",
+        "",
+        "| condition | subjects | model mean ± std mm | model median | model max | registration mean mm | "
+        "registration median |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, table in result["conditions"].items():
+        rows = table["rows"]
+        model = rows[table["model_method"]]["overall"]
+        reg = rows.get("registration", {}).get("overall")
+        reg_cells = f"{reg['mean_mm']:.2f} | {reg['median_mm']:.2f}" if reg else "- | -"
+        lines.append(
+            f"| {name} | {rows[table['model_method']]['subjects']} | {model['mean_mm']:.2f} ± {model['std_mm']:.2f} | "
+            f"{model['median_mm']:.2f} | {model['max_mm']:.2f} | {reg_cells} |"
+        )
+    lines += ["", "Per landmark (mean mm over the subjects of each condition; model / registration):", ""]
+    conditions = list(result["conditions"])
+    lines.append("| landmark | " + " | ".join(conditions) + " |")
+    lines.append("| --- |" + " ---: |" * len(conditions))
+    landmarks = result["conditions"][conditions[0]]["landmarks"]
+    for landmark in landmarks:
+        cells = []
+        for name in conditions:
+            table = result["conditions"][name]
+            rows = table["rows"]
+            model = rows[table["model_method"]]["per_landmark"].get(landmark, {}).get("mean_mm", float("nan"))
+            reg = rows.get("registration", {}).get("per_landmark", {}).get(landmark, {}).get("mean_mm", float("nan"))
+            cells.append(f"{model:.2f} / {reg:.2f}")
+        lines.append(f"| {landmark} | " + " | ".join(cells) + " |")
+    s = result["speed"]
+    lines += [
+        "",
+        f"Speed, one 1 mm whole head ({s['scan_shape']}), model loaded once, median of {len(s['wall_s'])}: "
+        f"**{s['wall_s_median']:.2f} s** wall, {s['cpu_s_median']:.2f} CPU-s "
+        f"({s['wall_s_median'] * s['matmul_gflops']:.0f} matmul-GFLOP-equivalents: wall time × that GFLOP/s, "
+        f"to compare machines); loading the model and the first scan: {s['load_and_first_s']:.1f} s.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, default=ROOT / "demo")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-pretrained")
+    parser.add_argument("--subjects", type=int, default=8, help="test subjects per synthetic condition")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    args = parser.parse_args(argv)
+    if args.render_only:
+        result = json.loads(RESULTS_JSON.read_text())
+    else:
+        from mdgru_keras.pretrained import pretrained_model_dir
+
+        model_dir = pretrained_model_dir()
+        demo, out = args.demo.resolve(), args.out.resolve()
+        if not (demo / FIDUCIALS).is_file():
+            run([*cli(), "demo-data", "--out", str(demo)])
+        manifests = {}
+        for name, (seed, options) in CONDITIONS.items():
+            folder = out / name
+            if not (folder / "manifest.csv").is_file():
+                run([*cli(), "synth", "--image", str(demo / T1), "--image2", str(demo / T2), "--landmarks",
+                     str(demo / FIDUCIALS), "--n", str(args.subjects), "--seed", seed, "--workers", "2",
+                     "--out", str(folder), *options])
+            manifests[name] = folder / "manifest.csv"
+        manifests["template"] = template_condition(demo, out / "template")
+        conditions, seconds = {}, {}
+        for name, manifest in manifests.items():
+            report = out / f"{name}.json"
+            if not report.is_file():
+                seconds[name] = run([
+                    *cli(), "evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--json",
+                    str(report), "--baseline", "registration", "--template", str(demo / T1),
+                    "--template-landmarks", str(demo / FIDUCIALS)])
+            conditions[name] = json.loads(report.read_text())
+        import nibabel as nib
+
+        scan = out / "template" / "speed_T1w.nii.gz"
+        image = nib.load(demo / T1)
+        nib.save(image, scan)
+        timing = speed(model_dir, scan, args.repeats)
+        timing.update(matmul_gflops=matmul_gflops(), scan_shape="x".join(str(n) for n in image.shape))
+        result = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": {"processor": _cpu_name(), "cores": os.cpu_count()},
+            "load_average_end": list(os.getloadavg()),
+            "conditions": {
+                name: {key: c[key] for key in ("landmarks", "rows", "model_method", "median_seconds_per_scan")}
+                for name, c in conditions.items()
+            },
+            "evaluate_seconds": seconds,
+            "speed": timing,
+        }
+        RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_JSON.write_text(json.dumps(result, indent=1) + "\n")
+    text = MODEL_CARD.read_text()
+    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    MODEL_CARD.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
