@@ -33,7 +33,7 @@ NAME ?= mdgru
 VERSION ?=
 TRAIN_ARGS ?=
 
-.PHONY: model-afids evaluate-pretrained install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
+.PHONY: model-afids evaluate-pretrained bench-pretrained install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
 	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
 
 install: $(STAMP)
@@ -128,6 +128,11 @@ bench-localize: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python -m bench.bench_predict
+
+# The shipped model on heads it never saw (unseen, held-out-family, beyond-range and moved-template subjects) next
+# to registration, and its speed; writes bench/results/bench_pretrained.json and docs/MODEL_CARD.md's table.
+bench-pretrained: $(STAMP)
+	$(BIN)/python -m bench.bench_pretrained --demo $(DEMO)
 
 bench-training: $(STAMP)
 	$(BIN)/python -m bench.bench_training
