@@ -18,6 +18,7 @@ Run it as ``make model-afids`` or ``python -m train.model_afids --work runs/mode
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import subprocess
 import sys
@@ -55,19 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fine-epochs", type=int, default=FINE_EPOCHS)
     parser.add_argument("--subjects", type=int, default=TRAIN_SUBJECTS)
     parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--t1", type=Path, default=None, help="template T1w (default: the demo data's)")
+    parser.add_argument("--t2", type=Path, default=None, help="template T2w (default: the demo data's)")
+    parser.add_argument("--fiducials", type=Path, default=None, help="template landmarks (default: demo's)")
+    parser.add_argument("--synth-args", default="", help="extra `mdgru-localize synth` options (tests)")
     parser.add_argument("--no-install", action="store_true", help="leave the package's pretrained model alone")
     args = parser.parse_args(argv)
     work, demo = args.work.resolve(), args.demo.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    t1 = demo / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
-    _step("demo data", demo / "afids.fcsv", [*_cli(), "demo-data", "--out", str(demo)])
+    t1 = args.t1 or demo / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
+    t2 = args.t2 or demo / "tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz"
+    fiducials = args.fiducials or demo / "afids.fcsv"
+    if args.t1 is None:
+        _step("demo data", demo / "afids.fcsv", [*_cli(), "demo-data", "--out", str(demo)])
     _step(
         "synthetic population",
         work / "population" / "manifest.csv",
-        [*_cli(), "synth", "--image", str(t1), "--image2", str(demo / "tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz"),
-         "--landmarks", str(demo / "afids.fcsv"), "--n", str(args.subjects), "--seed", str(TRAIN_SEED),
-         "--workers", "2", "--out", str(work / "population")],
+        [*_cli(), "synth", "--image", str(t1), "--image2", str(t2), "--landmarks", str(fiducials),
+         "--n", str(args.subjects), "--seed", str(TRAIN_SEED), "--workers", "2", "--out", str(work / "population"),
+         *shlex.split(args.synth_args)],
     )
     _step(
         "TFRecords",
