@@ -373,6 +373,28 @@ def crop_with_shift_tf(volume: tf.Tensor, origin_voxel: tf.Tensor, window_size: 
     return tf.ensure_shape(region, tuple(window_size) + tuple(volume.shape[3:]))
 
 
+def window_inside_weight_tf(volume_shape: tf.Tensor, origin_voxel: tf.Tensor, window_size: tuple[int, int, int]
+                            ) -> tf.Tensor:
+    """``[*window_size]`` float32: :func:`crop_with_shift_tf` (or, for an integer origin, ``crop_with_padding_tf``)
+    of a volume of ones: 1 inside the volume, 0 in the zero padding, the interpolation weight at the border.
+
+    Computed per axis and multiplied (trilinear interpolation of a separable function is the product of the 1D
+    interpolations), so it costs window-sized work only: what adding a constant to the volume before the crop
+    adds to each window voxel.
+    """
+    origin = tf.cast(origin_voxel, tf.float32)
+    base = tf.floor(origin)
+    fraction = origin - base
+    shape = tf.cast(volume_shape, tf.float32)
+    weights = []
+    for axis in range(3):
+        position = base[axis] + tf.range(window_size[axis], dtype=tf.float32)
+        lower = tf.cast((position >= 0) & (position <= shape[axis] - 1), tf.float32)
+        upper = tf.cast((position + 1 >= 0) & (position + 1 <= shape[axis] - 1), tf.float32)
+        weights.append(lower + fraction[axis] * (upper - lower))
+    return weights[0][:, None, None] * weights[1][None, :, None] * weights[2][None, None, :]
+
+
 def sample_window_affine_tf(
     volume: tf.Tensor, linear: tf.Tensor, offset: tf.Tensor, window_size: tuple[int, int, int], slab: int = 32
 ) -> tf.Tensor:

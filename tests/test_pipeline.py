@@ -313,3 +313,22 @@ def test_cached_preprocessing_gives_the_same_samples_as_decoding_every_sample(da
 def test_cache_is_refused_with_raw_intensity_augmentation(dataset):
     with pytest.raises(ValueError, match="raw-intensity augmentation"):
         make_dataset(dataset.path, "val", "fine", _tiny(gamma=0.2), cache_preprocessed=True)
+
+
+@pytest.mark.parametrize("origin", [[-3.0, 2.0, 5.0], [-2.6, 3.3, 9.75], [4.0, -1.5, 0.25]])
+def test_intensity_augmentation_on_the_window_equals_augmenting_the_volume(origin):
+    """augment_normalized_window on a crop == augment_normalized on the whole volume, then the same crop."""
+    from mdgru_keras.data import augment
+
+    rng = np.random.default_rng(4)
+    volume = tf.constant(rng.normal(size=(14, 12, 16, 2)).astype(np.float32))
+    aug = AugmentationConfig(intensity_scale=0.2, intensity_shift=0.3)
+    seed = tf.constant([5, 7], tf.int64)
+    size = (8, 10, 9)
+    origin = tf.constant(origin)
+    whole = geometry.crop_with_shift_tf(augment.augment_normalized(volume, seed, aug), origin, size)
+    inside = geometry.window_inside_weight_tf(tf.shape(volume)[:3], origin, size)
+    window = augment.augment_normalized_window(geometry.crop_with_shift_tf(volume, origin, size), inside, seed, aug)
+    np.testing.assert_allclose(window.numpy(), whole.numpy(), atol=1e-5)
+    ones = geometry.crop_with_shift_tf(tf.ones([14, 12, 16, 1]), origin, size)[..., 0]
+    np.testing.assert_allclose(inside.numpy(), ones.numpy(), atol=1e-6)

@@ -119,6 +119,25 @@ def augment_normalized(inputs: tf.Tensor, seed: tf.Tensor, config: AugmentationC
     return inputs
 
 
+def augment_normalized_window(window: tf.Tensor, inside: tf.Tensor, seed: tf.Tensor,
+                              config: AugmentationConfig) -> tf.Tensor:
+    """:func:`augment_normalized` of the volume followed by an axis-aligned crop, computed on the crop alone.
+
+    ``window`` ``[W, W, W, 2]`` is the crop of the unaugmented volume, ``inside`` ``[W, W, W]`` the same crop of
+    a volume of ones (:func:`mdgru_keras.geometry.window_inside_weight_tf`). Scaling commutes with cropping and
+    interpolation; the shift reaches a window voxel in proportion to its inside weight (the zero padding stays
+    zero). Same random numbers as :func:`augment_normalized`, window-sized work instead of whole-volume work
+    (the whole-volume form made the training pipeline, not the network, the bottleneck of a training step).
+    """
+    scale_seed, shift_seed = split_seed(seed, 2)
+    if config.intensity_scale > 0:
+        window = window * (1.0 + uniform(scale_seed, [], -config.intensity_scale, config.intensity_scale))
+    if config.intensity_shift > 0:
+        shift = uniform(shift_seed, [], -config.intensity_shift, config.intensity_shift)
+        window = window + tf.stack([shift * inside, tf.zeros_like(inside)], axis=-1)
+    return window
+
+
 # ---------------------------------------------------------------------------------------------------------
 # geometry
 

@@ -104,8 +104,10 @@ def coarse_centre_origin(inputs: tf.Tensor, config: Config) -> tf.Tensor:
 
 
 def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
-                config: Config) -> tuple[tf.Tensor, tf.Tensor]:
-    """A random coarse region ``[P, P, P, C]`` of a preprocessed volume and the landmarks in it ``[K, 3]``."""
+                config: Config, intensity_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """A random coarse region ``[P, P, P, C]`` of a preprocessed volume and the landmarks in it ``[K, 3]``.
+
+    ``intensity_seed``: also apply :func:`augment.augment_normalized` (as if to the whole volume first)."""
     size = config.coarse.padded_size
     margin = _coarse_margin(config)
     origin_seed, linear_seed = augment.split_seed(seed, 2)
@@ -116,7 +118,13 @@ def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
     origin = augment.uniform_int(origin_seed, low, high)
     if not augment.has_spatial_augmentation(config.augmentation):
         window_voxel = landmarks_voxel - tf.cast(origin, tf.float32)
-        return geometry.crop_with_padding_tf(inputs, origin, (size,) * 3), window_voxel
+        window = geometry.crop_with_padding_tf(inputs, origin, (size,) * 3)
+        if intensity_seed is not None:
+            inside = geometry.window_inside_weight_tf(tf.shape(inputs)[:3], origin, (size,) * 3)
+            window = augment.augment_normalized_window(window, inside, intensity_seed, config.augmentation)
+        return window, window_voxel
+    if intensity_seed is not None:
+        inputs = augment.augment_normalized(inputs, intensity_seed, config.augmentation)
     # rotate and scale about the region's centre; fall back to the plain crop if a landmark would leave it
     centre = tf.fill([3], (size - 1) / 2.0)
     linear = augment.random_linear_map(linear_seed, config.augmentation)
@@ -130,10 +138,10 @@ def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
 
 
 def fine_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, k: tf.Tensor, seed: tf.Tensor,
-              config: Config) -> tuple[tf.Tensor, tf.Tensor]:
+              config: Config, intensity_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """A random fine window ``[W, W, W, C]`` holding landmark ``k`` of ``landmarks_voxel`` ``[K, 3]`` at a random
     position, and the window coordinates of *all* K landmarks ``[K, 3]`` (those of the others may lie outside:
-    :func:`fine_landmark_mask`)."""
+    :func:`fine_landmark_mask`). ``intensity_seed``: as in :func:`coarse_crop`."""
     size = config.fine.window_size
     margin = FINE_MARGIN_VOXEL
     landmark_voxel = landmarks_voxel[k]
@@ -152,7 +160,12 @@ def fine_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, k: tf.Tensor, seed:
         else:
             origin = tf.round(origin)
             window = geometry.crop_with_padding_tf(inputs, tf.cast(origin, tf.int32), (size,) * 3)
+        if intensity_seed is not None:
+            inside = geometry.window_inside_weight_tf(tf.shape(inputs)[:3], origin, (size,) * 3)
+            window = augment.augment_normalized_window(window, inside, intensity_seed, aug)
         return window, landmarks_voxel - origin[None, :]
+    if intensity_seed is not None:
+        inputs = augment.augment_normalized(inputs, intensity_seed, aug)
     linear = augment.random_linear_map(linear_seed, aug)
     offset = landmark_voxel - tf.linalg.matvec(linear, window_voxel)
     all_window_voxel = geometry.volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
@@ -183,17 +196,17 @@ def make_sample_fn(config: Config, stage: str, spacing_mm: float, landmark_indic
         """Crop sample ``index`` from a preprocessed volume ``[x,y,z,2]``."""
         seed = tf.stack([tf.constant(base_seed, tf.int64), tf.cast(index, tf.int64)])
         _, normalized_seed, crop_seed, landmark_seed = augment.split_seed(seed, 4)
-        inputs = augment.augment_normalized(inputs, normalized_seed, aug)
+        # intensity scale/shift: applied by the crop functions to the crop alone (same result as to the volume)
         landmarks_voxel = tf.gather(landmarks_all_voxel, indices)
         if stage == "coarse":
-            crop, window_voxel = coarse_crop(inputs, landmarks_voxel, crop_seed, config)
+            crop, window_voxel = coarse_crop(inputs, landmarks_voxel, crop_seed, config, normalized_seed)
             size = config.coarse.padded_size
             labels = _axis_labels(window_voxel, size, config.superresolution, config.coarse.input_stride)
             features = {"volume": crop}
         else:
             # the window is placed for landmark k (uniform over landmarks) and trains every landmark inside it
             k = augment.uniform_int(landmark_seed, tf.constant(0), tf.constant(num_landmarks - 1))
-            crop, window_voxel = fine_crop(inputs, landmarks_voxel, k, crop_seed, config)
+            crop, window_voxel = fine_crop(inputs, landmarks_voxel, k, crop_seed, config, normalized_seed)
             size = config.fine.window_size
             labels = _axis_labels(window_voxel, size, config.superresolution, 1)
             mask = fine_landmark_mask(window_voxel, size)
