@@ -233,7 +233,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 
 
 def load_config(path_or_preset: str | Path) -> Config:
-    """Load a YAML/JSON config file, or a preset name (``paper``, ``cpu``, ``tiny``)."""
+    """Load a YAML/JSON config file, or a preset name (``paper``, ``cpu``, ``tiny``, ``afids``)."""
     path = Path(path_or_preset)
     if not path.exists() and (CONFIG_DIR / f"{path_or_preset}.yaml").exists():
         path = CONFIG_DIR / f"{path_or_preset}.yaml"

@@ -7,7 +7,7 @@ import pytest
 from mdgru_keras.config import Config, ConfigError, config_from_dict, load_config, load_preset
 
 
-@pytest.mark.parametrize("name", ["paper", "cpu", "tiny"])
+@pytest.mark.parametrize("name", ["paper", "cpu", "tiny", "afids"])
 def test_presets_load_and_round_trip(name: str) -> None:
     config = load_preset(name)
     assert config.name == name
@@ -52,7 +52,7 @@ def test_inconsistent_sizes_are_refused() -> None:
 
 
 def test_unknown_preset_lists_presets() -> None:
-    with pytest.raises(ConfigError, match="presets: cpu, paper, tiny"):
+    with pytest.raises(ConfigError, match="presets: afids, cpu, paper, tiny"):
         load_config("nonexistent")
 
 
