@@ -51,14 +51,21 @@ def test_model_afids_resumes_after_a_kill(tmp_path):
         "--max-scale 0.05 --max-elastic-large-mm 0",
     ]
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(command, cwd=REPO, env=environment, start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
+    # output to a file, not a pipe: an unread pipe fills up and blocks the driver
+    log_path = tmp_path / "first.log"
+    with open(log_path, "wb") as log:
+        first = subprocess.Popen(command, cwd=REPO, env=environment, start_new_session=True,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
     while len(_steps(work / "coarse")) < 4 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert first.poll() is None, "the driver ended before it could be killed:\n" + first.stdout.read().decode()[-3000:]
-    os.killpg(first.pid, signal.SIGKILL)
+    running = first.poll() is None
+    if running:
+        os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    output = log_path.read_text(errors="replace")[-3000:]
+    assert running, "the driver ended before it could be killed:\n" + output
+    assert _steps(work / "coarse"), "no coarse training step within the deadline:\n" + output
     killed_at = max(_steps(work / "coarse"))
 
     second = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=900)

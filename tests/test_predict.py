@@ -224,8 +224,8 @@ def test_refused_scans_are_reported_with_the_servers_reason(servers: tuple[str, 
 
 
 def test_usage_errors(scans: dict, model_base: Path, tmp_path: Path) -> None:
-    neither = run(str(scans["oblique"]))
-    assert neither.exit_code == 2 and "exactly one of --model" in neither.output
+    both = run(str(scans["oblique"]), "--model", str(model_base), "--server", "127.0.0.1:1")
+    assert both.exit_code == 2 and "at most one of --model" in both.output
     fcsv_without_out = run(str(scans["oblique"]), "--model", str(model_base), "--format", "fcsv")
     assert fcsv_without_out.exit_code == 2 and "give --out" in fcsv_without_out.output
     not_a_model = run(str(scans["oblique"]), "--model", str(tmp_path))

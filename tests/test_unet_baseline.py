@@ -133,8 +133,10 @@ def _coarse_estimates(landmarks_voxel: np.ndarray, rng: np.random.Generator) -> 
     return landmarks_voxel + rng.uniform(-MAX_SHIFT, MAX_SHIFT, size=landmarks_voxel.shape)
 
 
-def _training_windows(rng: np.random.Generator, subjects: int, per_subject: int) -> tuple[dict, np.ndarray]:
-    """Fine windows the way the pipeline makes them, with their ``window_voxel`` and ``landmark_index``."""
+def _training_windows(rng: np.random.Generator, subjects: int, per_subject: int) -> tuple[dict, dict]:
+    """Fine windows the way the pipeline makes them: ``({"window"}, metadata)`` with the metadata of
+    :func:`mdgru_keras.data.pipeline.make_dataset` (``window_voxel`` of both landmarks ``[N, 2, 3]`` and the
+    ``landmark_index`` each window was placed for)."""
     windows, window_voxels, indices = [], [], []
     for _ in range(subjects):
         volume, landmarks_voxel = _synthetic_subject(rng)
@@ -142,10 +144,10 @@ def _training_windows(rng: np.random.Generator, subjects: int, per_subject: int)
             k = rng.integers(2)
             origin = window_origin_around(_coarse_estimates(landmarks_voxel[k], rng), (W, W, W))
             windows.append(crop_with_padding(volume, origin, (W, W, W)))
-            window_voxels.append(landmarks_voxel[k] - origin)
+            window_voxels.append(landmarks_voxel - origin)
             indices.append(k)
-    inputs = {"window": np.stack(windows), "landmark_index": np.array(indices, np.int32)}
-    return inputs, np.array(window_voxels, np.float32)
+    metadata = {"window_voxel": np.array(window_voxels, np.float32), "landmark_index": np.array(indices, np.int32)}
+    return {"window": np.stack(windows)}, metadata
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +159,11 @@ def trained():
     rng = np.random.default_rng(0)
     config = with_landmarks(load_preset("tiny"), ["A", "B"])
     unet = UNetConfig(base_filters=8, levels=3, sigma_voxel=2.0)
-    inputs, window_voxel = _training_windows(rng, subjects=48, per_subject=16)
+    inputs, metadata = _training_windows(rng, subjects=48, per_subject=16)
+    labels = {"x": metadata["landmark_index"]}  # the MD-GRU's labels: not used by the U-Net
     dataset = (
-        tf.data.Dataset.from_tensor_slices((inputs, {"x": window_voxel[:, 0]}, {"window_voxel": window_voxel}))
-        .shuffle(len(window_voxel), seed=0)
+        tf.data.Dataset.from_tensor_slices((inputs, labels, metadata))
+        .shuffle(len(inputs["window"]), seed=0)
         .repeat()
         .batch(8, drop_remainder=True)
         .map(lambda i, lab, m: heatmap_example(i, lab, m, window_size=W, unet=unet))
