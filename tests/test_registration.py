@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the usual SimpleITK alias)
@@ -118,3 +120,57 @@ def test_registration_recovers_known_rigid_motion() -> None:
     again = register_landmarks(template, template_affine, landmarks, target, target_affine, seed=0)
     for name in landmarks:
         np.testing.assert_allclose(again[name], found[name], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small (48^3) synthetic pairs with a known map from template to scan world
+
+
+def small_phantom(world_mm_ras: np.ndarray) -> np.ndarray:
+    """:func:`phantom` shrunk to 3/4 (head semi-axes 25.5 x 22.5 x 19.5 mm), to fit a 48^3 grid of 1.5 mm."""
+    return phantom(world_mm_ras / 0.75)
+
+
+def centred_grid(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """RAS affine of a grid with the given voxel size whose centre is the world origin."""
+    affine = np.diag([*spacing_mm, 1.0])
+    affine[:3, 3] = -np.asarray(spacing_mm) * (np.asarray(shape) - 1) / 2
+    return affine
+
+
+SMALL_LANDMARKS = {
+    **{f"E{i}": 0.75 * np.asarray(e[0], dtype=np.float64) for i, e in enumerate(ELLIPSOIDS)},
+    "edge": np.array([18.0, -6.0, 3.0]),  # on the "head" outline
+    "inner": np.array([-8.0, 10.0, -8.0]),
+}
+SMALL_SHAPE = (48, 48, 48)
+SMALL_SPACING_MM = (1.5, 1.5, 1.5)
+
+
+def scan_through(world_to_template: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A 48^3 scan (1.6 x 1.5 x 1.7 mm voxels) of the small phantom seen through ``world_to_template``
+    (scan world -> template world), and its affine."""
+    affine = centred_grid(SMALL_SHAPE, (1.6, 1.5, 1.7))
+    return small_phantom(world_to_template(grid_world_mm(SMALL_SHAPE, affine))), affine
+
+
+def landmark_errors_mm(found: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> np.ndarray:
+    assert list(found) == list(expected)
+    return np.array([np.linalg.norm(found[name] - expected[name]) for name in expected])
+
+
+def test_registration_recovers_rigid_motion_and_scaling_of_small_volume() -> None:
+    template_affine = centred_grid(SMALL_SHAPE, SMALL_SPACING_MM)
+    template = small_phantom(grid_world_mm(SMALL_SHAPE, template_affine))
+    # template world -> scan world: p -> M p + t, M = rotation @ anisotropic scaling
+    linear = _rotation([0.3, -1.0, 0.6], 9.0) @ np.diag([0.92, 1.08, 1.04])
+    translation = np.array([4.0, -3.0, 2.5])
+    target, target_affine = scan_through(lambda p: (p - translation) @ np.linalg.inv(linear).T)
+    expected = {name: linear @ p + translation for name, p in SMALL_LANDMARKS.items()}
+
+    found = register_landmarks(template, template_affine, SMALL_LANDMARKS, target, target_affine, seed=0)
+    errors = landmark_errors_mm(found, expected)
+    unregistered = landmark_errors_mm(SMALL_LANDMARKS, expected)
+    assert unregistered.mean() > 3.0, unregistered
+    assert errors.max() < 1.0, errors  # below one template voxel (1.5 mm)
+
