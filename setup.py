@@ -30,6 +30,9 @@ setup(
         "requests>=2.31,<3",
     ],
     extras_require={
+        # the deformable atlas-registration baseline (`evaluate --baseline ants`); antspyx 0.6 pins numpy < 2.4
+        # and scipy < 1.16, so installing it may downgrade those two
+        "ants": ["antspyx>=0.6,<0.7"],
         "dev": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",

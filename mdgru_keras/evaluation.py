@@ -39,7 +39,10 @@ JSON_FORMAT = "mdgru-keras evaluation v1"
 
 COARSE = "coarse"
 REGISTRATION = "registration"
+ANTS_AFFINE = "ants-affine"  # ANTsPy affine only (``--baseline ants --ants-transform Affine``)
+ANTS_SYN = "ants-syn"  # ANTsPy affine + SyN (``--baseline ants``)
 UNET = "unet"
+BASELINE_ORDER = (REGISTRATION, ANTS_AFFINE, ANTS_SYN, UNET)
 # Table 1a's rows in their order; "N" is the superresolution of the trained model (the config's
 # ``superresolution``), which :func:`method_name` fills in, e.g. "fine n=4 + parabola".
 METHOD_ORDER = (
@@ -48,29 +51,29 @@ METHOD_ORDER = (
     "fine n=1 + parabola",
     "fine n=N (argmax)",
     "fine n=N + parabola",
-    REGISTRATION,
-    UNET,
+    *BASELINE_ORDER,
 )
 _FINE_PATTERN = re.compile(r"^fine n=(\d+|N) (\(argmax\)|\+ parabola)$")
 
 
 def method_name(stage: str, superresolution: int | str = 1, parabola: bool = False) -> str:
     """The row key of a method: ``"coarse"``, ``"fine n=4 (argmax)"``, ``"fine n=4 + parabola"``, or a
-    baseline's name (``"registration"``, ``"unet"``) returned unchanged."""
+    baseline's name (``"registration"``, ``"ants-syn"``, ``"unet"``) returned unchanged."""
     if stage == "fine":
         return f"fine n={superresolution} " + ("+ parabola" if parabola else "(argmax)")
     return stage
 
 
 def method_sort_key(method: str) -> tuple:
-    """Order of rows: coarse, fine by n (argmax before parabola), registration, unet, then others by name."""
+    """Order of rows: coarse, fine by n (argmax before parabola), registration, ants-affine, ants-syn, unet,
+    then others by name."""
     match = _FINE_PATTERN.match(method)
     if method == COARSE:
         return (0,)
     if match:
         n = math.inf if match.group(1) == "N" else int(match.group(1))
         return (1, n, match.group(2) != "(argmax)")
-    if method in (REGISTRATION, UNET):
+    if method in BASELINE_ORDER:
         return (2, METHOD_ORDER.index(method))
     return (3, method)
 

@@ -5,8 +5,10 @@ For every manifest row (``subject,image,landmarks[,split]``): read the scan as i
 signature (every Table-1a decoding of one model: coarse; fine with n = 1 pooled from the model's n classes;
 fine with the model's n; argmax and parabola), and, when asked, the baselines on the same scan:
 
-* ``registration`` (:class:`RegistrationBaseline`): the labelled template registered to the scan
-  (:func:`mdgru_keras.baselines.registration.register_landmarks`);
+* ``registration`` (:class:`RegistrationBaseline`): the labelled template registered to the scan, rigid +
+  affine (:func:`mdgru_keras.baselines.registration.register_landmarks`, SimpleITK);
+* ``ants-syn`` (:class:`AntsBaseline`): the same template registered affine + SyN with ANTsPy
+  (:func:`mdgru_keras.baselines.ants_registration.register_landmarks`, optional ``antspyx``);
 * ``unet`` (:class:`UNetBaseline`): the 3D U-Net on windows around the export's own coarse estimate, on the
   scan as ``read_volume`` gives it at the model spacing (the grid the U-Net was trained on).
 
@@ -31,7 +33,15 @@ import numpy as np
 from mdgru_keras import geometry
 from mdgru_keras.config import Config, config_from_dict
 from mdgru_keras.errors import InputError
-from mdgru_keras.evaluation import COARSE, REGISTRATION, UNET, GroundTruth, LandmarkError, Prediction, method_name
+from mdgru_keras.evaluation import (
+    COARSE,
+    REGISTRATION,
+    UNET,
+    GroundTruth,
+    LandmarkError,
+    Prediction,
+    method_name,
+)
 
 MODEL = "model"  # key of the export's time in EvaluationRun.seconds
 
@@ -177,7 +187,11 @@ class Scan:
 
 
 class RegistrationBaseline:
-    """Atlas registration: the labelled template registered (rigid + affine, SimpleITK) to each scan."""
+    """Atlas registration: the labelled template registered (rigid + affine, SimpleITK) to each scan.
+
+    The metric's region of interest is the box around *every* landmark of the template file (not only the
+    model's), so a one-landmark model is compared with the same registration as a 32-landmark one.
+    """
 
     name = REGISTRATION
 
@@ -185,11 +199,9 @@ class RegistrationBaseline:
         self, template: str | Path, template_landmarks: str | Path, landmark_names: Sequence[str], seed: int = 0,
         settings: Any = None,
     ) -> None:  # fmt: skip
-        from mdgru_keras.io import read_landmarks, read_nifti_array, require_landmarks
-
-        self.template_volume, self.template_voxel_to_world = read_nifti_array(template)
-        landmarks = read_landmarks(template_landmarks)
-        self.template_landmarks_world_mm = dict(require_landmarks(landmarks, landmark_names, template_landmarks))
+        self.template_volume, self.template_voxel_to_world, self.template_landmarks_world_mm, self.roi_world_mm = (
+            _read_template(template, template_landmarks, landmark_names)
+        )
         self.seed = seed
         self.settings = settings
 
@@ -200,9 +212,60 @@ class RegistrationBaseline:
             return register_landmarks(
                 self.template_volume, self.template_voxel_to_world, self.template_landmarks_world_mm,
                 scan.volume, scan.voxel_to_world, seed=self.seed, settings=self.settings,
+                roi_world_mm=self.roi_world_mm,
             )  # fmt: skip
         except (RuntimeError, ValueError) as error:  # SimpleITK raises RuntimeError; a sheared affine ValueError
             raise InputError(scan.path, f"registration failed ({_first_line(error)})") from None
+
+
+def _read_template(
+    template: str | Path, template_landmarks: str | Path, landmark_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Template array and affine, its landmarks ``landmark_names`` (InputError naming the file if one is
+    missing), and every landmark of the file as ``[N, 3]`` RAS mm."""
+    from mdgru_keras.io import read_landmarks, read_nifti_array, require_landmarks
+
+    volume, voxel_to_world = read_nifti_array(template)
+    landmarks = read_landmarks(template_landmarks)
+    chosen = dict(require_landmarks(landmarks, landmark_names, template_landmarks))
+    every = np.stack([np.asarray(point, dtype=np.float64) for point in landmarks.values()])
+    return volume, voxel_to_world, chosen, every
+
+
+class AntsBaseline:
+    """Deformable atlas registration: the labelled template registered (affine + SyN, ANTsPy) to each scan.
+
+    ``transform``: ``"SyN"`` (row ``ants-syn``) or ``"Affine"`` (row ``ants-affine``). Raises
+    :class:`InputError` with the install command if ANTsPy (``antspyx``) is missing.
+    """
+
+    def __init__(
+        self, template: str | Path, template_landmarks: str | Path, landmark_names: Sequence[str], seed: int = 0,
+        transform: str = "SyN",
+    ) -> None:  # fmt: skip
+        from mdgru_keras.baselines.ants_registration import AntsSettings, import_ants
+
+        try:
+            import_ants()
+        except ImportError as error:
+            raise InputError(None, str(error)) from None
+        self.settings = AntsSettings(transform=transform)
+        self.name = self.settings.name
+        self.template_volume, self.template_voxel_to_world, self.template_landmarks_world_mm, _ = _read_template(
+            template, template_landmarks, landmark_names
+        )
+        self.seed = seed
+
+    def __call__(self, scan: Scan) -> dict[str, np.ndarray]:
+        from mdgru_keras.baselines.ants_registration import register_landmarks
+
+        try:
+            return register_landmarks(
+                self.template_volume, self.template_voxel_to_world, self.template_landmarks_world_mm,
+                scan.volume, scan.voxel_to_world, seed=self.seed, settings=self.settings,
+            )  # fmt: skip
+        except (RuntimeError, ValueError) as error:  # ANTsPy raises RuntimeError; a sheared affine ValueError
+            raise InputError(scan.path, f"{self.name} registration failed ({_first_line(error)})") from None
 
 
 class UNetBaseline:

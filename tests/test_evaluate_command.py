@@ -8,6 +8,7 @@ grid, n = 1 pooling by reshape-and-sum, errors and statistics with NumPy.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -480,3 +481,44 @@ def test_an_n1_model_with_more_classes_is_refused(model_base: Path, data: dict) 
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("Error: ")
     assert last.endswith(f"trained with n = {N} classes per voxel; an n = 1 model is needed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the ANTs baseline (optional dependency antspyx)
+
+HAS_ANTS = importlib.util.find_spec("ants") is not None
+
+
+@pytest.mark.skipif(HAS_ANTS, reason="antspyx is installed: the missing-dependency message cannot be shown")
+def test_ants_baseline_without_antspyx_says_how_to_install(data: dict, tmp_path: Path) -> None:
+    result = run(
+        "evaluate", "--model", str(tmp_path), "--manifest", str(data["manifest"]), "--baseline", "ants",
+        "--template", str(data["template"]), "--template-landmarks", str(data["template_landmarks"]),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'mdgru-keras[ants]'" in lines[0], result.output
+
+
+def test_ants_usage_errors(data: dict, tmp_path: Path) -> None:
+    manifest = str(data["manifest"])
+    result = run("evaluate", "--model", str(tmp_path), "--manifest", manifest, "--baseline", "ants")
+    assert result.exit_code == 2 and "--baseline ants needs --template" in result.output
+    result = run("evaluate", "--model", str(tmp_path), "--manifest", manifest, "--ants-transform", "Affine")
+    assert result.exit_code == 2 and "--ants-transform is used only with --baseline ants" in result.output
+
+
+@pytest.mark.skipif(not HAS_ANTS, reason="antspyx (ANTsPy) is not installed: pip install 'mdgru-keras[ants]'")
+def test_ants_baseline_finds_the_moved_landmarks(model_base: Path, data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "evaluation.json"
+    result = run(
+        "evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]), "--json", str(out),
+        "--baseline", "ants", "--template", str(data["template"]),
+        "--template-landmarks", str(data["template_landmarks"]),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["methods"] == [*ROWS, "ants-syn"]
+    row = document["rows"]["ants-syn"]
+    assert row["subjects"] == SUBJECTS and row["overall"]["max_mm"] < 1.0  # exact copies, pure translations
+    assert "ants-syn" in document["median_seconds_per_scan"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the usual SimpleITK alias)
@@ -118,3 +121,123 @@ def test_registration_recovers_known_rigid_motion() -> None:
     again = register_landmarks(template, template_affine, landmarks, target, target_affine, seed=0)
     for name in landmarks:
         np.testing.assert_allclose(again[name], found[name], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small (48^3) synthetic pairs with a known map from template to scan world
+
+
+def small_phantom(world_mm_ras: np.ndarray) -> np.ndarray:
+    """:func:`phantom` shrunk to 3/4 (head semi-axes 25.5 x 22.5 x 19.5 mm), to fit a 48^3 grid of 1.5 mm."""
+    return phantom(world_mm_ras / 0.75)
+
+
+def centred_grid(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """RAS affine of a grid with the given voxel size whose centre is the world origin."""
+    affine = np.diag([*spacing_mm, 1.0])
+    affine[:3, 3] = -np.asarray(spacing_mm) * (np.asarray(shape) - 1) / 2
+    return affine
+
+
+SMALL_LANDMARKS = {
+    **{f"E{i}": 0.75 * np.asarray(e[0], dtype=np.float64) for i, e in enumerate(ELLIPSOIDS)},
+    "edge": np.array([18.0, -6.0, 3.0]),  # on the "head" outline
+    "inner": np.array([-8.0, 10.0, -8.0]),
+}
+SMALL_SHAPE = (48, 48, 48)
+SMALL_SPACING_MM = (1.5, 1.5, 1.5)
+
+
+def scan_through(world_to_template: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A 48^3 scan (1.6 x 1.5 x 1.7 mm voxels) of the small phantom seen through ``world_to_template``
+    (scan world -> template world), and its affine."""
+    affine = centred_grid(SMALL_SHAPE, (1.6, 1.5, 1.7))
+    return small_phantom(world_to_template(grid_world_mm(SMALL_SHAPE, affine))), affine
+
+
+def landmark_errors_mm(found: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> np.ndarray:
+    assert list(found) == list(expected)
+    return np.array([np.linalg.norm(found[name] - expected[name]) for name in expected])
+
+
+def test_registration_recovers_rigid_motion_and_scaling_of_small_volume() -> None:
+    template_affine = centred_grid(SMALL_SHAPE, SMALL_SPACING_MM)
+    template = small_phantom(grid_world_mm(SMALL_SHAPE, template_affine))
+    # template world -> scan world: p -> M p + t, M = rotation @ anisotropic scaling
+    linear = _rotation([0.3, -1.0, 0.6], 9.0) @ np.diag([0.92, 1.08, 1.04])
+    translation = np.array([4.0, -3.0, 2.5])
+    target, target_affine = scan_through(lambda p: (p - translation) @ np.linalg.inv(linear).T)
+    expected = {name: linear @ p + translation for name, p in SMALL_LANDMARKS.items()}
+
+    found = register_landmarks(template, template_affine, SMALL_LANDMARKS, target, target_affine, seed=0)
+    errors = landmark_errors_mm(found, expected)
+    unregistered = landmark_errors_mm(SMALL_LANDMARKS, expected)
+    assert unregistered.mean() > 3.0, unregistered
+    assert errors.max() < 1.0, errors  # below one template voxel (1.5 mm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the ANTs (SyN) baseline: optional, needs antspyx
+
+needs_ants = pytest.mark.skipif(
+    importlib.util.find_spec("ants") is None,
+    reason="antspyx (ANTsPy) is not installed: pip install 'mdgru-keras[ants]'",
+)
+
+
+@needs_ants
+def test_to_ants_image_puts_voxels_at_their_ras_positions() -> None:
+    import ants
+
+    from mdgru_keras.baselines.ants_registration import to_ants_image
+
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation([1, 2, 3], 25.0) @ np.diag([-1.2, 0.9, 2.0])
+    affine[:3, 3] = [10.0, -20.0, 5.0]
+    volume = np.zeros((7, 5, 4), np.float32)
+    voxel = (5, 1, 2)
+    volume[voxel] = 1.0
+    image = to_ants_image(volume, affine)
+    assert image.shape == (7, 5, 4)
+    assert image.numpy()[voxel] == 1.0
+    world_lps = np.array(ants.transform_index_to_physical_point(image, voxel))
+    np.testing.assert_allclose(geometry.lps_to_ras(world_lps), geometry.voxel_to_world(voxel, affine), atol=1e-4)
+
+
+def smooth_bump(world_mm: np.ndarray) -> np.ndarray:
+    """A smooth local displacement (mm, RAS) no affine map can follow: 5.4 mm at the centre of ellipsoid E1,
+    falling off as a Gaussian of 10 mm."""
+    centre = 0.75 * np.asarray(ELLIPSOIDS[1][0])
+    weight = np.exp(-((world_mm - centre) ** 2).sum(-1) / (2 * 10.0**2))
+    return weight[..., None] * np.array([3.5, -3.0, 2.8])
+
+
+@needs_ants
+def test_ants_syn_follows_a_deformation_that_affine_registration_cannot() -> None:
+    from mdgru_keras.baselines import ants_registration
+
+    template_affine = centred_grid(SMALL_SHAPE, SMALL_SPACING_MM)
+    template = small_phantom(grid_world_mm(SMALL_SHAPE, template_affine))
+    # template world -> scan world: p -> M p + t + bump(p); scan world -> template world by fixed-point
+    # iteration of p = M^-1 (q - t - bump(p)) (a contraction: the bump's slope is below 0.25).
+    linear = _rotation([1.0, 0.2, -0.4], 7.0) @ np.diag([1.05, 0.97, 1.02])
+    translation = np.array([-3.0, 4.0, 2.0])
+    inverse = np.linalg.inv(linear)
+
+    def world_to_template(q: np.ndarray) -> np.ndarray:
+        p = (q - translation) @ inverse.T
+        for _ in range(40):
+            p = (q - translation - smooth_bump(p)) @ inverse.T
+        return p
+
+    target, target_affine = scan_through(world_to_template)
+    expected = {name: linear @ p + translation + smooth_bump(p) for name, p in SMALL_LANDMARKS.items()}
+    np.testing.assert_allclose(world_to_template(np.stack(list(expected.values()))),
+                               np.stack(list(SMALL_LANDMARKS.values())), atol=1e-6)  # fmt: skip
+
+    affine_only = register_landmarks(template, template_affine, SMALL_LANDMARKS, target, target_affine, seed=0)
+    syn = ants_registration.register_landmarks(template, template_affine, SMALL_LANDMARKS, target, target_affine)
+    affine_errors = landmark_errors_mm(affine_only, expected)
+    syn_errors = landmark_errors_mm(syn, expected)
+    assert syn_errors.mean() < 0.75 * affine_errors.mean(), (syn_errors, affine_errors)
+    assert syn_errors.max() < 1.5, syn_errors  # one template voxel

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-BASELINES = ("registration", "unet")
+BASELINES = ("registration", "ants", "unet")
+ANTS_TRANSFORMS = ("SyN", "Affine")  # as mdgru_keras.baselines.ants_registration.ANTS_TRANSFORMS (not imported here)
 
 
 @click.command("evaluate")
@@ -31,13 +32,19 @@ BASELINES = ("registration", "unet")
               help="Write figures of the 3 best and 3 worst cases (subject and landmark) of the model's own "
               "answer here: sagittal and axial slices with ground truth and prediction.")
 @click.option("--baseline", "baselines", type=click.Choice(BASELINES), multiple=True,
-              help="Also evaluate a baseline on the same subjects (repeatable). registration: needs --template "
-              "and --template-landmarks; unet: needs --unet-model.")
+              help="Also evaluate a baseline on the same subjects (repeatable). registration: the template "
+              "registered rigid + affine to each scan (SimpleITK, Mattes MI, metric sampled in the box around "
+              "the template's landmarks + 10 mm), row 'registration'; ants: affine + SyN (ANTsPy's 'SyN' preset; "
+              "needs pip install 'mdgru-keras[ants]'), row 'ants-syn'; both need --template and "
+              "--template-landmarks. unet: needs --unet-model.")
 @click.option("--template", type=_FILE, default=None,
-              help="--baseline registration: the labelled template scan (NIfTI), e.g. "
+              help="--baseline registration / ants: the labelled template scan (NIfTI), e.g. "
               "demo/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz.")
 @click.option("--template-landmarks", type=_FILE, default=None,
-              help="--baseline registration: the template's landmarks, e.g. demo/afids.fcsv.")
+              help="--baseline registration / ants: the template's landmarks, e.g. demo/afids.fcsv.")
+@click.option("--ants-transform", type=click.Choice(ANTS_TRANSFORMS), default=None,
+              help="--baseline ants: SyN (the default: affine then SyN, row 'ants-syn') or Affine (ANTsPy's "
+              "affine preset alone, row 'ants-affine').")
 @click.option("--unet-model", type=_FILE, default=None,
               help="--baseline unet: a U-Net from `mdgru-localize train-unet` (.keras), run on windows around "
               "the model's coarse estimate.")
@@ -47,7 +54,7 @@ BASELINES = ("registration", "unet")
               "in the paper's Table 1a: its fine rows become the n = 1 rows, instead of the rows derived from "
               "--model by summing each voxel's n classes.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the registration baseline's random metric sampling.")
+              help="Seed of the registration baselines' random metric sampling.")
 def evaluate(
     model_dir: Path,
     manifest: Path,
@@ -57,6 +64,7 @@ def evaluate(
     baselines: tuple[str, ...],
     template: Path | None,
     template_landmarks: Path | None,
+    ants_transform: str | None,
     unet_model: Path | None,
     n1_model_dir: Path | None,
     seed: int,
@@ -80,16 +88,27 @@ def evaluate(
       mdgru-localize evaluate --model export/mdgru --manifest data/manifest.csv --split test \\
           --figures eval/figures --baseline registration \\
           --template demo/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz --template-landmarks demo/afids.fcsv \\
-          --baseline unet --unet-model runs/unet.keras
+          --baseline ants --baseline unet --unet-model runs/unet.keras
     """
-    if "registration" in baselines and (template is None or template_landmarks is None):
-        raise click.UsageError("--baseline registration needs --template IMAGE and --template-landmarks FILE")
+    atlas = [name for name in ("registration", "ants") if name in baselines]
+    for name in atlas:
+        if template is None or template_landmarks is None:
+            raise click.UsageError(f"--baseline {name} needs --template IMAGE and --template-landmarks FILE")
     if "unet" in baselines and unet_model is None:
         raise click.UsageError("--baseline unet needs --unet-model PATH (from `mdgru-localize train-unet`)")
-    if template is not None and "registration" not in baselines:
-        raise click.UsageError("--template is used only with --baseline registration")
+    if (template is not None or template_landmarks is not None) and not atlas:
+        raise click.UsageError("--template and --template-landmarks are used only with --baseline registration or ants")
+    if ants_transform is not None and "ants" not in baselines:
+        raise click.UsageError("--ants-transform is used only with --baseline ants")
     if unet_model is not None and "unet" not in baselines:
         raise click.UsageError("--unet-model is used only with --baseline unet")
+    if "ants" in baselines:  # before loading anything: a missing optional dependency is one line
+        from mdgru_keras.baselines.ants_registration import import_ants
+
+        try:
+            import_ants()
+        except ImportError as error:
+            raise click.ClickException(str(error)) from None
 
     from tqdm import tqdm
 
@@ -97,6 +116,7 @@ def evaluate(
     from mdgru_keras.evaluation import best_and_worst
     from mdgru_keras.evaluation import evaluate as error_table
     from mdgru_keras.evaluation_runner import (
+        AntsBaseline,
         ExportedModel,
         RegistrationBaseline,
         UNetBaseline,
@@ -117,6 +137,10 @@ def evaluate(
         for name in dict.fromkeys(baselines):
             if name == "registration":
                 runners.append(RegistrationBaseline(template, template_landmarks, model.landmark_names, seed=seed))
+            elif name == "ants":
+                transform = ants_transform or "SyN"
+                names = model.landmark_names
+                runners.append(AntsBaseline(template, template_landmarks, names, seed=seed, transform=transform))
             else:
                 runners.append(UNetBaseline(unet_model, model.config))
     except InputError as error:
