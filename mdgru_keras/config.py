@@ -38,6 +38,10 @@ class NetworkConfig:
     # > 0: the first dense layer has exactly this many units instead (keeps many-landmark models small: each
     # landmark owns a [H, Cx + Cy + Cz] output layer)
     head_hidden_units: int = 0
+    # how the coordinate classes are read from the trunk: "dense" (the paper: flatten -> dense layers) or
+    # "marginal" (per-landmark score maps on the first level's grid, marginalized per axis: translation-
+    # equivariant, so a structure learnt at one place of the window is found at every other; see NETWORKS.md)
+    head: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ def _check_consistency(config: Config) -> None:
             problems.append(f"{stage}: network input of {size} voxels is not divisible by {reduction}")
         if not 0.0 <= net.dropconnect < 1.0:
             problems.append(f"{stage}.network.dropconnect: must be in [0, 1)")
+        if net.head not in ("dense", "marginal"):
+            problems.append(f"{stage}.network: head must be 'dense' or 'marginal', got {net.head!r}")
         if net.head_hidden_factor < 1 or net.head_hidden_units < 0:
             problems.append(f"{stage}.network: head_hidden_factor must be >= 1 and head_hidden_units >= 0")
         if net.combine not in ("sum", "mean"):

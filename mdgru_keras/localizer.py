@@ -181,7 +181,7 @@ class TwoStageLocalizer(tf.Module):
             window_origins,
             fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
         )  # [G, W, W, W, 2]
-        window_features = self._fine_features(windows)  # [G, F]
+        window_features = self._fine_features(windows)  # [G, F] or [G, g, g, g, F]
         logits = self.fine_heads(
             tf.gather(window_features, window_of_landmark), tf.range(self.num_landmarks, dtype=tf.int32)
         )
@@ -200,7 +200,7 @@ class TwoStageLocalizer(tf.Module):
         return result
 
     def _fine_features(self, windows: tf.Tensor) -> tf.Tensor:
-        """Trunk features ``[N, F]`` of fine windows ``[N, W, W, W, 2]``, ``fine_batch_size`` at a time."""
+        """Trunk features ``[N, F]`` (or ``[N, G, G, G, F]``) of fine windows ``[N, W, W, W, 2]``, ``fine_batch_size`` at a time."""
         chunk = self.fine_batch_size
         if chunk >= self.num_landmarks:  # never more windows than landmarks: all at once
             return self.fine_trunk(windows, training=False)
@@ -209,14 +209,14 @@ class TwoStageLocalizer(tf.Module):
         chunks = (count + chunk - 1) // chunk
         padded = tf.concat([windows, tf.zeros(tf.stack([chunks * chunk - count, size, size, size, 2]))], axis=0)
         stacked = tf.reshape(padded, tf.stack([chunks, chunk, size, size, size, 2]))
-        width = self.fine_trunk.output.shape[-1]
+        feature_shape = list(self.fine_trunk.output.shape[1:])  # [F] (dense heads) or [G, G, G, F] (marginal)
         features = tf.map_fn(
             lambda batch: self.fine_trunk(batch, training=False),
             stacked,
-            fn_output_signature=tf.TensorSpec([chunk, width], tf.float32),
+            fn_output_signature=tf.TensorSpec([chunk, *feature_shape], tf.float32),
             parallel_iterations=1,
         )
-        return tf.reshape(features, [-1, width])[:count]
+        return tf.reshape(features, [-1, *feature_shape])[:count]
 
 
 def _decode(

@@ -140,6 +140,73 @@ class _PerLandmarkFanIn(keras.initializers.Initializer):
         return {}
 
 
+@keras.saving.register_keras_serializable(package="mdgru_keras")
+class MarginalLandmarkHeads(keras.layers.Layer):
+    """Per-landmark coordinate classifiers read off a feature map by marginalization (translation-equivariant).
+
+    ``features [B, G, G, G, F]`` is a grid of G cells per axis, each ``cell_classes`` (S) coordinate classes
+    wide (``C = G * S`` classes per axis). Landmark ``k`` and axis ``a`` get a score map
+    ``s[b, i, j, l, :] = features[b, i, j, l] @ W[k, a] + bias[k, a]`` (``[S]`` per cell: where in the cell), and
+    the axis' logits are the log-sum-exp of the scores over the two other axes::
+
+        logits_x[b, k, i * S + t] = logsumexp_{j, l} s_x[b, i, j, l, t]
+
+    so the softmax over ``logits_x`` is the marginal along x of a softmax over all ``G^3 * S`` positions. The
+    same weights score every cell: a structure learnt at one place of the window is found at every other,
+    which the dense heads (flatten, then a dense layer per position) must learn position by position.
+
+    Two modes, as :class:`LandmarkHeads`: ``call(features)`` -> ``{"x": [B, K, C], ...}``;
+    ``call(features, landmark_index [B])`` -> ``{"x": [B, C], ...}`` (only the selected landmarks are scored).
+
+    Args:
+        num_landmarks: K.
+        cell_classes: S, coordinate classes per grid cell and axis.
+    """
+
+    def __init__(self, num_landmarks: int, cell_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_landmarks = int(num_landmarks)
+        self.cell_classes = int(cell_classes)
+
+    def build(self, features_shape: tuple, landmark_index_shape: tuple | None = None) -> None:
+        features = int(features_shape[-1])
+        # [K, axis, F, S]: _PerLandmarkFanIn scales each [F, S] kernel by its fan-in F
+        self.kernel = self.add_weight(
+            name="kernel", shape=(self.num_landmarks, 3, features, self.cell_classes), initializer=_PerLandmarkFanIn()
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.num_landmarks, 3, self.cell_classes), initializer="zeros")
+
+    def compute_output_shape(self, features_shape: tuple, landmark_index_shape: tuple | None = None) -> dict:
+        batch, grid = features_shape[0], features_shape[1]
+        classes = None if grid is None else grid * self.cell_classes
+        if landmark_index_shape is None:
+            return {axis: (batch, self.num_landmarks, classes) for axis in AXES}
+        return {axis: (batch, classes) for axis in AXES}
+
+    def call(self, features: tf.Tensor, landmark_index: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        if landmark_index is None:
+            scores = tf.einsum("bijlf,kafs->bkaijls", features, self.kernel)  # [B, K, 3, G, G, G, S]
+            scores += self.bias[None, :, :, None, None, None, :]
+        else:
+            index = tf.cast(tf.reshape(landmark_index, [-1]), tf.int32)
+            scores = tf.einsum("bijlf,bafs->baijls", features, tf.gather(self.kernel, index))  # [B, 3, G, G, G, S]
+            scores += tf.gather(self.bias, index)[:, :, None, None, None, :]
+        per_axis = tf.unstack(scores, 3, axis=-5)  # each [B, (K,) G, G, G, S]
+        marginals = [
+            tf.reduce_logsumexp(per_axis[0], axis=[-3, -2]),
+            tf.reduce_logsumexp(per_axis[1], axis=[-4, -2]),
+            tf.reduce_logsumexp(per_axis[2], axis=[-4, -3]),
+        ]  # each [B, (K,) G, S]: cell-major, so class = cell * S + t
+        shape = tf.shape(marginals[0])
+        flat = tf.concat([shape[:-2], [shape[-2] * shape[-1]]], axis=0)
+        return {axis: tf.reshape(m, flat) for axis, m in zip(AXES, marginals)}
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(num_landmarks=self.num_landmarks, cell_classes=self.cell_classes)
+        return config
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sizes
 
@@ -180,6 +247,13 @@ def count_parameters(config: Config, stage: str) -> dict[str, int]:
         trunk += 6 * per_cgru + units * fc + fc
         channels = fc
     counts["trunk"] = trunk
+    if net.head == "marginal":  # head_hidden: the voxelwise mix of all levels; head_output: score kernels
+        mix = net.fc_channels[-1]
+        cell_classes = config.superresolution * net.mdgru_stride
+        counts["head_hidden"] = sum(net.fc_channels) * mix + mix
+        counts["head_output"] = config.num_landmarks * 3 * (mix * cell_classes + cell_classes)
+        counts["total"] = sum(counts.values())
+        return counts
     size = network_input_size(config, stage) // net.mdgru_stride ** len(net.mdgru_units)
     features = size**3 * channels
     total_classes = sum(stage_classes(config, stage))
@@ -201,6 +275,13 @@ def head_hidden_units(net: NetworkConfig, total_classes: int) -> int:
 
 def localization_trunk(x: keras.KerasTensor, net: NetworkConfig, name: str) -> keras.KerasTensor:
     """The [strided MD-GRU -> voxelwise dense -> tanh] compositions, then flatten: ``[B, F]``."""
+    return keras.layers.Flatten(name=f"{name}_flatten")(trunk_levels(x, net, name)[-1])
+
+
+def trunk_levels(x: keras.KerasTensor, net: NetworkConfig, name: str) -> list[keras.KerasTensor]:
+    """The output of every [strided MD-GRU -> voxelwise dense -> tanh] composition, finest first:
+    ``[B, N / s, ..., fc_0]``, ``[B, N / s^2, ..., fc_1]``, ..."""
+    levels = []
     for i, (units, fc) in enumerate(zip(net.mdgru_units, net.fc_channels)):
         x = MDGRU(
             units,
@@ -219,7 +300,42 @@ def localization_trunk(x: keras.KerasTensor, net: NetworkConfig, name: str) -> k
             bias_initializer="zeros",
             name=f"{name}_voxelwise{i}",
         )(x)
-    return keras.layers.Flatten(name=f"{name}_flatten")(x)
+        levels.append(x)
+    return levels
+
+
+def marginal_trunk(x: keras.KerasTensor, net: NetworkConfig, name: str) -> keras.KerasTensor:
+    """Every level brought to the first level's grid (nearest upsampling), concatenated and mixed by a
+    voxelwise dense layer with tanh: ``[B, N / s, N / s, N / s, fc_last]``, the input of
+    :class:`MarginalLandmarkHeads` (fine cells from the first level, context from the deeper ones)."""
+    levels = trunk_levels(x, net, name)
+    grid = levels[0].shape[1]
+    upsampled = [levels[0]] + [
+        keras.layers.UpSampling3D(grid // level.shape[1], name=f"{name}_upsample{i + 1}")(level)
+        for i, level in enumerate(levels[1:])
+    ]
+    joined = keras.layers.Concatenate(name=f"{name}_levels")(upsampled) if len(upsampled) > 1 else upsampled[0]
+    return keras.layers.Conv3D(
+        net.fc_channels[-1], 1, activation="tanh", kernel_initializer="glorot_uniform", name=f"{name}_mix"
+    )(joined)
+
+
+def landmark_heads(x: keras.KerasTensor, config: Config, stage: str, net: NetworkConfig) -> dict:
+    """The trunk and heads of ``net.head`` on the stage's network input ``x``: logits ``{"x": [B, K, C], ...}``.
+
+    ``dense`` (the paper): flatten, then :class:`LandmarkHeads`; ``marginal``: :func:`marginal_trunk`, then
+    :class:`MarginalLandmarkHeads` with ``S = superresolution * mdgru_stride`` classes per first-level cell.
+    """
+    classes = stage_classes(config, stage)
+    if net.head == "marginal":
+        features = marginal_trunk(x, net, stage)
+        return MarginalLandmarkHeads(
+            config.num_landmarks, config.superresolution * net.mdgru_stride, name=f"{stage}_heads"
+        )(features)
+    features = localization_trunk(x, net, stage)
+    return LandmarkHeads(
+        config.num_landmarks, classes, head_hidden_units(net, sum(classes)), name=f"{stage}_heads"
+    )(features)
 
 
 def build_coarse_model(config: Config) -> keras.Model:
@@ -238,11 +354,7 @@ def build_coarse_model(config: Config) -> keras.Model:
         bias_initializer="zeros",
         name="coarse_input_conv",
     )(volume)
-    features = localization_trunk(x, net, "coarse")
-    classes = stage_classes(config, "coarse")
-    heads = LandmarkHeads(
-        config.num_landmarks, classes, head_hidden_units(net, sum(classes)), name="coarse_heads"
-    )(features)
+    heads = landmark_heads(x, config, "coarse", net)
     outputs = {axis: keras.layers.Identity(name=axis)(heads[axis]) for axis in AXES}
     return keras.Model(inputs={"volume": volume}, outputs=outputs, name="coarse")
 
@@ -257,23 +369,21 @@ def build_fine_model(config: Config) -> keras.Model:
     size = config.fine.window_size
     net = config.fine.network
     window = keras.Input(shape=(size, size, size, INPUT_CHANNELS), name="window")
-    features = localization_trunk(window, net, "fine")
-    classes = stage_classes(config, "fine")
-    heads = LandmarkHeads(
-        config.num_landmarks, classes, head_hidden_units(net, sum(classes)), name="fine_heads"
-    )(features)
+    heads = landmark_heads(window, config, "fine", net)
     outputs = {axis: keras.layers.Identity(name=axis)(heads[axis]) for axis in AXES}
     return keras.Model(inputs={"window": window}, outputs=outputs, name="fine")
 
 
-def split_fine_model(model: keras.Model) -> tuple[keras.Model, LandmarkHeads]:
-    """The fine model's trunk ``window [B, W, W, W, 2] -> features [B, F]`` and its :class:`LandmarkHeads`.
+def split_fine_model(model: keras.Model) -> tuple[keras.Model, keras.layers.Layer]:
+    """The fine model's trunk ``window [B, W, W, W, 2] -> features [B, F]`` (``[B, G, G, G, F]`` for marginal
+    heads) and its heads (:class:`LandmarkHeads` or :class:`MarginalLandmarkHeads`).
 
     Both share the model's weights. Calling ``heads(trunk(window), landmark_index)`` is the fine model; split,
     one window's features can serve several landmarks (``TwoStageLocalizer``'s shared windows).
     """
-    trunk = keras.Model(model.input["window"], model.get_layer("fine_flatten").output, name="fine_trunk")
-    return trunk, model.get_layer("fine_heads")
+    heads = model.get_layer("fine_heads")
+    trunk = keras.Model(model.input["window"], heads.input, name="fine_trunk")
+    return trunk, heads
 
 
 def build_model(config: Config, stage: str) -> keras.Model:
@@ -291,6 +401,7 @@ def custom_objects() -> dict[str, type]:
         "MDGRU": MDGRU,
         "CGRU": CGRU,
         "LandmarkHeads": LandmarkHeads,
+        "MarginalLandmarkHeads": MarginalLandmarkHeads,
         "StridedConv3D": StridedConv3D,
         "AxisCrossEntropy": AxisCrossEntropy,
     }

@@ -249,3 +249,80 @@ def test_masked_loss_matches_an_independent_numpy_computation(rng, sigma):
         loss = tf.reduce_sum(N.masked_localization_loss(labels, variables, mask, sigma))
     gradient = tape.gradient(loss, variables["x"]).numpy()
     assert np.all(gradient[mask == 0] == 0) and np.all(np.abs(gradient[mask == 1]).sum(-1) > 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# marginal heads
+
+
+def _with_head(config, head: str, stages=("coarse", "fine")):
+    replaced = {
+        stage: dataclasses.replace(
+            getattr(config, stage), network=dataclasses.replace(getattr(config, stage).network, head=head)
+        )
+        for stage in stages
+    }
+    return dataclasses.replace(config, **replaced)
+
+
+@pytest.fixture(scope="module")
+def marginal3():
+    config = _with_head(with_landmarks(load_preset("tiny"), ["A", "B", "C"]), "marginal")
+    return config, N.build_coarse_model(config), N.build_fine_model(config)
+
+
+def test_marginal_heads_are_log_sum_exps_of_per_cell_scores(marginal3, rng):
+    """Every axis' logits against an independent NumPy computation from the trunk's feature map."""
+    from scipy.special import logsumexp
+
+    config, _, fine = marginal3
+    w = config.fine.window_size
+    windows = rng.normal(size=(2, w, w, w, 2)).astype("float32")
+    every = fine({"window": windows})
+    trunk, heads = N.split_fine_model(fine)
+    features = trunk(windows).numpy()  # [B, G, G, G, F]
+    grid = features.shape[1]
+    cells = config.superresolution * config.fine.network.mdgru_stride
+    assert grid * cells == N.stage_classes(config, "fine")[0]
+    kernel, bias = heads.kernel.numpy(), heads.bias.numpy()  # [K, 3, F, S], [K, 3, S]
+    for b in range(2):
+        for k in range(3):
+            scores = np.einsum("ijlf,afs->aijls", features[b], kernel[k]) + bias[k][:, None, None, None, :]
+            expected = {
+                "x": logsumexp(scores[0], axis=(1, 2)),
+                "y": logsumexp(scores[1], axis=(0, 2)),
+                "z": logsumexp(scores[2], axis=(0, 1)),
+            }
+            for axis in "xyz":
+                np.testing.assert_allclose(every[axis].numpy()[b, k], expected[axis].reshape(-1), rtol=1e-4, atol=1e-4)
+    # one landmark per sample (the localizer's mode) reads the same numbers
+    index = np.array([2, 0], np.int32)
+    selected = heads(trunk(windows), index)
+    for axis in "xyz":
+        np.testing.assert_allclose(selected[axis].numpy(), every[axis].numpy()[np.arange(2), index], rtol=1e-5, atol=1e-5)
+
+
+def test_marginal_heads_are_translation_equivariant(marginal3):
+    """A window shifted by whole first-level cells moves every landmark's logits by that many cells, away from
+    the window's border (the MD-GRU's padding makes the border differ)."""
+    config, _, fine = marginal3
+    _, heads = N.split_fine_model(fine)
+    features = np.random.default_rng(3).normal(size=(1, 8, 8, 8, heads.kernel.shape[2])).astype("float32")
+    shifted = np.roll(features, 2, axis=1)
+    cells = heads.cell_classes
+    a, b = heads(features)["x"].numpy(), heads(shifted)["x"].numpy()
+    np.testing.assert_allclose(np.roll(a, 2 * cells, axis=-1), b, rtol=1e-5, atol=1e-5)
+
+
+def test_marginal_models_count_save_and_load(marginal3, tmp_path, rng):
+    config, coarse, fine = marginal3
+    for stage, model in (("coarse", coarse), ("fine", fine)):
+        assert model.count_params() == N.count_parameters(config, stage)["total"]
+    path = tmp_path / "fine.keras"
+    fine.save(path)
+    loaded = N.load_model(str(path))
+    w = config.fine.window_size
+    windows = rng.normal(size=(2, w, w, w, 2)).astype("float32")
+    np.testing.assert_allclose(
+        loaded({"window": windows})["z"].numpy(), fine({"window": windows})["z"].numpy(), rtol=1e-5, atol=1e-5
+    )

@@ -30,7 +30,7 @@ CONFIG = REPO / "configs" / "afids.yaml"
 TRAIN_SUBJECTS = 88  # 80 training and 8 validation subjects
 TRAIN_SEED = 101
 COARSE_EPOCHS = 5
-FINE_EPOCHS = 6
+FINE_EPOCHS = 8
 
 
 def _cli() -> list[str]:

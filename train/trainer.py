@@ -201,7 +201,12 @@ class Trainer:
             raise InputError(
                 run_path, f"is a {run_info.get('stage')} run; cannot resume it as the {self.setup.stage} stage"
             )
-        differences = config_differences(old_config.to_dict(), self.config.to_dict())
+        # a stage's run depends on the shared settings and its own section, not on the other stage's
+        other = "fine" if self.setup.stage == "coarse" else "coarse"
+        old_dict, new_dict = old_config.to_dict(), self.config.to_dict()
+        old_dict.pop(other, None)
+        new_dict.pop(other, None)
+        differences = config_differences(old_dict, new_dict)
         if differences:
             raise InputError(
                 config_path, "cannot resume with another config: differs in " + "; ".join(differences)
