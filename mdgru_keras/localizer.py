@@ -200,7 +200,8 @@ class TwoStageLocalizer(tf.Module):
         return result
 
     def _fine_features(self, windows: tf.Tensor) -> tf.Tensor:
-        """Trunk features ``[N, F]`` (or ``[N, G, G, G, F]``) of fine windows ``[N, W, W, W, 2]``, ``fine_batch_size`` at a time."""
+        """Trunk features ``[N, F]`` (``[N, G, G, G, F]`` for marginal heads) of fine windows ``[N, W, W, W, 2]``,
+        ``fine_batch_size`` at a time."""
         chunk = self.fine_batch_size
         if chunk >= self.num_landmarks:  # never more windows than landmarks: all at once
             return self.fine_trunk(windows, training=False)

@@ -294,12 +294,16 @@ def test_marginal_heads_are_log_sum_exps_of_per_cell_scores(marginal3, rng):
                 "z": logsumexp(scores[2], axis=(0, 1)),
             }
             for axis in "xyz":
-                np.testing.assert_allclose(every[axis].numpy()[b, k], expected[axis].reshape(-1), rtol=1e-4, atol=1e-4)
+                np.testing.assert_allclose(
+                    every[axis].numpy()[b, k], expected[axis].reshape(-1), rtol=1e-4, atol=1e-4
+                )
     # one landmark per sample (the localizer's mode) reads the same numbers
     index = np.array([2, 0], np.int32)
     selected = heads(trunk(windows), index)
     for axis in "xyz":
-        np.testing.assert_allclose(selected[axis].numpy(), every[axis].numpy()[np.arange(2), index], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            selected[axis].numpy(), every[axis].numpy()[np.arange(2), index], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_marginal_heads_are_translation_equivariant(marginal3):
