@@ -1,5 +1,6 @@
 """The two-stage localizer: bookkeeping of windows and decodings, export, and real learning on synthetic blobs."""
 
+import dataclasses
 import time
 
 import keras
@@ -17,9 +18,12 @@ from mdgru_keras.preprocessing import preprocess
 # bookkeeping (random weights)
 
 
-@pytest.fixture(scope="module")
-def tiny3():
+@pytest.fixture(scope="module", params=["dense", "marginal"])
+def tiny3(request):
+    """The tiny preset with three landmarks; the fine stage with either kind of heads."""
     config = with_landmarks(load_preset("tiny"), ["A", "B", "C"])
+    network = dataclasses.replace(config.fine.network, head=request.param)
+    config = dataclasses.replace(config, fine=dataclasses.replace(config.fine, network=network))
     keras.utils.set_random_seed(3)
     coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
     # one instance per test module: its tf.function is traced once for every volume shape
