@@ -18,6 +18,7 @@ Run it as ``make model-afids`` or ``python -m train.model_afids --work runs/mode
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import subprocess
@@ -101,12 +102,35 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_install:
         from mdgru_keras.pretrained import install_pretrained
 
-        target = install_pretrained("afids32", export_dir)
+        target = install_pretrained("afids32", export_dir, recipe=_recipe(work, args))
         size_mb = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 1e6
         print(f"[model-afids] installed {target} ({size_mb:.1f} MB)", flush=True)
     print(f"[model-afids] done in {time.monotonic() - started:.0f} s", flush=True)
     shutil.rmtree(work / "tmp", ignore_errors=True)
     return 0
+
+
+def _recipe(work: Path, args: argparse.Namespace) -> dict:
+    """What the manifest records about how the model was made: the command's settings and each stage's run."""
+    recipe = {
+        "command": "make model-afids",
+        "config": Path(args.config).name,
+        "subjects": args.subjects,
+        "population_seed": TRAIN_SEED,
+        "epochs": {"coarse": args.coarse_epochs, "fine": args.fine_epochs},
+    }
+    for stage in ("coarse", "fine"):
+        path = work / stage / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            last = summary.get("last_validation") or {}
+            recipe[stage] = {
+                "steps": summary.get("step"),
+                "validation_error_mm_mean": last.get("val_error_mm_mean"),
+                "validation_error_mm_median": last.get("val_error_mm_median"),
+                "training_seconds": last.get("elapsed_s"),
+            }
+    return recipe
 
 
 if __name__ == "__main__":
