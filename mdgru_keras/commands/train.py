@@ -11,7 +11,7 @@ import click
 @click.option("--stage", type=click.Choice(["coarse", "fine"]), required=True,
               help="Which network to train: coarse (whole padded scan) or fine (window around a landmark).")
 @click.option("--config", "config_name", required=True, metavar="CONFIG",
-              help="A preset name (paper, cpu, tiny) or a YAML config file.")
+              help="A preset name (paper, cpu, afids, tiny) or a YAML config file.")
 @click.option("--data", "dataset_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="A dataset made by `mdgru-localize prepare` (with 'train' and 'val' subjects).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -9,8 +9,8 @@ import click
 
 @click.command("train-unet")
 @click.option("--config", "config_name", required=True, metavar="CONFIG",
-              help="A preset name (paper, cpu, tiny) or a YAML config file: the same as the MD-GRU fine stage's, "
-              "so the U-Net sees the same windows (fine.window_size), landmarks, spacing and augmentation.")
+              help="A preset name (paper, cpu, afids, tiny) or a YAML config file: the same as the MD-GRU fine "
+              "stage's, so the U-Net sees the same windows (fine.window_size), landmarks, spacing and augmentation.")
 @click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A dataset made by `mdgru-localize prepare` (its 'train' split is used).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
