@@ -230,3 +230,42 @@ def test_usage_errors(scans: dict, model_base: Path, tmp_path: Path) -> None:
     assert fcsv_without_out.exit_code == 2 and "give --out" in fcsv_without_out.output
     not_a_model = run(str(scans["oblique"]), "--model", str(tmp_path))
     assert not_a_model.exit_code == 1 and f"{tmp_path}: no saved_model.pb" in not_a_model.output
+
+
+def last_error_line(result: Result) -> str:
+    """The one error line of a run that stopped (the CLI's error boundary): the last line on standard error."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.lower().startswith("error")] == lines[-1:], lines
+    return lines[-1]
+
+
+def test_an_unwritable_out_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    # (a read-only folder would not stop root, who may run the tests: a regular file where a folder should be)
+    regular = tmp_path / "regular"
+    regular.write_text("not a folder")
+    out = regular / "out.json"
+    result = run(str(scans["oblique"]), "--model", str(model_base), "--out", str(out))
+    assert last_error_line(result) == f"Error: {out}: cannot write here: {regular} is not a directory"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = run(str(scans["oblique"]), "--model", str(model_base), "--format", "csv", "--out", str(folder))
+    assert last_error_line(result) == f"Error: {folder}: Is a directory"
+    assert list(folder.iterdir()) == []
+
+
+def test_a_corrupt_saved_model_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    pb_damaged = tmp_path / "pb" / "1"
+    shutil.copytree(model_base / "1", pb_damaged)
+    saved_model_pb = pb_damaged / "saved_model.pb"
+    saved_model_pb.write_bytes(saved_model_pb.read_bytes()[: saved_model_pb.stat().st_size // 2])  # cut short
+    result = run(str(scans["oblique"]), "--model", str(pb_damaged))
+    assert last_error_line(result).startswith(f"Error: {saved_model_pb}: not a readable SavedModel (")
+    variables_damaged = tmp_path / "variables" / "1"
+    shutil.copytree(model_base / "1", variables_damaged)
+    for path in (variables_damaged / "variables").glob("variables.data-*"):
+        path.write_bytes(path.read_bytes()[:100])
+    result = run(str(scans["oblique"]), "--model", str(variables_damaged))
+    assert last_error_line(result).startswith(f"Error: {variables_damaged}: cannot load the SavedModel (")

@@ -175,24 +175,19 @@ def _open_client(
 ):
     """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
     ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
-    from mdgru_keras.errors import InputError
     from mdgru_keras.prediction import unknown_landmarks
-    from serving import ServingError
 
-    try:
-        if model_dir is not None:
-            from serving.export import read_model_info
-            from serving.servable import LocalLocalizationClient, resolve_version_dir
+    if model_dir is not None:
+        from serving.export import read_model_info
+        from serving.servable import LocalLocalizationClient, resolve_version_dir
 
-            known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
-            if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
-                raise click.UsageError(f"--landmarks: {problem}")
-            return LocalLocalizationClient(model_dir)
-        from serving import connect
+        known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
+        if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
+            raise click.UsageError(f"--landmarks: {problem}")
+        return LocalLocalizationClient(model_dir)
+    from serving import connect
 
-        return connect(server, model_name, timeout_s=timeout_s)
-    except (InputError, ServingError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    return connect(server, model_name, timeout_s=timeout_s)
 
 
 def _write_fcsv(predictions, done: list[int], images: tuple[Path, ...], out: Path) -> str:

@@ -40,15 +40,11 @@ def train_unet(config_name: str, dataset_dir: Path, out_path: Path, budget_secon
     import json
 
     from mdgru_keras.baselines.unet import fit_unet
-    from mdgru_keras.config import ConfigError, load_config
-    from mdgru_keras.errors import InputError
+    from mdgru_keras.config import load_config
     from mdgru_keras.io import write_text_atomic
 
-    try:
-        config = load_config(config_name)
-        summary = fit_unet(dataset_dir, config, budget_seconds, out_path, seed=seed, progress=not quiet)
-    except (ConfigError, InputError) as error:
-        raise click.ClickException(str(error)) from None
+    config = load_config(config_name)
+    summary = fit_unet(dataset_dir, config, budget_seconds, out_path, seed=seed, progress=not quiet)
     # Record what evaluate must match (landmark order = heatmap channels, window size, spacing, high-pass).
     summary_path = out_path.with_suffix(".json")
     record = {**summary.to_dict(), "config": config.to_dict(), "dataset": str(dataset_dir.resolve()),
