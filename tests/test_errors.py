@@ -166,3 +166,14 @@ def test_bugs_keep_their_traceback(failing_cli) -> None:
     assert result.exit_code == 1
     assert isinstance(result.exception, KeyError)  # not turned into a message: CliRunner shows the traceback
     assert "Error:" not in result.output
+
+
+def test_a_corrupt_unet_model_names_the_file_once(tmp_path: Path) -> None:
+    from mdgru_keras.evaluation_runner import UNetBaseline
+
+    model = tmp_path / "unet.keras"
+    model.write_bytes(b"not a zip archive")
+    with pytest.raises(InputError) as caught:
+        UNetBaseline(model, load_preset("tiny"))
+    assert str(caught.value).startswith(f"{model}: cannot load the model (")
+    assert not str(caught.value).startswith(f"{model}: {model}")
