@@ -11,8 +11,12 @@ setup(
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["mdgru_keras", "mdgru_keras.*", "train", "train.*", "serving", "serving.*"]),
     include_package_data=True,
-    # the shipped pretrained model(s): mdgru_keras/pretrained/NAME/{manifest.json,saved_model/...}
-    package_data={"mdgru_keras.pretrained": ["*/manifest.json", "*/saved_model/*", "*/saved_model/**/*"]},
+    package_data={
+        # the presets (`--config cpu`), found next to mdgru_keras/config.py
+        "mdgru_keras": ["configs/*.yaml"],
+        # the shipped pretrained model(s): mdgru_keras/pretrained/NAME/{manifest.json,saved_model/...}
+        "mdgru_keras.pretrained": ["*/manifest.json", "*/saved_model/*", "*/saved_model/**/*"],
+    },
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",

@@ -2,6 +2,11 @@
 
 Each sub-command lives in its own module under :mod:`mdgru_keras.commands` and is imported only when it is
 run (or listed), so that ``mdgru-localize --help`` answers quickly.
+
+Errors have one boundary, :meth:`LazyGroup.invoke`: an expected failure of any command (bad input or config,
+a file that cannot be read or written, a model that cannot be loaded, a refusing server, out of memory; see
+:func:`mdgru_keras.errors.describe_failure`) ends as one line ``Error: PATH: problem`` on standard error with
+exit status 1; click's usage errors keep exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ class LazyGroup(click.Group):
             return None
         module_name, attribute = target.split(":")
         return getattr(importlib.import_module(module_name), attribute)
+
+    def invoke(self, ctx: click.Context):
+        """Run the command; an expected failure becomes one line and exit status 1 (module docstring)."""
+        from mdgru_keras.errors import describe_failure
+
+        try:
+            return super().invoke(ctx)
+        except Exception as error:  # click's own exceptions (usage errors, Exit, Abort) are not described
+            message = describe_failure(error)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -1,6 +1,6 @@
 """Presets and their validation.
 
-A config is a YAML file (see ``configs/``) with the sections below; unknown or ill-typed keys are refused
+A config is a YAML file (see ``mdgru_keras/configs/``) with the sections below; unknown or ill-typed keys are refused
 with a message naming the file and the key. Load with :func:`load_config`, a preset by name with
 :func:`load_preset` (``paper``, ``cpu``, ``tiny``).
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets are package data (installed with the package; ``configs/`` at the top of the repository links here).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):

@@ -284,6 +284,8 @@ class UNetBaseline:
         check_unet_matches(model_path, config)
         try:
             self.localizer = UNetLocalizer.load(model_path, config)
+        except InputError:  # a file Keras cannot load (load_unet names it)
+            raise
         except ValueError as error:  # window size of the model and the export's config differ
             raise InputError(model_path, str(error)) from None
         heatmaps = self.localizer.model.get_layer("heatmaps")

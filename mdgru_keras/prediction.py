@@ -5,10 +5,19 @@ voxel->world affine); the model reorients, resamples and localizes, and answers 
 the file's voxel indices. This module turns the answers into :class:`ScanPrediction` objects and writes them:
 
 * JSON: ``{"scans": [{"file", "landmarks": {name: {"world_mm", "voxel", "coarse_world_mm", "coarse_voxel",
-  "confidence"}}}], "failed": [{"file", "error"}], ...}``;
-* CSV: one row per scan and landmark;
+  "confidence", "status"}}}], "failed": [{"file", "error"}], "min_confidence", ...}``;
+* CSV: one row per scan and landmark (:data:`CSV_COLUMNS`);
 * 3D Slicer ``.fcsv`` (RAS), one file per scan (:func:`mdgru_keras.io.write_landmarks`);
 * a PNG per scan with sagittal and axial slices through each landmark (:func:`mdgru_keras.figures.landmark_figure`).
+
+Answers that cannot be right are not passed off as good ones:
+
+* a scan smaller than :data:`MIN_SCAN_EXTENT_MM` along an axis of its array (voxels times voxel size) is refused
+  before it reaches the model (:class:`~mdgru_keras.errors.InputError`): the model pads such a scan and
+  answers somewhere in the padding, with nothing there to find;
+* every landmark gets a ``status``: ``ok``, or ``outside_image`` (its voxel lies more than half a voxel beyond
+  the array on some axis: the landmark is not in the scan, or the model is lost) and/or ``low_confidence``
+  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), joined by ``;``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,17 @@ if TYPE_CHECKING:
     from serving import LocalizationClient
 
 PREDICTIONS_FORMAT = "mdgru-keras predictions 1"
+# Scans smaller than this along an axis are refused: the smallest fine window of the presets (tiny: 16 voxels
+# of 1 mm; the shipped model's is 32 mm, its coarse region 160 mm).
+MIN_SCAN_EXTENT_MM = 16.0
+# Default confidence threshold of the ``low_confidence`` status. The confidence is the product over the three
+# axes of the probability within one class of the answer: 0.01 is about 0.22 per axis, far above the chance
+# level 27 / C^3 of C classes per axis (tiny: 8e-4; cpu and afids: 1.3e-5), and below what a model that found
+# its landmark gives. Not calibrated on real scans (docs/MODEL_CARD.md): --min-confidence changes it.
+MIN_CONFIDENCE = 0.01
+STATUS_OK = "ok"
+STATUS_OUTSIDE = "outside_image"
+STATUS_LOW_CONFIDENCE = "low_confidence"
 CSV_COLUMNS = (
     "file",
     "landmark",
@@ -42,6 +62,7 @@ CSV_COLUMNS = (
     "coarse_y_mm",
     "coarse_z_mm",
     "confidence",
+    "status",
 )
 
 
@@ -51,7 +72,8 @@ class ScanPrediction:
 
     ``world_mm``, ``coarse_world_mm``: float64 ``[K, 3]`` RAS millimetres; ``voxel``, ``coarse_voxel``:
     float64 ``[K, 3]`` continuous voxel indices of the file's own array (0-based, as nibabel indexes it);
-    ``confidence``: float32 ``[K]`` in ``[0, 1]``.
+    ``confidence``: float32 ``[K]`` in ``[0, 1]``; ``shape``: the file's array shape (``None``: unknown, then no
+    landmark counts as outside).
     """
 
     path: str
@@ -61,9 +83,12 @@ class ScanPrediction:
     coarse_world_mm: np.ndarray
     coarse_voxel: np.ndarray
     confidence: np.ndarray
+    shape: tuple[int, ...] | None = None
 
     @classmethod
-    def from_outputs(cls, path: str | Path, outputs: dict[str, np.ndarray]) -> ScanPrediction:
+    def from_outputs(
+        cls, path: str | Path, outputs: dict[str, np.ndarray], shape: Sequence[int] | None = None
+    ) -> ScanPrediction:
         """From the outputs of the SavedModel's ``serving_default`` / ``localize_int16`` signatures."""
         return cls(
             path=str(path),
@@ -73,6 +98,7 @@ class ScanPrediction:
             coarse_world_mm=np.asarray(outputs["coarse_world_mm"], dtype=np.float64),
             coarse_voxel=np.asarray(outputs["coarse_voxel"], dtype=np.float64),
             confidence=np.asarray(outputs["confidence"], dtype=np.float32),
+            shape=None if shape is None else tuple(int(n) for n in shape),
         )
 
     def select(self, names: Sequence[str] | None) -> ScanPrediction:
@@ -88,12 +114,46 @@ class ScanPrediction:
             coarse_world_mm=self.coarse_world_mm[index],
             coarse_voxel=self.coarse_voxel[index],
             confidence=self.confidence[index],
+            shape=self.shape,
         )
+
+    def outside(self) -> np.ndarray:
+        """bool ``[K]``: the landmark's voxel lies more than half a voxel beyond the array on some axis."""
+        if self.shape is None:
+            return np.zeros(len(self.landmark_names), dtype=bool)
+        upper = np.asarray(self.shape[:3], dtype=np.float64) - 0.5
+        return ((self.voxel < -0.5) | (self.voxel > upper) | ~np.isfinite(self.voxel)).any(axis=-1)
+
+    def statuses(self, min_confidence: float = MIN_CONFIDENCE) -> list[str]:
+        """Per landmark ``ok``, or ``outside_image`` and/or ``low_confidence`` joined by ``;`` (module docstring)."""
+        outside = self.outside()
+        low = ~(self.confidence.astype(np.float64) >= min_confidence)  # NaN counts as low
+        result = []
+        for k in range(len(self.landmark_names)):
+            problems = [STATUS_OUTSIDE] * bool(outside[k]) + [STATUS_LOW_CONFIDENCE] * bool(low[k])
+            result.append(";".join(problems) or STATUS_OK)
+        return result
+
+    def warning(self, min_confidence: float = MIN_CONFIDENCE) -> str | None:
+        """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error."""
+        outside = [name for name, out in zip(self.landmark_names, self.outside()) if out]
+        low = [
+            f"{name} ({float(value):.2g})"
+            for name, value in zip(self.landmark_names, self.confidence)
+            if not float(value) >= min_confidence
+        ]
+        parts = []
+        if outside:
+            parts.append(f"outside the image: {', '.join(outside)}")
+        if low:
+            parts.append(f"confidence below {min_confidence:g}: {', '.join(low)}")
+        return f"{self.path}: {'; '.join(parts)}" if parts else None
 
     def world_mm_by_name(self) -> dict[str, np.ndarray]:
         return {name: self.world_mm[k] for k, name in enumerate(self.landmark_names)}
 
-    def to_json(self) -> dict:
+    def to_json(self, min_confidence: float = MIN_CONFIDENCE) -> dict:
+        statuses = self.statuses(min_confidence)
         return {
             "file": self.path,
             "landmarks": {
@@ -103,21 +163,40 @@ class ScanPrediction:
                     "coarse_world_mm": self.coarse_world_mm[k].tolist(),
                     "coarse_voxel": self.coarse_voxel[k].tolist(),
                     "confidence": float(self.confidence[k]),
+                    "status": statuses[k],
                 }
                 for k, name in enumerate(self.landmark_names)
             },
         }
 
 
+def check_scan_extent(path: str | Path, shape: Sequence[int], voxel_to_world: np.ndarray) -> None:
+    """Refuse a scan smaller than :data:`MIN_SCAN_EXTENT_MM` along an axis of its array (an :class:`InputError`)."""
+    from mdgru_keras.errors import InputError
+
+    spacing = np.linalg.norm(np.asarray(voxel_to_world, dtype=np.float64)[:3, :3], axis=0)
+    extent = np.asarray(shape[:3], dtype=np.float64) * spacing
+    if not (extent >= MIN_SCAN_EXTENT_MM).all():
+        size = " x ".join(f"{value:.3g}" for value in extent)
+        voxels = " x ".join(str(int(n)) for n in shape[:3])
+        raise InputError(
+            path,
+            f"too small for landmark localization: {size} mm ({voxels} voxels); the model needs at least "
+            f"{MIN_SCAN_EXTENT_MM:g} mm along each axis",
+        )
+
+
 def predict_scan(client: LocalizationClient, path: str | Path) -> ScanPrediction:
     """Read one NIfTI scan and localize its landmarks through ``client`` (local or remote).
 
-    Raises :class:`~mdgru_keras.errors.InputError` for unreadable files and :class:`serving.ServingError`
-    when the model refuses the scan (e.g. ``INVALID_ARGUMENT`` for fewer than 2 voxels along an axis).
+    Raises :class:`~mdgru_keras.errors.InputError` for unreadable files and scans too small to localize in
+    (:func:`check_scan_extent`), and :class:`serving.ServingError` when the model refuses the scan (e.g.
+    ``INVALID_ARGUMENT`` for NaN values).
     """
     volume, voxel_to_world = read_nifti_array(path)
+    check_scan_extent(path, volume.shape, voxel_to_world)
     # localize() sends integer-valued scans (most CT and MR) as int16: half the bytes, the same result.
-    return ScanPrediction.from_outputs(path, client.localize(volume, voxel_to_world))
+    return ScanPrediction.from_outputs(path, client.localize(volume, voxel_to_world), shape=volume.shape)
 
 
 def unknown_landmarks(requested: Iterable[str], known: Sequence[str]) -> str | None:
@@ -151,31 +230,38 @@ def per_scan_paths(paths: Sequence[str | Path], directory: Path, suffix: str) ->
     return result
 
 
-def predictions_json(predictions: Sequence[ScanPrediction], failed: Sequence[tuple[str, str]], model: str) -> str:
+def predictions_json(
+    predictions: Sequence[ScanPrediction],
+    failed: Sequence[tuple[str, str]],
+    model: str,
+    min_confidence: float = MIN_CONFIDENCE,
+) -> str:
     """The JSON document (see the module docstring); ``failed`` holds ``(file, one-line error)`` pairs."""
     document = {
         "format": PREDICTIONS_FORMAT,
         "model": model,
         "coordinates": "world_mm: RAS millimetres; voxel: 0-based continuous indices of the file's own array",
-        "scans": [prediction.to_json() for prediction in predictions],
+        "min_confidence": min_confidence,
+        "scans": [prediction.to_json(min_confidence) for prediction in predictions],
         "failed": [{"file": path, "error": error} for path, error in failed],
     }
     return json.dumps(document, indent=2) + "\n"
 
 
-def predictions_csv(predictions: Sequence[ScanPrediction]) -> str:
+def predictions_csv(predictions: Sequence[ScanPrediction], min_confidence: float = MIN_CONFIDENCE) -> str:
     """One row per scan and landmark (columns :data:`CSV_COLUMNS`; float64 values written exactly)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for prediction in predictions:
+        statuses = prediction.statuses(min_confidence)
         for k, name in enumerate(prediction.landmark_names):
             writer.writerow(
                 [prediction.path, name]
                 + [repr(float(v)) for v in prediction.world_mm[k]]
                 + [repr(float(v)) for v in prediction.voxel[k]]
                 + [repr(float(v)) for v in prediction.coarse_world_mm[k]]
-                + [repr(float(prediction.confidence[k]))]
+                + [repr(float(prediction.confidence[k])), statuses[k]]
             )
     return out.getvalue()
 

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from mdgru_keras import geometry
 from mdgru_keras.config import Config, ConfigError, config_from_dict
-from mdgru_keras.errors import InputError
+from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.networks import AXES
 from serving import COARSE_SIGNATURE, DECODINGS_SIGNATURE, DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, INT16_SIGNATURE
@@ -332,7 +332,8 @@ def load_run(run_dir: str | Path, stage: str) -> TrainingRun:
     try:
         model = load_model(str(model_path))
     except Exception as error:  # Keras raises many kinds for corrupt or foreign files
-        raise InputError(model_path, f"cannot load the model ({type(error).__name__}: {error})") from None
+        problem = f"cannot load the model ({type(error).__name__}: {one_line(str(error))})"
+        raise InputError(model_path, problem) from None
     found = model_stage(model)
     if found != stage:
         raise InputError(model_path, f"a {found or 'unknown'}-stage model, but a {stage} run is needed here")
@@ -422,12 +423,12 @@ def export_localizer(
     ``landmarks``, ``config`` and ``signatures`` added.
     """
     if not name or name.isdigit() or "/" in name or name.startswith("."):
-        raise ValueError(f"model name must be a plain, non-numeric folder name, got {name!r}")
+        raise InputError(None, f"model name must be a plain, non-numeric folder name, got {name!r}")
     model_dir = Path(base_dir) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(model_dir) if version is None else int(version)
     if version < 1:
-        raise ValueError(f"version must be a positive integer, got {version}")
+        raise InputError(None, f"version must be a positive integer, got {version}")
     version_dir = model_dir / str(version)
     if version_dir.exists():
         raise FileExistsError(f"{version_dir}: version {version} exists already; choose another --version")

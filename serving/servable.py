@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from mdgru_keras.errors import InputError
-from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, LocalizationClient, ServingError, decode_strings
+from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, LocalizationClient, ServingError, decode_strings, one_line
 
 # tf.errors codes are the gRPC status codes: index -> name.
 STATUS_NAMES = (
@@ -67,7 +68,11 @@ def resolve_version_dir(model_path: str | Path) -> tuple[Path, int]:
 def read_signature_defs(version_dir: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
     """The SignatureDefs of a SavedModel's ``serve`` graph, without TF-internal ones (``__saved_model_init_op``)."""
     saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    path = version_dir / "saved_model.pb"
+    try:
+        saved_model.ParseFromString(path.read_bytes())
+    except DecodeError as error:  # a damaged or truncated file, or not a SavedModel
+        raise InputError(path, f"not a readable SavedModel ({error})") from None
     for meta_graph in saved_model.meta_graphs:
         if "serve" in meta_graph.meta_info_def.tags:
             return {key: sig for key, sig in meta_graph.signature_def.items() if not key.startswith("__")}
@@ -113,7 +118,13 @@ class Servable:
         self.model_name = model_name
         self.version_dir, self.version = resolve_version_dir(model_path)
         self.signature_defs = read_signature_defs(self.version_dir)
-        self.model = tf.saved_model.load(str(self.version_dir))
+        try:
+            self.model = tf.saved_model.load(str(self.version_dir))
+        except Exception as error:  # damaged or missing variables: TensorFlow raises many kinds (even IndexError)
+            message = error.message if isinstance(error, tf.errors.OpError) else str(error)
+            raise InputError(
+                self.version_dir, f"cannot load the SavedModel ({type(error).__name__}: {one_line(message)})"
+            ) from None
         self.functions = {name: self.model.signatures[name] for name in self.signature_defs}
         # Requests answered per signature (and "error"), for monitoring and tests.
         self.request_counts: collections.Counter[str] = collections.Counter()

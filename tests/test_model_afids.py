@@ -36,7 +36,7 @@ def _steps(run: Path) -> list[int]:
 @pytest.mark.slow
 def test_model_afids_resumes_after_a_kill(tmp_path):
     template = write_template(tmp_path)
-    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    config = yaml.safe_load((REPO / "mdgru_keras" / "configs" / "tiny.yaml").read_text())
     config.update(landmarks=["A"])
     config["training"].update(epochs=6, checkpoint_every_steps=2, samples_per_subject=2)
     config_path = tmp_path / "tiny-a.yaml"

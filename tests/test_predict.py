@@ -8,6 +8,7 @@ broken file is reported on one line and does not stop the others; .fcsv files ro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -22,9 +23,11 @@ from PIL import Image
 from scipy import ndimage
 
 from mdgru_keras.cli import main as cli
+from mdgru_keras.commands import predict as predict_command
 from mdgru_keras.config import load_preset
 from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.io import read_landmarks
+from mdgru_keras.prediction import MIN_CONFIDENCE, MIN_SCAN_EXTENT_MM, ScanPrediction
 from serving.export import export_runs
 from serving.grpc_server import GrpcServer
 from serving.rest_server import RestServer
@@ -118,6 +121,14 @@ def assert_same_landmarks(actual: dict, expected: dict, atol: float = 1e-9) -> N
             for key in ("world_mm", "voxel", "coarse_world_mm", "coarse_voxel"):
                 np.testing.assert_allclose(actual[path][name][key], values[key], atol=atol, err_msg=f"{path} {key}")
             assert actual[path][name]["confidence"] == pytest.approx(values["confidence"], abs=1e-6)
+            assert actual[path][name]["status"] == values["status"]
+
+
+def expected_status(voxel: list[float], confidence: float, shape: tuple[int, ...], min_confidence: float) -> str:
+    """The status predict should give, computed here from the file's shape."""
+    outside = any(v < -0.5 or v > n - 0.5 for v, n in zip(voxel, shape))
+    problems = ["outside_image"] * outside + ["low_confidence"] * (confidence < min_confidence)
+    return ";".join(problems) or "ok"
 
 
 def test_local_json_reports_every_landmark_in_world_mm_and_file_voxels(local_json: dict, scans: dict) -> None:
@@ -132,6 +143,9 @@ def test_local_json_reports_every_landmark_in_world_mm_and_file_voxels(local_jso
             world_mm = voxel_to_world[:3, :3] @ np.array(values["voxel"]) + voxel_to_world[:3, 3]
             np.testing.assert_allclose(values["world_mm"], world_mm, atol=1e-6)
             assert 0.0 <= values["confidence"] <= 1.0
+            shape = nib.load(path).shape
+            assert values["status"] == expected_status(values["voxel"], values["confidence"], shape, MIN_CONFIDENCE)
+    assert local_json["min_confidence"] == MIN_CONFIDENCE
 
 
 def test_figures_one_png_per_scan_with_a_row_per_landmark(local_json: dict) -> None:
@@ -174,6 +188,7 @@ def test_csv_has_one_row_per_scan_and_landmark(local_json: dict, scans: dict, se
         values = expected[row["file"]][row["landmark"]]
         assert [float(row[c]) for c in ("x_mm", "y_mm", "z_mm")] == pytest.approx(values["world_mm"], abs=1e-9)
         assert [float(row[c]) for c in ("voxel_i", "voxel_j", "voxel_k")] == pytest.approx(values["voxel"], abs=1e-9)
+        assert row["status"] == values["status"]
 
 
 def test_landmark_subset_and_unknown_names(local_json: dict, scans: dict, servers: tuple[str, str], model_base: Path):
@@ -213,14 +228,108 @@ def test_a_broken_file_does_not_stop_the_others(
             np.testing.assert_array_equal(world_mm, expected[str(scan)][landmark]["world_mm"])
 
 
-def test_refused_scans_are_reported_with_the_servers_reason(servers: tuple[str, str], tmp_path: Path) -> None:
-    thin = save_scan(tmp_path / "thin.nii.gz", (12, 1, 10), np.eye(4), 5, "float32")
-    result = run(str(thin), "--server", servers[0], "--out", str(tmp_path / "out.json"))
-    assert result.exit_code == 1
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: {thin}: INVALID_ARGUMENT: volume must have at least 2 voxels along each axis")
-    document = json.loads((tmp_path / "out.json").read_text())
-    assert document["scans"] == [] and document["failed"][0]["file"] == str(thin)
+def test_scans_too_small_for_the_model_are_refused(
+    model_base: Path, servers: tuple[str, str], scans: dict, tmp_path: Path
+) -> None:
+    # voxels x voxel size per axis of the array; 17 voxels of 0.9 mm are 15.3 mm (too small, though 17 voxels)
+    small = {
+        save_scan(tmp_path / "thin.nii.gz", (12, 1, 10), np.eye(4), 5, "float32"): "12 x 1 x 10 mm (12 x 1 x 10",
+        save_scan(tmp_path / "cube.nii.gz", (3, 3, 3), np.eye(4), 6, "float32"): "3 x 3 x 3 mm (3 x 3 x 3",
+        save_scan(tmp_path / "fine.nii.gz", (20, 17, 20), np.diag([1.0, 0.9, 1.0, 1.0]), 7, "int16"): (
+            "20 x 15.3 x 20 mm (20 x 17 x 20"
+        ),
+    }
+    for source in (["--model", str(model_base)], ["--server", servers[0]]):
+        out = tmp_path / "out.json"
+        result = run(*map(str, small), str(scans["repeated_name"]), *source, "--out", str(out))
+        assert result.exit_code == 1
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [
+            f"error: {path}: too small for landmark localization: {size} voxels); the model needs at least "
+            f"{MIN_SCAN_EXTENT_MM:g} mm along each axis"
+            for path, size in small.items()
+        ]
+        document = json.loads(out.read_text())
+        assert [entry["file"] for entry in document["failed"]] == [str(path) for path in small]
+        # a scan of exactly 16 mm (16 x 20 x 18 voxels of 1 mm) is localized
+        assert [scan["file"] for scan in document["scans"]] == [str(scans["repeated_name"])]
+
+
+def test_landmarks_are_flagged_by_position_and_confidence(model_base: Path, scans: dict, local_json: dict):
+    images = [str(path) for path in scans.values()]
+    for min_confidence in (0.0, 1.0):
+        result = run(*images, "--model", str(model_base), "--min-confidence", str(min_confidence))
+        assert result.exit_code == 0, result.output  # flagged landmarks are written, the exit status stays 0
+        document = json.loads(result.stdout)
+        assert document["min_confidence"] == min_confidence
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        expected_warnings = []
+        for path, landmarks in landmarks_by_file(document).items():
+            shape = nib.load(path).shape
+            statuses = {}
+            for name, values in landmarks.items():
+                status = expected_status(values["voxel"], values["confidence"], shape, min_confidence)
+                assert values["status"] == status
+                statuses[name] = status
+            outside = [name for name, status in statuses.items() if "outside_image" in status]
+            low = [f"{name} ({landmarks[name]['confidence']:.2g})" for name, s in statuses.items() if "low" in s]
+            parts = ([f"outside the image: {', '.join(outside)}"] if outside else []) + (
+                [f"confidence below {min_confidence:g}: {', '.join(low)}"] if low else []
+            )
+            if parts:
+                expected_warnings.append(f"warning: {path}: {'; '.join(parts)}")
+        assert warnings == expected_warnings
+        if min_confidence == 1.0:  # no confidence reaches 1: every landmark is flagged, one line per scan
+            assert len(warnings) == len(images)
+            assert all("low_confidence" in v["status"] for s in document["scans"] for v in s["landmarks"].values())
+        else:
+            assert not any("low_confidence" in line for line in warnings)
+        assert_same_landmarks(  # the answers themselves do not depend on the threshold
+            {k: {n: {**v, "status": None} for n, v in lm.items()} for k, lm in landmarks_by_file(document).items()},
+            {k: {n: {**v, "status": None} for n, v in lm.items()} for k, lm in landmarks_by_file(local_json).items()},
+        )
+
+
+def test_status_of_a_prediction() -> None:
+    """Half a voxel beyond the array is still inside; NaN positions and confidences are flagged."""
+    shape = (10, 20, 30)
+    voxel = np.array([
+        [-0.5, 0.0, 29.5],  # on the outer faces of the first and last voxels: inside
+        [-0.51, 5.0, 5.0],  # beyond the first voxel's outer face
+        [4.0, 19.51, 5.0],  # beyond the last voxel's outer face
+        [np.nan, 1.0, 1.0],
+        [9.0, 19.0, 29.0],
+    ])  # fmt: skip
+    names = ("A", "B", "C", "D", "E")
+    prediction = ScanPrediction(
+        path="scan.nii.gz",
+        landmark_names=names,
+        world_mm=voxel,
+        voxel=voxel,
+        coarse_world_mm=voxel,
+        coarse_voxel=voxel,
+        confidence=np.array([0.5, 0.5, 0.001, 0.5, np.nan], dtype=np.float32),
+        shape=shape,
+    )
+    assert prediction.outside().tolist() == [False, True, True, True, False]
+    assert prediction.statuses(0.01) == ["ok", "outside_image", "outside_image;low_confidence", "outside_image",
+                                         "low_confidence"]  # fmt: skip
+    assert prediction.statuses(0.0) == ["ok", "outside_image", "outside_image", "outside_image", "low_confidence"]
+    assert prediction.warning(0.01) == (
+        "scan.nii.gz: outside the image: B, C, D; confidence below 0.01: C (0.001), E (nan)"
+    )
+    subset = prediction.select(["A", "E"])
+    assert subset.shape == shape and subset.statuses(0.01) == ["ok", "low_confidence"]
+    assert prediction.select(["A"]).warning(0.01) is None
+    unknown_shape = dataclasses.replace(prediction, shape=None)
+    assert not unknown_shape.outside().any()
+
+
+def test_the_help_states_the_library_thresholds() -> None:
+    assert predict_command.MIN_CONFIDENCE == MIN_CONFIDENCE
+    help_text = " ".join(CliRunner().invoke(cli, ["predict", "--help"]).output.split())
+    assert f"smaller than {MIN_SCAN_EXTENT_MM:g} mm along an axis" in help_text
+    assert f"[default: {MIN_CONFIDENCE:g};" in help_text
 
 
 def test_usage_errors(scans: dict, model_base: Path, tmp_path: Path) -> None:
@@ -230,3 +339,42 @@ def test_usage_errors(scans: dict, model_base: Path, tmp_path: Path) -> None:
     assert fcsv_without_out.exit_code == 2 and "give --out" in fcsv_without_out.output
     not_a_model = run(str(scans["oblique"]), "--model", str(tmp_path))
     assert not_a_model.exit_code == 1 and f"{tmp_path}: no saved_model.pb" in not_a_model.output
+
+
+def last_error_line(result: Result) -> str:
+    """The one error line of a run that stopped (the CLI's error boundary): the last line on standard error."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.lower().startswith("error")] == lines[-1:], lines
+    return lines[-1]
+
+
+def test_an_unwritable_out_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    # (a read-only folder would not stop root, who may run the tests: a regular file where a folder should be)
+    regular = tmp_path / "regular"
+    regular.write_text("not a folder")
+    out = regular / "out.json"
+    result = run(str(scans["oblique"]), "--model", str(model_base), "--out", str(out))
+    assert last_error_line(result) == f"Error: {out}: cannot write here: {regular} is not a directory"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    result = run(str(scans["oblique"]), "--model", str(model_base), "--format", "csv", "--out", str(folder))
+    assert last_error_line(result) == f"Error: {folder}: Is a directory"
+    assert list(folder.iterdir()) == []
+
+
+def test_a_corrupt_saved_model_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    pb_damaged = tmp_path / "pb" / "1"
+    shutil.copytree(model_base / "1", pb_damaged)
+    saved_model_pb = pb_damaged / "saved_model.pb"
+    saved_model_pb.write_bytes(saved_model_pb.read_bytes()[: saved_model_pb.stat().st_size // 2])  # cut short
+    result = run(str(scans["oblique"]), "--model", str(pb_damaged))
+    assert last_error_line(result).startswith(f"Error: {saved_model_pb}: not a readable SavedModel (")
+    variables_damaged = tmp_path / "variables" / "1"
+    shutil.copytree(model_base / "1", variables_damaged)
+    for path in (variables_damaged / "variables").glob("variables.data-*"):
+        path.write_bytes(path.read_bytes()[:100])
+    result = run(str(scans["oblique"]), "--model", str(variables_damaged))
+    assert last_error_line(result).startswith(f"Error: {variables_damaged}: cannot load the SavedModel (")

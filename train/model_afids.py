@@ -6,8 +6,9 @@ after any interruption (a killed training resumes from its newest checkpoint):
 1. demo data: the MNI152NLin2009cAsym T1w/T2w templates with the 32 AFIDs (``mdgru-localize demo-data``);
 2. a synthetic training population from them (``mdgru-localize synth``, seed :data:`TRAIN_SEED`);
 3. TFRecords (``mdgru-localize prepare``);
-4. the coarse stage, then the fine stage (``configs/afids.yaml``; :data:`COARSE_EPOCHS` and :data:`FINE_EPOCHS`
-   epochs of a fixed number of steps: every machine makes the same model, a slower one takes longer);
+4. the coarse stage, then the fine stage (``mdgru_keras/configs/afids.yaml``; :data:`COARSE_EPOCHS` and
+   :data:`FINE_EPOCHS` epochs of a fixed number of steps: every machine makes the same model, a slower one takes
+   longer);
 5. one SavedModel (``mdgru-localize export``);
 6. installed as the package's pretrained model (:mod:`mdgru_keras.pretrained`): the SavedModel's files plus a
    manifest of their SHA-256, replaced in one step.
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "afids.yaml"
+CONFIG = REPO / "mdgru_keras" / "configs" / "afids.yaml"
 TRAIN_SUBJECTS = 88  # 80 training and 8 validation subjects
 TRAIN_SEED = 101
 COARSE_EPOCHS = 5

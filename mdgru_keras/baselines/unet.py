@@ -32,6 +32,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from mdgru_keras.config import Config
+from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.geometry import (
     crop_with_padding,
     gaussian_heatmap_tf,
@@ -182,9 +183,14 @@ def load_unet(path: str | Path) -> keras.Model:
     """Load a model written by :func:`fit_unet` (``.keras``), without its optimizer state.
 
     Models saved with ``keras.layers.Conv3DTranspose`` upsampling get :class:`StridedConv3DTranspose` layers
-    with the same weights (:func:`upgrade_strided_convolutions`).
+    with the same weights (:func:`upgrade_strided_convolutions`). A file Keras cannot load is an
+    :class:`~mdgru_keras.errors.InputError` naming it.
     """
-    return upgrade_strided_convolutions(keras.saving.load_model(str(path), compile=False))
+    try:
+        model = keras.saving.load_model(str(path), compile=False)
+    except Exception as error:  # Keras raises many kinds for corrupt or foreign files
+        raise InputError(path, f"cannot load the model ({type(error).__name__}: {one_line(str(error))})") from None
+    return upgrade_strided_convolutions(model)
 
 
 # ---------------------------------------------------------------------------------------------------------

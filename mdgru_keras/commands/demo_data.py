@@ -37,13 +37,9 @@ def demo_data(out_dir: Path, wheel: Path | None, force: bool) -> None:
       --image2 OUT/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz
       --landmarks OUT/afids.fcsv --n 40 --out synth/
     """
-    from mdgru_keras.data.demo import DownloadError, fetch_demo_data
-    from mdgru_keras.errors import InputError
+    from mdgru_keras.data.demo import fetch_demo_data
 
-    try:
-        result = fetch_demo_data(out_dir, wheel=wheel, force=force)
-    except (InputError, DownloadError) as error:
-        raise click.ClickException(str(error)) from None
+    result = fetch_demo_data(out_dir, wheel=wheel, force=force)
     how = "extracted" if result.downloaded else "already present, nothing downloaded"
     click.echo(
         f"Wrote demo data to {result.directory} ({how}): {result.t1w.name}, {result.t2w.name}, "

@@ -112,7 +112,6 @@ def evaluate(
 
     from tqdm import tqdm
 
-    from mdgru_keras.errors import InputError
     from mdgru_keras.evaluation import best_and_worst
     from mdgru_keras.evaluation import evaluate as error_table
     from mdgru_keras.evaluation_runner import (
@@ -126,25 +125,22 @@ def evaluate(
         use_n1_model,
     )
 
-    try:
-        cases, note = read_cases(manifest, split)
-        model = ExportedModel(model_dir)
-        n1_model = None
-        if n1_model_dir is not None:
-            n1_model = ExportedModel(n1_model_dir)
-            use_n1_model(model, n1_model)
-        runners = []
-        for name in dict.fromkeys(baselines):
-            if name == "registration":
-                runners.append(RegistrationBaseline(template, template_landmarks, model.landmark_names, seed=seed))
-            elif name == "ants":
-                transform = ants_transform or "SyN"
-                names = model.landmark_names
-                runners.append(AntsBaseline(template, template_landmarks, names, seed=seed, transform=transform))
-            else:
-                runners.append(UNetBaseline(unet_model, model.config))
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    cases, note = read_cases(manifest, split)
+    model = ExportedModel(model_dir)
+    n1_model = None
+    if n1_model_dir is not None:
+        n1_model = ExportedModel(n1_model_dir)
+        use_n1_model(model, n1_model)
+    runners = []
+    for name in dict.fromkeys(baselines):
+        if name == "registration":
+            runners.append(RegistrationBaseline(template, template_landmarks, model.landmark_names, seed=seed))
+        elif name == "ants":
+            transform = ants_transform or "SyN"
+            names = model.landmark_names
+            runners.append(AntsBaseline(template, template_landmarks, names, seed=seed, transform=transform))
+        else:
+            runners.append(UNetBaseline(unet_model, model.config))
     if note:
         click.echo(f"note: {note}", err=True)
 

@@ -87,7 +87,6 @@ def export(
     """
     import time
 
-    from mdgru_keras.errors import InputError
     from serving.export import export_runs, next_version, read_model_info
 
     if pretrained is not None:
@@ -95,10 +94,7 @@ def export(
             raise click.UsageError("give either --pretrained or --coarse and --fine, not both")
         from mdgru_keras.pretrained import copy_pretrained
 
-        try:
-            version_dir = copy_pretrained(pretrained, base_dir, name, version)
-        except (InputError, FileExistsError) as error:
-            raise click.ClickException(str(error)) from None
+        version_dir = copy_pretrained(pretrained, base_dir, name, version)
         click.echo(f"Wrote SavedModel {version_dir} (pretrained model {pretrained})")
         return
     if coarse_run is None or fine_run is None:
@@ -106,10 +102,7 @@ def export(
     started = time.monotonic()
     shown_version = version or next_version(base_dir / name)
     click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)
-    try:
-        version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes)
-    except (InputError, FileExistsError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes)
     info = read_model_info(version_dir)
     landmarks = info.get("landmarks", [])
     click.echo(

@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 FORMATS = ("json", "csv", "fcsv")
+# As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
+# its MIN_SCAN_EXTENT_MM. tests/test_predict.py checks that they agree.
+MIN_CONFIDENCE = 0.01
 # Errors after which every further scan would fail the same way: stop instead of trying each.
 FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
 
@@ -54,6 +57,14 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     "directory that gets SCAN.fcsv per scan.",
 )
 @click.option(
+    "--min-confidence",
+    type=click.FloatRange(0.0, 1.0),
+    default=MIN_CONFIDENCE,
+    show_default=True,
+    help="Landmarks with a lower confidence get status low_confidence (not calibrated on real scans; "
+    "0 switches the flag off).",
+)
+@click.option(
     "--figure",
     "figure_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -69,6 +80,7 @@ def predict(
     landmarks: str | None,
     fmt: str,
     out: Path | None,
+    min_confidence: float,
     figure_dir: Path | None,
 ) -> None:
     """Find the landmarks in NIfTI scans (IMAGES: .nii or .nii.gz, any orientation and spacing).
@@ -78,8 +90,15 @@ def predict(
     `mdgru-localize export`, either loaded here (--model, loaded once for all scans) or served by
     TensorFlow Serving (--server). Coordinates are reported in RAS
     millimetres (world_mm, as 3D Slicer shows them) and as voxel indices of each file's own array (voxel,
-    0-based). A scan that cannot be read or that the model refuses is reported on one line and skipped;
-    the others are still written, and the exit status is 1.
+    0-based). A scan that cannot be read, that is smaller than 16 mm along an axis, or that the
+    model refuses is reported on one line (error: SCAN: problem) and skipped; the others are still written, and
+    the exit status is 1.
+
+    Every landmark has a confidence in [0, 1] and a status (JSON: "status", CSV: column status): ok, or
+    outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost)
+    and/or low_confidence (below --min-confidence), joined by ";". A scan with such landmarks gets one line
+    "warning: SCAN: ..." on standard error naming them; they are still written (also to .fcsv files, which
+    have no status), and they do not change the exit status.
 
     Examples:
 
@@ -141,6 +160,8 @@ def predict(
                     prediction = prediction.select(requested)
                 predictions.append(prediction)
                 done.append(index)
+                if warning := prediction.warning(min_confidence):
+                    progress.write(f"warning: {warning}", file=sys.stderr)
                 if figure_paths is not None:
                     try:
                         write_prediction_figure(prediction, figure_paths[index])
@@ -154,9 +175,9 @@ def predict(
         written = _write_fcsv(predictions, done, images, out)
     else:
         if fmt == "json":
-            text = predictions_json(predictions, failed, str(client.server))
+            text = predictions_json(predictions, failed, str(client.server), min_confidence)
         else:
-            text = predictions_csv(predictions)
+            text = predictions_csv(predictions, min_confidence)
         written = _write_text(text, out, fmt)
     count = sum(len(p.landmark_names) for p in predictions)
     summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
@@ -175,24 +196,19 @@ def _open_client(
 ):
     """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
     ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
-    from mdgru_keras.errors import InputError
     from mdgru_keras.prediction import unknown_landmarks
-    from serving import ServingError
 
-    try:
-        if model_dir is not None:
-            from serving.export import read_model_info
-            from serving.servable import LocalLocalizationClient, resolve_version_dir
+    if model_dir is not None:
+        from serving.export import read_model_info
+        from serving.servable import LocalLocalizationClient, resolve_version_dir
 
-            known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
-            if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
-                raise click.UsageError(f"--landmarks: {problem}")
-            return LocalLocalizationClient(model_dir)
-        from serving import connect
+        known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
+        if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
+            raise click.UsageError(f"--landmarks: {problem}")
+        return LocalLocalizationClient(model_dir)
+    from serving import connect
 
-        return connect(server, model_name, timeout_s=timeout_s)
-    except (InputError, ServingError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    return connect(server, model_name, timeout_s=timeout_s)
 
 
 def _write_fcsv(predictions, done: list[int], images: tuple[Path, ...], out: Path) -> str:

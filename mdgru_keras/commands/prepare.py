@@ -58,16 +58,12 @@ def prepare(manifest: Path, out_dir: Path, landmarks: tuple[str, ...] | None, sp
     Next step: train on OUT with `mdgru-localize train` (see its --help).
     """
     from mdgru_keras.data.records import prepare_dataset
-    from mdgru_keras.errors import InputError
 
     if val_fraction + test_fraction > 1.0:
         raise click.BadParameter("--val-fraction plus --test-fraction must be at most 1")
-    try:
-        description = prepare_dataset(manifest, out_dir, landmarks=landmarks, spacing_mm=spacing_mm,
-                                      val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                                      shard_size=shard_size, overwrite=overwrite, progress=True)
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    description = prepare_dataset(manifest, out_dir, landmarks=landmarks, spacing_mm=spacing_mm,
+                                  val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                  shard_size=shard_size, overwrite=overwrite, progress=True)
     counts = ", ".join(f"{split} {count}" for split, count in description["counts"].items())
     shards = sum(len(split["shards"]) for split in description["splits"].values())
     click.echo(f"Wrote {sum(description['counts'].values())} subjects ({counts}), "

@@ -176,15 +176,11 @@ def synth(
       --landmarks demo/afids.fcsv --n 40 --out synth --seed 1
     """
     from mdgru_keras.data.synth import SynthOptions, load_template, synthesize_population
-    from mdgru_keras.errors import InputError
 
     try:
         options = SynthOptions(image_suffix=".nii.gz" if compress else ".nii", **ranges)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    try:
-        template = load_template(image, landmarks, image2)
-    except InputError as error:
-        raise click.ClickException(str(error)) from None
+    template = load_template(image, landmarks, image2)
     manifest = synthesize_population(template, count, out_dir, seed=seed, options=options, workers=workers)
     click.echo(f"Wrote {count} synthetic subjects to {out_dir} (manifest {manifest}, description {out_dir}/synth.json)")

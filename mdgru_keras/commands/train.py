@@ -11,7 +11,7 @@ import click
 @click.option("--stage", type=click.Choice(["coarse", "fine"]), required=True,
               help="Which network to train: coarse (whole padded scan) or fine (window around a landmark).")
 @click.option("--config", "config_name", required=True, metavar="CONFIG",
-              help="A preset name (paper, cpu, tiny) or a YAML config file.")
+              help="A preset name (paper, cpu, afids, tiny) or a YAML config file.")
 @click.option("--data", "dataset_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="A dataset made by `mdgru-localize prepare` (with 'train' and 'val' subjects).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -50,8 +50,7 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landma
     training.distribution: mirrored in the config; several machines: multi_worker and TF_CONFIG on each.
     Next step: mdgru-localize export with both run directories.
     """
-    from mdgru_keras.config import ConfigError, load_config
-    from mdgru_keras.errors import InputError
+    from mdgru_keras.config import load_config
 
     names = None
     if landmarks is not None:
@@ -59,14 +58,11 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landma
         if not names or len(set(names)) != len(names):
             raise click.BadParameter("give unique names, e.g. --landmarks AC,PC, or --landmarks all",
                                      param_hint="--landmarks")
-    try:
-        config = load_config(config_name)
-        from train.stages import train_stage
+    config = load_config(config_name)
+    from train.stages import train_stage
 
-        result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=names,
-                             max_seconds=max_seconds, deterministic=deterministic, verbose=0 if quiet else 1)
-    except (ConfigError, InputError) as error:
-        raise click.ClickException(str(error)) from None
+    result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=names,
+                         max_seconds=max_seconds, deterministic=deterministic, verbose=0 if quiet else 1)
     if result.model_path is None:  # a non-chief worker of a multi-worker run writes nothing
         click.echo(f"worker finished after {result.step} steps")
         return

@@ -9,8 +9,8 @@ import click
 
 @click.command("train-unet")
 @click.option("--config", "config_name", required=True, metavar="CONFIG",
-              help="A preset name (paper, cpu, tiny) or a YAML config file: the same as the MD-GRU fine stage's, "
-              "so the U-Net sees the same windows (fine.window_size), landmarks, spacing and augmentation.")
+              help="A preset name (paper, cpu, afids, tiny) or a YAML config file: the same as the MD-GRU fine "
+              "stage's, so the U-Net sees the same windows (fine.window_size), landmarks, spacing and augmentation.")
 @click.option("--data", "dataset_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="A dataset made by `mdgru-localize prepare` (its 'train' split is used).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -40,15 +40,11 @@ def train_unet(config_name: str, dataset_dir: Path, out_path: Path, budget_secon
     import json
 
     from mdgru_keras.baselines.unet import fit_unet
-    from mdgru_keras.config import ConfigError, load_config
-    from mdgru_keras.errors import InputError
+    from mdgru_keras.config import load_config
     from mdgru_keras.io import write_text_atomic
 
-    try:
-        config = load_config(config_name)
-        summary = fit_unet(dataset_dir, config, budget_seconds, out_path, seed=seed, progress=not quiet)
-    except (ConfigError, InputError) as error:
-        raise click.ClickException(str(error)) from None
+    config = load_config(config_name)
+    summary = fit_unet(dataset_dir, config, budget_seconds, out_path, seed=seed, progress=not quiet)
     # Record what evaluate must match (landmark order = heatmap channels, window size, spacing, high-pass).
     summary_path = out_path.with_suffix(".json")
     record = {**summary.to_dict(), "config": config.to_dict(), "dataset": str(dataset_dir.resolve()),

@@ -5,6 +5,7 @@ Readers never see a half-written file, and an interrupted write leaves the old f
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,21 +20,45 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a regular file where a folder should be is named as such."""
+    for ancestor in (path.parent, *path.parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"cannot write here: {ancestor} is not a directory", str(path))
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _about(error: OSError, path: Path) -> OSError:
+    """``error`` naming ``path`` instead of the temporary file (which the user never asked for)."""
+    if error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))  # OSError picks the subclass from errno
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
 
-    ``suffix`` lets writers that look at the extension (e.g. ``.nii.gz``) see the right one.
+    ``suffix`` lets writers that look at the extension (e.g. ``.nii.gz``) see the right one. An
+    :class:`OSError` from creating the temporary file or from moving it into place names ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    _make_parent(path)
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as error:
+        raise _about(error, path) from None
     os.close(handle)
     temporary = Path(name)
     try:
         yield temporary
         os.chmod(temporary, _file_mode())
-        os.replace(temporary, path)
+        try:
+            os.replace(temporary, path)
+        except OSError as error:  # e.g. IsADirectoryError: path is an existing folder
+            raise _about(error, path) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -1,0 +1,179 @@
+"""The command line's one error boundary (``mdgru_keras.cli.LazyGroup.invoke`` with
+``mdgru_keras.errors.describe_failure``): expected failures of any command end as one line ``Error: PATH: problem``
+with exit status 1, usage errors keep exit status 2, bugs keep their traceback. Also: atomic writes name the
+file the user asked for, not their temporary file. (``predict``'s own cases are in test_predict.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from mdgru_keras import cli as cli_module
+from mdgru_keras.cli import main as cli
+from mdgru_keras.config import ConfigError, load_preset
+from mdgru_keras.errors import InputError, describe_failure, one_line
+from mdgru_keras.io import write_text_atomic
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
+
+
+def assert_one_error_line(result: Result, expected_start: str) -> str:
+    """Exit status 1, no traceback, and one error line, the last on standard error, starting with
+    ``expected_start`` (a command may have said what it is doing before)."""
+    assert result.exit_code == 1, result.output
+    assert result.exc_info is None or isinstance(result.exc_info[1], SystemExit), result.exc_info
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.lower().startswith("error")] == lines[-1:], lines
+    assert lines[-1].startswith(expected_start), lines[-1]
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# describe_failure on real exceptions
+
+
+def test_expected_failures_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    assert describe_failure(InputError(tmp_path / "a.nii", "cannot read\nvoxel data")) == (
+        f"{tmp_path / 'a.nii'}: cannot read; voxel data"
+    )
+    assert describe_failure(ConfigError("x.yaml: training.epochs: expected an int")) == (
+        "x.yaml: training.epochs: expected an int"
+    )
+    try:
+        open(tmp_path / "missing.json")  # noqa: SIM115 - the real error is the point
+    except OSError as error:
+        assert describe_failure(error) == f"{tmp_path / 'missing.json'}: No such file or directory"
+    assert describe_failure(FileExistsError(f"{tmp_path}: version 1 exists already")) == (
+        f"{tmp_path}: version 1 exists already"
+    )
+    assert describe_failure(MemoryError()) == "out of memory (MemoryError)"
+
+
+def test_tensorflow_out_of_memory_is_expected() -> None:
+    import tensorflow as tf
+
+    error = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1,64,256,256]")
+    assert describe_failure(error) == (
+        "out of memory (ResourceExhaustedError: OOM when allocating tensor with shape[1,64,256,256])"
+    )
+
+
+def test_bugs_are_not_described() -> None:
+    for error in (KeyError("x"), TypeError("unsupported operand"), ValueError("not an input error"),
+                  AttributeError("x"), RuntimeError("y")):
+        assert describe_failure(error) is None, error
+
+
+def test_one_line() -> None:
+    assert one_line("first\n\n  second  \n") == "first; second"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# atomic writes name the target
+
+
+def test_atomic_write_errors_name_the_requested_file(tmp_path: Path) -> None:
+    regular = tmp_path / "regular"
+    regular.write_text("x")
+    for target in (regular / "out.json", regular / "sub" / "out.json"):
+        with pytest.raises(NotADirectoryError) as caught:
+            write_text_atomic(target, "{}")
+        assert describe_failure(caught.value) == f"{target}: cannot write here: {regular} is not a directory"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_text_atomic(folder, "{}")
+    assert describe_failure(caught.value) == f"{folder}: Is a directory"
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "regular"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the boundary, through real commands
+
+
+def test_a_bad_config_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    result = run("train", "--stage", "coarse", "--config", str(bad), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "run"))  # fmt: skip
+    assert_one_error_line(result, f"Error: {bad}: not valid YAML")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("training:\n  epochz: 3\n")
+    result = run("train", "--stage", "coarse", "--config", str(unknown), "--data", str(tmp_path), "--out",
+                 str(tmp_path / "run"))  # fmt: skip
+    line = assert_one_error_line(result, f"Error: {unknown}: ")
+    assert "epochz" in line
+
+
+def test_a_corrupt_model_keras_is_one_line(tmp_path: Path) -> None:
+    from serving.testing import save_training_run
+
+    config = load_preset("tiny")
+    coarse = save_training_run(tmp_path / "coarse", "coarse", config, seed=0)
+    model = coarse / "model.keras"
+    model.write_bytes(model.read_bytes()[:2000])  # a copy cut short
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    result = run("export", "--coarse", str(coarse), "--fine", str(fine), "--out", str(tmp_path / "export"))
+    assert_one_error_line(result, f"Error: {model}: cannot load the model (")
+    assert not (tmp_path / "export").exists()
+
+
+def test_usage_errors_keep_exit_status_2(tmp_path: Path) -> None:
+    result = run("train", "--stage", "sideways", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path))
+    assert result.exit_code == 2 and "Invalid value for '--stage'" in result.output
+
+
+# Commands that fail in given ways, to show what the boundary lets through (registered in COMMANDS below).
+@click.command("fails")
+@click.argument("kind")
+@click.argument("path", required=False)
+def fails(kind: str, path: str | None) -> None:
+    if kind == "write":
+        write_text_atomic(Path(path), "text")
+    elif kind == "memory":
+        raise MemoryError()
+    elif kind == "bug":
+        {}["missing key"]  # noqa: B018 - a bug: KeyError
+    elif kind == "usage":
+        raise click.UsageError("give something else")
+
+
+@pytest.fixture
+def failing_cli(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(cli_module.COMMANDS, "fails", f"{__name__}:fails")
+    return lambda *args: CliRunner().invoke(cli, ["fails", *args])
+
+
+def test_the_boundary_covers_every_command(failing_cli, tmp_path: Path) -> None:
+    regular = tmp_path / "regular"
+    regular.write_text("x")
+    result = failing_cli("write", str(regular / "out.txt"))
+    assert_one_error_line(result, f"Error: {regular / 'out.txt'}: cannot write here: {regular} is not a directory")
+    assert_one_error_line(failing_cli("memory"), "Error: out of memory (MemoryError)")
+    usage = failing_cli("usage")
+    assert usage.exit_code == 2 and "Error: give something else" in usage.output and "Usage:" in usage.output
+
+
+def test_bugs_keep_their_traceback(failing_cli) -> None:
+    result = failing_cli("bug")
+    assert result.exit_code == 1
+    assert isinstance(result.exception, KeyError)  # not turned into a message: CliRunner shows the traceback
+    assert "Error:" not in result.output
+
+
+def test_a_corrupt_unet_model_names_the_file_once(tmp_path: Path) -> None:
+    from mdgru_keras.evaluation_runner import UNetBaseline
+
+    model = tmp_path / "unet.keras"
+    model.write_bytes(b"not a zip archive")
+    with pytest.raises(InputError) as caught:
+        UNetBaseline(model, load_preset("tiny"))
+    assert str(caught.value).startswith(f"{model}: cannot load the model (")
+    assert not str(caught.value).startswith(f"{model}: {model}")

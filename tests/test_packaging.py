@@ -1,0 +1,95 @@
+"""What ``pip install`` ships: a wheel built from this source tree holds the presets and the pretrained-model
+files, and the presets load from an installed copy (not from a checkout), as ``--config cpu`` needs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("setup.py", "pyproject.toml", "README.md", "mdgru_keras", "train", "serving")
+PRESETS = sorted(path.name for path in (ROOT / "mdgru_keras" / "configs").glob("*.yaml"))
+# A stand-in for a pretrained model, laid out as `make model-afids` installs one (files nested two levels deep).
+FAKE_MODEL = {
+    "mdgru_keras/pretrained/afids32/manifest.json": "{}\n",
+    "mdgru_keras/pretrained/afids32/saved_model/saved_model.pb": "pb",
+    "mdgru_keras/pretrained/afids32/saved_model/variables/variables.index": "index",
+    "mdgru_keras/pretrained/afids32/saved_model/variables/variables.data-00000-of-00001": "data",
+    "mdgru_keras/pretrained/afids32/saved_model/assets/model_info.json": "{}\n",
+}
+
+
+def _pip(*args: str, cwd: Path) -> None:
+    # --no-build-isolation: build with this environment's setuptools and wheel (no network needed)
+    result = subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel of a copy of this source tree (without caches, build outputs or a real pretrained model), with
+    the stand-in pretrained model added."""
+    directory = tmp_path_factory.mktemp("wheel")
+    source = directory / "source"
+    source.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "afids32")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=ignore)
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    for relative, text in FAKE_MODEL.items():
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source / relative).write_text(text)
+    _pip("wheel", ".", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(directory / "dist"),
+         cwd=source)
+    (built,) = (directory / "dist").glob("mdgru_keras-*.whl")
+    return built
+
+
+def test_the_wheel_holds_the_presets_and_the_pretrained_model_files(wheel: Path) -> None:
+    assert PRESETS == ["afids.yaml", "cpu.yaml", "paper.yaml", "tiny.yaml"]
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        for preset in PRESETS:
+            member = f"mdgru_keras/configs/{preset}"
+            assert member in names
+            assert archive.read(member) == (ROOT / "mdgru_keras" / "configs" / preset).read_bytes()
+    assert set(FAKE_MODEL) <= names
+    assert "mdgru_keras/cli.py" in names and "serving/export.py" in names and "train/stages.py" in names
+
+
+def test_presets_load_from_an_installed_copy(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    _pip("install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel), cwd=tmp_path)
+    script = (
+        "import mdgru_keras.config as c\n"
+        "print(c.__file__)\n"
+        "print(c.load_preset('cpu').name, c.load_config('afids').name, c.load_config('tiny').coarse.padded_size)\n"
+        "try:\n"
+        "    c.load_config('nonexistent')\n"
+        "except c.ConfigError as error:\n"
+        "    print(error)\n"
+    )
+    # cwd and PYTHONPATH away from this checkout: the installed copy is the one imported
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, loaded, missing = result.stdout.splitlines()
+    assert Path(module).is_relative_to(site)
+    assert loaded == "cpu afids 32"
+    assert missing == "nonexistent: no such config file or preset (presets: afids, cpu, paper, tiny)"
+
+
+def test_the_checkout_keeps_configs_as_a_link_to_the_presets() -> None:
+    # `--config configs/cpu.yaml` (older commands, shell history) still names the same file
+    for preset in PRESETS:
+        assert (ROOT / "configs" / preset).resolve() == (ROOT / "mdgru_keras" / "configs" / preset).resolve()
