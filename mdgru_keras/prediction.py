@@ -12,9 +12,8 @@ the file's voxel indices. This module turns the answers into :class:`ScanPredict
 
 Answers that cannot be right are not passed off as good ones:
 
-* a scan smaller than :data:`MIN_SCAN_EXTENT_MM` along an axis of its array (voxels times voxel size) is refused
-  before it reaches the model (:class:`~mdgru_keras.errors.InputError`): the model pads such a scan and
-  answers somewhere in the padding, with nothing there to find;
+* a scan with fewer than :data:`MIN_SCAN_VOXELS` voxels along an axis of its array is refused before it
+  reaches the model (:class:`~mdgru_keras.errors.InputError`), by the model's own rule;
 * every landmark gets a ``status``: ``ok``, or ``outside_image`` (its voxel lies more than half a voxel beyond
   the array on some axis: the landmark is not in the scan, or the model is lost) and/or ``low_confidence``
   (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), joined by ``;``.
@@ -38,9 +37,10 @@ if TYPE_CHECKING:
     from serving import LocalizationClient
 
 PREDICTIONS_FORMAT = "mdgru-keras predictions 1"
-# Scans smaller than this along an axis are refused: the smallest fine window of the presets (tiny: 16 voxels
-# of 1 mm; the shipped model's is 32 mm, its coarse region 160 mm).
-MIN_SCAN_EXTENT_MM = 16.0
+# Scans with fewer voxels than this along an axis are refused: the exported model's own limit (its signature
+# answers INVALID_ARGUMENT below it), checked here so that --model and --server refuse alike, in one line.
+# Small scans above it are localized (the model pads them); their answers get a status (outside_image, ...).
+MIN_SCAN_VOXELS = 2
 # Default confidence threshold of the ``low_confidence`` status. The confidence is the product over the three
 # axes of the probability within one class of the answer: 0.01 is about 0.22 per axis, far above the chance
 # level 27 / C^3 of C classes per axis (tiny: 8e-4; cpu and afids: 1.3e-5), and below what a model that found
@@ -171,18 +171,20 @@ class ScanPrediction:
 
 
 def check_scan_extent(path: str | Path, shape: Sequence[int], voxel_to_world: np.ndarray) -> None:
-    """Refuse a scan smaller than :data:`MIN_SCAN_EXTENT_MM` along an axis of its array (an :class:`InputError`)."""
+    """Refuse a scan with fewer than :data:`MIN_SCAN_VOXELS` voxels along an axis (an :class:`InputError`).
+
+    ``voxel_to_world`` is the scan's affine; the message gives the size in mm too."""
     from mdgru_keras.errors import InputError
 
     spacing = np.linalg.norm(np.asarray(voxel_to_world, dtype=np.float64)[:3, :3], axis=0)
-    extent = np.asarray(shape[:3], dtype=np.float64) * spacing
-    if not (extent >= MIN_SCAN_EXTENT_MM).all():
-        size = " x ".join(f"{value:.3g}" for value in extent)
-        voxels = " x ".join(str(int(n)) for n in shape[:3])
+    voxels = np.asarray(shape[:3], dtype=np.int64)
+    if not (voxels >= MIN_SCAN_VOXELS).all():
+        size = " x ".join(f"{value:.3g}" for value in voxels * spacing)
+        counts = " x ".join(str(int(n)) for n in voxels)
         raise InputError(
             path,
-            f"too small for landmark localization: {size} mm ({voxels} voxels); the model needs at least "
-            f"{MIN_SCAN_EXTENT_MM:g} mm along each axis",
+            f"too small for landmark localization: {counts} voxels ({size} mm); the model needs at least "
+            f"{MIN_SCAN_VOXELS} voxels along each axis",
         )
 
 

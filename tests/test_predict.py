@@ -27,7 +27,7 @@ from mdgru_keras.commands import predict as predict_command
 from mdgru_keras.config import load_preset
 from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.io import read_landmarks
-from mdgru_keras.prediction import MIN_CONFIDENCE, MIN_SCAN_EXTENT_MM, ScanPrediction
+from mdgru_keras.prediction import MIN_CONFIDENCE, MIN_SCAN_VOXELS, ScanPrediction
 from serving.export import export_runs
 from serving.grpc_server import GrpcServer
 from serving.rest_server import RestServer
@@ -231,28 +231,28 @@ def test_a_broken_file_does_not_stop_the_others(
 def test_scans_too_small_for_the_model_are_refused(
     model_base: Path, servers: tuple[str, str], scans: dict, tmp_path: Path
 ) -> None:
-    # voxels x voxel size per axis of the array; 17 voxels of 0.9 mm are 15.3 mm (too small, though 17 voxels)
+    # fewer than MIN_SCAN_VOXELS along an axis: refused by the client, with --model and --server alike
     small = {
-        save_scan(tmp_path / "thin.nii.gz", (12, 1, 10), np.eye(4), 5, "float32"): "12 x 1 x 10 mm (12 x 1 x 10",
-        save_scan(tmp_path / "cube.nii.gz", (3, 3, 3), np.eye(4), 6, "float32"): "3 x 3 x 3 mm (3 x 3 x 3",
-        save_scan(tmp_path / "fine.nii.gz", (20, 17, 20), np.diag([1.0, 0.9, 1.0, 1.0]), 7, "int16"): (
-            "20 x 15.3 x 20 mm (20 x 17 x 20"
+        save_scan(tmp_path / "thin.nii.gz", (12, 1, 10), np.eye(4), 5, "float32"): "12 x 1 x 10 voxels (12 x 1 x 10",
+        save_scan(tmp_path / "flat.nii.gz", (1, 3, 3), np.diag([0.9, 1.0, 1.0, 1.0]), 6, "int16"): (
+            "1 x 3 x 3 voxels (0.9 x 3 x 3"
         ),
     }
+    tiny_but_enough = save_scan(tmp_path / "cube.nii.gz", (2, 2, 2), np.eye(4), 7, "float32")
     for source in (["--model", str(model_base)], ["--server", servers[0]]):
         out = tmp_path / "out.json"
-        result = run(*map(str, small), str(scans["repeated_name"]), *source, "--out", str(out))
+        result = run(*map(str, small), str(tiny_but_enough), *source, "--out", str(out))
         assert result.exit_code == 1
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert errors == [
-            f"error: {path}: too small for landmark localization: {size} voxels); the model needs at least "
-            f"{MIN_SCAN_EXTENT_MM:g} mm along each axis"
+            f"error: {path}: too small for landmark localization: {size} mm); the model needs at least "
+            f"{MIN_SCAN_VOXELS} voxels along each axis"
             for path, size in small.items()
         ]
         document = json.loads(out.read_text())
         assert [entry["file"] for entry in document["failed"]] == [str(path) for path in small]
-        # a scan of exactly 16 mm (16 x 20 x 18 voxels of 1 mm) is localized
-        assert [scan["file"] for scan in document["scans"]] == [str(scans["repeated_name"])]
+        # 2 voxels per axis is the model's own minimum: localized (its answers carry a status)
+        assert [scan["file"] for scan in document["scans"]] == [str(tiny_but_enough)]
 
 
 def test_landmarks_are_flagged_by_position_and_confidence(model_base: Path, scans: dict, local_json: dict):
@@ -328,7 +328,7 @@ def test_status_of_a_prediction() -> None:
 def test_the_help_states_the_library_thresholds() -> None:
     assert predict_command.MIN_CONFIDENCE == MIN_CONFIDENCE
     help_text = " ".join(CliRunner().invoke(cli, ["predict", "--help"]).output.split())
-    assert f"smaller than {MIN_SCAN_EXTENT_MM:g} mm along an axis" in help_text
+    assert f"smaller than {MIN_SCAN_VOXELS} voxels along an axis" in help_text
     assert f"[default: {MIN_CONFIDENCE:g};" in help_text
 
 

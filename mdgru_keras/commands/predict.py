@@ -9,7 +9,7 @@ import click
 
 FORMATS = ("json", "csv", "fcsv")
 # As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
-# its MIN_SCAN_EXTENT_MM. tests/test_predict.py checks that they agree.
+# its MIN_SCAN_VOXELS. tests/test_predict.py checks that they agree.
 MIN_CONFIDENCE = 0.01
 # Errors after which every further scan would fail the same way: stop instead of trying each.
 FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
@@ -90,8 +90,8 @@ def predict(
     `mdgru-localize export`, either loaded here (--model, loaded once for all scans) or served by
     TensorFlow Serving (--server). Coordinates are reported in RAS
     millimetres (world_mm, as 3D Slicer shows them) and as voxel indices of each file's own array (voxel,
-    0-based). A scan that cannot be read, that is smaller than 16 mm along an axis, or that the
-    model refuses is reported on one line (error: SCAN: problem) and skipped; the others are still written, and
+    0-based). A scan that cannot be read, that is smaller than 2 voxels along an axis, or that
+    the model refuses is reported on one line (error: SCAN: problem) and skipped; the others are still written, and
     the exit status is 1.
 
     Every landmark has a confidence in [0, 1] and a status (JSON: "status", CSV: column status): ok, or
