@@ -159,6 +159,10 @@ def test_killed_run_resumes_to_the_same_model_and_damaged_checkpoint_falls_back(
     # Same batches, same DropConnect masks, same optimizer state: the same losses at every step...
     ref_steps, resumed_steps = read_csv(reference / "steps.csv"), read_csv(steps_csv)
     assert [row["step"] for row in resumed_steps] == list(range(1, 17))
+    # the resume rewrote the logs up to its checkpoint: steps stay integers there, as in an unbroken run
+    for log_name, column in (("steps.csv", 0), ("log.csv", 1)):
+        lines = (killed / log_name).read_text().splitlines()[1:]
+        assert all(line.split(",")[column].isdigit() for line in lines), lines[:3]
     np.testing.assert_allclose([r["loss"] for r in resumed_steps], [r["loss"] for r in ref_steps], rtol=1e-6)
     # ...and the same model and validation.
     for resumed_weight, reference_weight in zip(_weights(killed), _weights(reference), strict=True):

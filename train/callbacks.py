@@ -61,6 +61,11 @@ def _format(value: float) -> str:
     return repr(float(value))  # full precision: runs are compared step by step
 
 
+def _format_field(field: str, value: float) -> str:
+    """A log value as written: steps as integers (also after a resume rewrote the file), the rest in full."""
+    return str(int(value)) if field == "step" else _format(value)
+
+
 class RunLog:
     """Appends to the CSV logs and TensorBoard, shows a progress bar; silent on non-chief workers."""
 
@@ -103,7 +108,7 @@ class RunLog:
             return
         for path, fields in ((self.steps_path, STEP_FIELDS), (self.epochs_path, EPOCH_FIELDS)):
             rows = [row for row in read_csv(path) if row["step"] <= step]
-            lines = [",".join(fields)] + [",".join(_format(row[field]) for field in fields) for row in rows]
+            lines = [",".join(fields)] + [",".join(_format_field(f, row[f]) for f in fields) for row in rows]
             atomic_write_text(path, "\n".join(lines) + "\n")
 
     def step(self, step: int, loss: float) -> None:
@@ -138,7 +143,7 @@ class RunLog:
         if not self.enabled:
             return line
         with open(self.epochs_path, "a", encoding="utf-8") as handle:
-            handle.write(",".join(_format(row[field]) for field in EPOCH_FIELDS) + "\n")
+            handle.write(",".join(_format_field(field, row[field]) for field in EPOCH_FIELDS) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         step = int(row["step"])
