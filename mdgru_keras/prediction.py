@@ -124,10 +124,13 @@ class ScanPrediction:
         upper = np.asarray(self.shape[:3], dtype=np.float64) - 0.5
         return ((self.voxel < -0.5) | (self.voxel > upper) | ~np.isfinite(self.voxel)).any(axis=-1)
 
+    def low_confidence(self, min_confidence: float = MIN_CONFIDENCE) -> np.ndarray:
+        """bool ``[K]``: the confidence is below ``min_confidence`` (NaN counts as low)."""
+        return ~(self.confidence.astype(np.float64) >= min_confidence)
+
     def statuses(self, min_confidence: float = MIN_CONFIDENCE) -> list[str]:
         """Per landmark ``ok``, or ``outside_image`` and/or ``low_confidence`` joined by ``;`` (module docstring)."""
-        outside = self.outside()
-        low = ~(self.confidence.astype(np.float64) >= min_confidence)  # NaN counts as low
+        outside, low = self.outside(), self.low_confidence(min_confidence)
         result = []
         for k in range(len(self.landmark_names)):
             problems = [STATUS_OUTSIDE] * bool(outside[k]) + [STATUS_LOW_CONFIDENCE] * bool(low[k])
@@ -139,8 +142,8 @@ class ScanPrediction:
         outside = [name for name, out in zip(self.landmark_names, self.outside()) if out]
         low = [
             f"{name} ({float(value):.2g})"
-            for name, value in zip(self.landmark_names, self.confidence)
-            if not float(value) >= min_confidence
+            for name, value, is_low in zip(self.landmark_names, self.confidence, self.low_confidence(min_confidence))
+            if is_low
         ]
         parts = []
         if outside:
@@ -170,7 +173,7 @@ class ScanPrediction:
         }
 
 
-def check_scan_extent(path: str | Path, shape: Sequence[int], voxel_to_world: np.ndarray) -> None:
+def check_scan_size(path: str | Path, shape: Sequence[int], voxel_to_world: np.ndarray) -> None:
     """Refuse a scan with fewer than :data:`MIN_SCAN_VOXELS` voxels along an axis (an :class:`InputError`).
 
     ``voxel_to_world`` is the scan's affine; the message gives the size in mm too."""
@@ -192,11 +195,11 @@ def predict_scan(client: LocalizationClient, path: str | Path) -> ScanPrediction
     """Read one NIfTI scan and localize its landmarks through ``client`` (local or remote).
 
     Raises :class:`~mdgru_keras.errors.InputError` for unreadable files and scans too small to localize in
-    (:func:`check_scan_extent`), and :class:`serving.ServingError` when the model refuses the scan (e.g.
+    (:func:`check_scan_size`), and :class:`serving.ServingError` when the model refuses the scan (e.g.
     ``INVALID_ARGUMENT`` for NaN values).
     """
     volume, voxel_to_world = read_nifti_array(path)
-    check_scan_extent(path, volume.shape, voxel_to_world)
+    check_scan_size(path, volume.shape, voxel_to_world)
     # localize() sends integer-valued scans (most CT and MR) as int16: half the bytes, the same result.
     return ScanPrediction.from_outputs(path, client.localize(volume, voxel_to_world), shape=volume.shape)
 
