@@ -5,7 +5,8 @@ voxel->world affine); the model reorients, resamples and localizes, and answers 
 the file's voxel indices. This module turns the answers into :class:`ScanPrediction` objects and writes them:
 
 * JSON: ``{"scans": [{"file", "landmarks": {name: {"world_mm", "voxel", "coarse_world_mm", "coarse_voxel",
-  "confidence", "status"}}}], "failed": [{"file", "error"}], "min_confidence", ...}``;
+  "confidence", "flip_disagreement_mm", "status"}}}], "failed": [{"file", "error"}], "min_confidence",
+  "max_flip_disagreement_mm", ...}``;
 * CSV: one row per scan and landmark (:data:`CSV_COLUMNS`);
 * 3D Slicer ``.fcsv`` (RAS), one file per scan (:func:`mdgru_keras.io.write_landmarks`);
 * a PNG per scan with sagittal and axial slices through each landmark (:func:`mdgru_keras.figures.landmark_figure`).
@@ -15,8 +16,10 @@ Answers that cannot be right are not passed off as good ones:
 * a scan with fewer than :data:`MIN_SCAN_VOXELS` voxels along an axis of its array is refused before it
   reaches the model (:class:`~mdgru_keras.errors.InputError`), by the model's own rule;
 * every landmark gets a ``status``: ``ok``, or ``outside_image`` (its voxel lies more than half a voxel beyond
-  the array on some axis: the landmark is not in the scan, or the model is lost) and/or ``low_confidence``
-  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), joined by ``;``.
+  the array on some axis: the landmark is not in the scan, or the model is lost), ``low_confidence``
+  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default) and/or ``unstable`` (a model exported
+  with flip averaging found it at places more than :data:`MAX_FLIP_DISAGREEMENT_MM` apart in the scan and in
+  its mirror image), joined by ``;``.
 """
 
 from __future__ import annotations
@@ -46,9 +49,14 @@ MIN_SCAN_VOXELS = 2
 # level 27 / C^3 of C classes per axis (tiny: 8e-4; cpu and afids: 1.3e-5), and below what a model that found
 # its landmark gives. Not calibrated on real scans (docs/MODEL_CARD.md): --min-confidence changes it.
 MIN_CONFIDENCE = 0.01
+# Default threshold of the ``unstable`` status: the distance between the fine estimates in the scan and in its
+# left-right mirror image (``flip_disagreement_mm``, models exported with --flip-average). Calibrated on held-out
+# synthetic heads of the shipped model (docs/MODEL_CARD.md, "Quality flags"); not on real scans.
+MAX_FLIP_DISAGREEMENT_MM = 6.0
 STATUS_OK = "ok"
 STATUS_OUTSIDE = "outside_image"
 STATUS_LOW_CONFIDENCE = "low_confidence"
+STATUS_UNSTABLE = "unstable"
 CSV_COLUMNS = (
     "file",
     "landmark",
@@ -62,6 +70,7 @@ CSV_COLUMNS = (
     "coarse_y_mm",
     "coarse_z_mm",
     "confidence",
+    "flip_disagreement_mm",
     "status",
 )
 
@@ -72,8 +81,9 @@ class ScanPrediction:
 
     ``world_mm``, ``coarse_world_mm``: float64 ``[K, 3]`` RAS millimetres; ``voxel``, ``coarse_voxel``:
     float64 ``[K, 3]`` continuous voxel indices of the file's own array (0-based, as nibabel indexes it);
-    ``confidence``: float32 ``[K]`` in ``[0, 1]``; ``shape``: the file's array shape (``None``: unknown, then no
-    landmark counts as outside).
+    ``confidence``: float32 ``[K]`` in ``[0, 1]``; ``flip_disagreement_mm``: float64 ``[K]``, the distance between
+    the estimates in the scan and in its mirror image (zeros for models exported without flip averaging);
+    ``shape``: the file's array shape (``None``: unknown, then no landmark counts as outside).
     """
 
     path: str
@@ -84,12 +94,19 @@ class ScanPrediction:
     coarse_voxel: np.ndarray
     confidence: np.ndarray
     shape: tuple[int, ...] | None = None
+    flip_disagreement_mm: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.flip_disagreement_mm is None:  # exports made before flip averaging existed
+            object.__setattr__(self, "flip_disagreement_mm", np.zeros(len(self.landmark_names)))
 
     @classmethod
     def from_outputs(
         cls, path: str | Path, outputs: dict[str, np.ndarray], shape: Sequence[int] | None = None
     ) -> ScanPrediction:
-        """From the outputs of the SavedModel's ``serving_default`` / ``localize_int16`` signatures."""
+        """From the outputs of the SavedModel's ``serving_default`` / ``localize_int16`` signatures (exports
+        without ``flip_disagreement_mm`` get zeros)."""
+        disagreement = outputs.get("flip_disagreement_mm")
         return cls(
             path=str(path),
             landmark_names=tuple(str(name) for name in outputs["landmark_names"]),
@@ -99,6 +116,7 @@ class ScanPrediction:
             coarse_voxel=np.asarray(outputs["coarse_voxel"], dtype=np.float64),
             confidence=np.asarray(outputs["confidence"], dtype=np.float32),
             shape=None if shape is None else tuple(int(n) for n in shape),
+            flip_disagreement_mm=None if disagreement is None else np.asarray(disagreement, dtype=np.float64),
         )
 
     def select(self, names: Sequence[str] | None) -> ScanPrediction:
@@ -115,6 +133,7 @@ class ScanPrediction:
             coarse_voxel=self.coarse_voxel[index],
             confidence=self.confidence[index],
             shape=self.shape,
+            flip_disagreement_mm=self.flip_disagreement_mm[index],
         )
 
     def outside(self) -> np.ndarray:
@@ -128,35 +147,58 @@ class ScanPrediction:
         """bool ``[K]``: the confidence is below ``min_confidence`` (NaN counts as low)."""
         return ~(self.confidence.astype(np.float64) >= min_confidence)
 
-    def statuses(self, min_confidence: float = MIN_CONFIDENCE) -> list[str]:
-        """Per landmark ``ok``, or ``outside_image`` and/or ``low_confidence`` joined by ``;`` (module docstring)."""
-        outside, low = self.outside(), self.low_confidence(min_confidence)
-        result = []
-        for k in range(len(self.landmark_names)):
-            problems = [STATUS_OUTSIDE] * bool(outside[k]) + [STATUS_LOW_CONFIDENCE] * bool(low[k])
-            result.append(";".join(problems) or STATUS_OK)
-        return result
+    def unstable(self, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM) -> np.ndarray:
+        """bool ``[K]``: the estimates in the scan and in its mirror image lie more than ``max_disagreement_mm``
+        apart (NaN counts as unstable)."""
+        return ~(self.flip_disagreement_mm <= max_disagreement_mm)
 
-    def warning(self, min_confidence: float = MIN_CONFIDENCE) -> str | None:
+    def statuses(
+        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+    ) -> list[str]:
+        """Per landmark ``ok``, or ``outside_image``, ``low_confidence`` and/or ``unstable`` joined by ``;``
+        (module docstring)."""
+        flags = (
+            (STATUS_OUTSIDE, self.outside()),
+            (STATUS_LOW_CONFIDENCE, self.low_confidence(min_confidence)),
+            (STATUS_UNSTABLE, self.unstable(max_disagreement_mm)),
+        )
+        return [
+            ";".join(status for status, flagged in flags if flagged[k]) or STATUS_OK
+            for k in range(len(self.landmark_names))
+        ]
+
+    def warning(
+        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+    ) -> str | None:
         """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error."""
-        outside = [name for name, out in zip(self.landmark_names, self.outside()) if out]
+        names = self.landmark_names
+        outside = [name for name, out in zip(names, self.outside()) if out]
         low = [
             f"{name} ({float(value):.2g})"
-            for name, value, is_low in zip(self.landmark_names, self.confidence, self.low_confidence(min_confidence))
+            for name, value, is_low in zip(names, self.confidence, self.low_confidence(min_confidence))
             if is_low
+        ]
+        unstable = [
+            f"{name} ({float(value):.1f} mm)"
+            for name, value, flagged in zip(names, self.flip_disagreement_mm, self.unstable(max_disagreement_mm))
+            if flagged
         ]
         parts = []
         if outside:
             parts.append(f"outside the image: {', '.join(outside)}")
         if low:
             parts.append(f"confidence below {min_confidence:g}: {', '.join(low)}")
+        if unstable:
+            parts.append(f"mirror-image estimates over {max_disagreement_mm:g} mm apart: {', '.join(unstable)}")
         return f"{self.path}: {'; '.join(parts)}" if parts else None
 
     def world_mm_by_name(self) -> dict[str, np.ndarray]:
         return {name: self.world_mm[k] for k, name in enumerate(self.landmark_names)}
 
-    def to_json(self, min_confidence: float = MIN_CONFIDENCE) -> dict:
-        statuses = self.statuses(min_confidence)
+    def to_json(
+        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+    ) -> dict:
+        statuses = self.statuses(min_confidence, max_disagreement_mm)
         return {
             "file": self.path,
             "landmarks": {
@@ -166,6 +208,7 @@ class ScanPrediction:
                     "coarse_world_mm": self.coarse_world_mm[k].tolist(),
                     "coarse_voxel": self.coarse_voxel[k].tolist(),
                     "confidence": float(self.confidence[k]),
+                    "flip_disagreement_mm": float(self.flip_disagreement_mm[k]),
                     "status": statuses[k],
                 }
                 for k, name in enumerate(self.landmark_names)
@@ -240,6 +283,7 @@ def predictions_json(
     failed: Sequence[tuple[str, str]],
     model: str,
     min_confidence: float = MIN_CONFIDENCE,
+    max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
 ) -> str:
     """The JSON document (see the module docstring); ``failed`` holds ``(file, one-line error)`` pairs."""
     document = {
@@ -247,26 +291,31 @@ def predictions_json(
         "model": model,
         "coordinates": "world_mm: RAS millimetres; voxel: 0-based continuous indices of the file's own array",
         "min_confidence": min_confidence,
-        "scans": [prediction.to_json(min_confidence) for prediction in predictions],
+        "max_flip_disagreement_mm": max_disagreement_mm,
+        "scans": [prediction.to_json(min_confidence, max_disagreement_mm) for prediction in predictions],
         "failed": [{"file": path, "error": error} for path, error in failed],
     }
     return json.dumps(document, indent=2) + "\n"
 
 
-def predictions_csv(predictions: Sequence[ScanPrediction], min_confidence: float = MIN_CONFIDENCE) -> str:
+def predictions_csv(
+    predictions: Sequence[ScanPrediction],
+    min_confidence: float = MIN_CONFIDENCE,
+    max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+) -> str:
     """One row per scan and landmark (columns :data:`CSV_COLUMNS`; float64 values written exactly)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for prediction in predictions:
-        statuses = prediction.statuses(min_confidence)
+        statuses = prediction.statuses(min_confidence, max_disagreement_mm)
         for k, name in enumerate(prediction.landmark_names):
             writer.writerow(
                 [prediction.path, name]
                 + [repr(float(v)) for v in prediction.world_mm[k]]
                 + [repr(float(v)) for v in prediction.voxel[k]]
                 + [repr(float(v)) for v in prediction.coarse_world_mm[k]]
-                + [repr(float(prediction.confidence[k])), statuses[k]]
+                + [repr(float(prediction.confidence[k])), repr(float(prediction.flip_disagreement_mm[k])), statuses[k]]
             )
     return out.getvalue()
 

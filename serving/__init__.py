@@ -27,7 +27,9 @@ COARSE_SIGNATURE = "coarse"
 DECODINGS_SIGNATURE = "decodings"  # every decoding of Table 1a (mdgru-localize evaluate)
 # A 256^3 float32 scan is 64 MiB; leave ample room for larger scans and for the float64 outputs.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-LOCALIZE_OUTPUTS = ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence")
+LOCALIZE_OUTPUTS = (
+    "landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence", "flip_disagreement_mm"
+)
 
 # gRPC status code name -> HTTP status, as TF Serving's REST API maps them (tensorflow_serving/util/net_http).
 HTTP_STATUS_BY_CODE = {
@@ -165,7 +167,8 @@ class LocalizationClient(ABC):
         """Landmarks of one scan: ``volume`` [X,Y,Z] (RAS voxel order), ``voxel_to_world`` 4x4 (RAS mm).
 
         Returns the contract's outputs: ``landmark_names`` str [K], ``world_mm``, ``voxel``,
-        ``coarse_world_mm``, ``coarse_voxel`` float64 [K,3], ``confidence`` float32 [K] (``coarse``: a subset).
+        ``coarse_world_mm``, ``coarse_voxel`` float64 [K,3], ``confidence`` float32 [K], ``flip_disagreement_mm``
+        float64 [K] (``coarse``: a subset).
         """
         signature, inputs = localize_inputs(volume, voxel_to_world, signature)
         return self.predict(inputs, signature)

@@ -40,7 +40,6 @@ from mdgru_keras import geometry
 from mdgru_keras.config import Config, ConfigError, config_from_dict
 from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.localizer import TwoStageLocalizer
-from mdgru_keras.networks import AXES
 from serving import COARSE_SIGNATURE, DECODINGS_SIGNATURE, DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, INT16_SIGNATURE
 
 MODEL_INFO_FILE = "model_info.json"
@@ -61,8 +60,10 @@ DECODINGS: tuple[str, ...] = ("coarse", "fine_n1_argmax", "fine_n1_parabola", "f
 
 # signature -> its outputs (all share the inputs volume [X,Y,Z] and voxel_to_world float64 [4,4])
 OUTPUTS: dict[str, tuple[str, ...]] = {
-    DEFAULT_SIGNATURE: ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence"),
-    INT16_SIGNATURE: ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence"),
+    DEFAULT_SIGNATURE: ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence",
+                        "flip_disagreement_mm"),
+    INT16_SIGNATURE: ("landmark_names", "world_mm", "voxel", "coarse_world_mm", "coarse_voxel", "confidence",
+                      "flip_disagreement_mm"),
     COARSE_SIGNATURE: ("landmark_names", "coarse_world_mm", "coarse_voxel", "confidence"),
     DECODINGS_SIGNATURE: ("landmark_names",)
     + tuple(f"{decoding}_{space}" for decoding in DECODINGS for space in ("world_mm", "voxel")),
@@ -142,16 +143,6 @@ class LocalizationGraph:
         voxel = tf.ensure_shape(geometry.map_voxel_tf(model_voxel, model_to_given), [self._num_landmarks, 3])
         return voxel, tf.ensure_shape(geometry.voxel_to_world_tf(voxel, voxel_to_world), [self._num_landmarks, 3])
 
-    def _pooled_fine_voxel(self, result: dict[str, tf.Tensor], parabola: bool) -> tf.Tensor:
-        """Model-grid voxels ``[K, 3]`` of the fine probabilities pooled to one class per voxel (n = 1)."""
-        superresolution = self.localizer.config.superresolution
-        window_voxel = tf.stack(
-            [geometry.decode_axis_pooled_tf(result[f"probabilities_{axis}"], superresolution, 1, parabola)
-             for axis in AXES],
-            axis=-1,
-        )  # fmt: skip
-        return geometry.window_to_volume_voxel_tf(window_voxel, result["window_origin_voxel"])
-
     @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])
     def _localize(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:
         """The whole localization with every decoding; one traced graph that all localizing signatures call
@@ -161,12 +152,16 @@ class LocalizationGraph:
         outputs = {
             "landmark_names": tf.identity(self.localizer.landmark_names),
             "confidence": tf.ensure_shape(result["confidence"], [self._num_landmarks]),
+            # the model grid is isotropic: voxels times its spacing are millimetres
+            "flip_disagreement_mm": tf.ensure_shape(
+                tf.cast(result["flip_disagreement_voxel"], tf.float64) * self._spacing_mm, [self._num_landmarks]
+            ),
         }
         model_voxels = {
             "": result["voxel"],
             "coarse_": result["coarse_voxel"],
-            "fine_n1_argmax_": self._pooled_fine_voxel(result, parabola=False),
-            "fine_n1_parabola_": self._pooled_fine_voxel(result, parabola=True),
+            "fine_n1_argmax_": result["voxel_n1_argmax"],
+            "fine_n1_parabola_": result["voxel_n1_parabola"],
             "fine_argmax_": result["voxel_argmax"],
             "fine_parabola_": result["voxel_parabola"],
         }
@@ -471,16 +466,20 @@ def export_runs(
     version: int | None = None,
     fine_batch_size: int | None = None,
     fine_passes: int = 1,
+    flip_average: bool = False,
+    average_passes: bool = False,
 ) -> Path:
     """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel
-    (``fine_passes``: see :class:`mdgru_keras.localizer.TwoStageLocalizer`)."""
+    (``fine_passes``, ``flip_average``, ``average_passes``: see :class:`mdgru_keras.localizer.TwoStageLocalizer`;
+    recorded in ``model_info.json`` under ``inference``)."""
     coarse = load_run(coarse_run, "coarse")
     fine = load_run(fine_run, "fine")
     config = combine_configs(coarse.config, fine.config, str(coarse.path), str(fine.path))
-    localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size,
-                                  fine_passes=fine_passes)
+    inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes}
+    localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size, **inference)
     info = {
         "fine_passes": fine_passes,
+        "inference": inference,
         "runs": {
             run.stage: {
                 "path": str(run.path.resolve()),

@@ -210,3 +210,78 @@ def test_second_fine_pass_centres_the_windows_on_the_first_fine_estimates(tiny3,
     )
     with pytest.raises(ValueError, match="fine_passes"):
         TwoStageLocalizer(coarse, fine, config, fine_passes=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# left-right flip averaging and pass averaging (random weights: exact bookkeeping, not accuracy)
+
+
+def test_mirror_permutation_pairs_afids_names_and_keeps_the_midline():
+    from mdgru_keras.localizer import mirror_permutation
+
+    names = ["AC", "RMB", "LMB", "PMJ", "RLVAC", "LLVAC", "RIGO", "LOSF"]  # LOSF's partner is missing
+    index = mirror_permutation(names)
+    assert [names[i] for i in index] == ["AC", "LMB", "RMB", "PMJ", "LLVAC", "RLVAC", "RIGO", "LOSF"]
+    np.testing.assert_array_equal(index[index], np.arange(len(names)))  # an involution
+
+
+@pytest.fixture(scope="module")
+def mirrored_pair():
+    """The tiny preset with a left/right pair and a midline landmark, plain and flip-averaged localizers."""
+    config = with_landmarks(load_preset("tiny"), ["RX", "M", "LX"])
+    keras.utils.set_random_seed(5)
+    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
+    return config, TwoStageLocalizer(coarse, fine, config), TwoStageLocalizer(coarse, fine, config, flip_average=True)
+
+
+def _mirror(voxel: np.ndarray, size_x: int) -> np.ndarray:
+    """Positions in the x-reversed volume, rows swapped as RX <-> LX (landmarks RX, M, LX)."""
+    mirrored = np.asarray(voxel, np.float64)[[2, 1, 0]].copy()
+    mirrored[:, 0] = size_x - 1 - mirrored[:, 0]
+    return mirrored
+
+
+def test_flip_average_is_the_mean_of_the_direct_and_the_mirrored_estimates(mirrored_pair, rng):
+    config, plain, flipped = mirrored_pair
+    volume = rng.normal(size=(29, 33, 27)).astype(np.float32)
+    centre = np.array([[8.0, 15, 12], [14, 17, 13], [20, 14, 12]], np.float32)
+    direct = plain.fine(volume, centre)
+    mirrored = plain.fine(volume[::-1].copy(), _mirror(centre, 29).astype(np.float32))
+    both = flipped.fine(volume, centre)
+    for key in ("voxel", "voxel_argmax", "voxel_n1_parabola"):
+        expected = 0.5 * (direct[key].numpy() + _mirror(mirrored[key].numpy(), 29))
+        np.testing.assert_allclose(both[key].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(
+        both["flip_disagreement_voxel"].numpy(),
+        np.linalg.norm(direct["voxel"].numpy() - _mirror(mirrored["voxel"].numpy(), 29), axis=-1),
+        atol=1e-4,
+    )
+    assert int(both["fine_windows"]) == 6 and float(np.max(direct["flip_disagreement_voxel"])) == 0.0
+    # the probabilities and windows reported are the direct pass's
+    np.testing.assert_allclose(both["probabilities_y"].numpy(), direct["probabilities_y"].numpy(), atol=1e-6)
+
+
+def test_flip_averaged_fine_stage_commutes_with_mirroring_the_scan(mirrored_pair, rng):
+    config, _, flipped = mirrored_pair
+    volume = rng.normal(size=(31, 30, 28)).astype(np.float32)
+    centre = np.array([[9.0, 14, 13], [15, 15, 14], [21, 16, 12]], np.float32)
+    a = flipped.fine(volume, centre)["voxel"].numpy()
+    b = flipped.fine(volume[::-1].copy(), _mirror(centre, 31).astype(np.float32))["voxel"].numpy()
+    np.testing.assert_allclose(_mirror(b, 31), a, atol=1e-4)
+    assert not np.allclose(a[0], a[2])  # the two sides are different estimates, not one copied
+
+
+def test_averaged_passes_are_an_ensemble_centred_on_the_running_mean(mirrored_pair, rng):
+    config, plain, _ = mirrored_pair
+    coarse, fine = plain.coarse_model, plain.fine_model
+    volume = rng.normal(size=(30, 34, 28)).astype(np.float32)
+    averaged = TwoStageLocalizer(coarse, fine, config, fine_passes=3, average_passes=True)(volume)
+    first = plain(volume)
+    second = plain.fine(volume, first["voxel"])
+    mean2 = 0.5 * (first["voxel"].numpy() + second["voxel"].numpy())
+    third = plain.fine(volume, mean2.astype(np.float32))
+    expected = (first["voxel"].numpy() + second["voxel"].numpy() + third["voxel"].numpy()) / 3
+    np.testing.assert_allclose(averaged["voxel"].numpy(), expected, atol=1e-4)
+    np.testing.assert_array_equal(
+        averaged["window_origin_voxel"].numpy(), G.window_origin_around(mean2, config.fine.window_size)
+    )

@@ -59,6 +59,21 @@ import click
     help="Fine passes: 1 centres the fine windows on the coarse estimates (the paper); 2 runs the fine stage "
     "again with windows centred on the first fine estimates.",
 )
+@click.option(
+    "--flip-average/--no-flip-average",
+    default=False,
+    show_default=True,
+    help="Also run the fine stage on the left-right mirrored scan (left and right landmarks swapped, e.g. RMB "
+    "and LMB) and average both estimates: more accurate, twice the fine stage's time. The model then reports "
+    "flip_disagreement_mm, the distance between the two estimates, per landmark.",
+)
+@click.option(
+    "--average-passes/--no-average-passes",
+    default=False,
+    show_default=True,
+    help="With --fine-passes 2 or more: report the mean of all passes' estimates (each pass centred on the "
+    "mean of the passes before it) instead of the last pass's.",
+)
 def export(
     coarse_run: Path | None,
     fine_run: Path | None,
@@ -68,6 +83,8 @@ def export(
     version: int | None,
     fine_batch_size: int | None,
     fine_passes: int,
+    flip_average: bool,
+    average_passes: bool,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -102,7 +119,8 @@ def export(
     started = time.monotonic()
     shown_version = version or next_version(base_dir / name)
     click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)
-    version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes)
+    version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes,
+                              flip_average, average_passes)
     info = read_model_info(version_dir)
     landmarks = info.get("landmarks", [])
     click.echo(
