@@ -124,6 +124,53 @@ def speed(model_dir: Path, scan: Path, repeats: int) -> dict:
     }
 
 
+FLAG_THRESHOLDS_MM = (2.0, 3.0, 4.0, 6.0, 8.0)
+LARGE_ERROR_MM = 5.0
+
+
+def quality_flags(model_dir: Path, manifests: dict[str, Path]) -> dict:
+    """How well ``flip_disagreement_mm`` (the distance of the estimates in a scan and in its mirror image)
+    picks out large errors, per threshold, on the synthetic conditions: the calibration of predict's
+    ``unstable`` status."""
+    import csv
+
+    from mdgru_keras.io.landmarks import read_landmarks
+    from mdgru_keras.prediction import predict_scan
+    from serving.servable import LocalLocalizationClient
+
+    client = LocalLocalizationClient(model_dir)
+    errors, disagreements = [], []
+    for name in ("unseen", "heldout-family"):
+        folder = manifests[name].parent
+        with open(manifests[name], newline="") as handle:
+            for row in csv.DictReader(handle):
+                prediction = predict_scan(client, folder / row["image"])
+                truth = read_landmarks(folder / row["landmarks"])
+                expected = np.stack([truth[n] for n in prediction.landmark_names])
+                errors.append(np.linalg.norm(prediction.world_mm - expected, axis=-1))
+                disagreements.append(prediction.flip_disagreement_mm)
+    error, disagreement = np.concatenate(errors), np.concatenate(disagreements)
+    large = error > LARGE_ERROR_MM
+    table = []
+    for threshold in FLAG_THRESHOLDS_MM:
+        flagged = disagreement > threshold
+        table.append({
+            "threshold_mm": threshold,
+            "flagged_fraction": float(flagged.mean()),
+            "flagged_mean_error_mm": float(error[flagged].mean()) if flagged.any() else None,
+            "unflagged_mean_error_mm": float(error[~flagged].mean()) if (~flagged).any() else None,
+            "large_errors_flagged_fraction": float(flagged[large].mean()) if large.any() else None,
+        })
+    return {
+        "conditions": ["unseen", "heldout-family"],
+        "landmarks": int(error.size),
+        "large_error_mm": LARGE_ERROR_MM,
+        "large_error_fraction": float(large.mean()),
+        "correlation": float(np.corrcoef(error, disagreement)[0, 1]),
+        "thresholds": table,
+    }
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"Run on {result['date']} on {result['machine']['processor']} ({result['machine']['cores']} cores; 2048² "
@@ -164,6 +211,27 @@ def markdown(result: dict) -> str:
         f"({s['wall_s_median'] * s['matmul_gflops']:.0f} matmul-GFLOP-equivalents: wall time × that GFLOP/s, "
         f"to compare machines); loading the model and the first scan: {s['load_and_first_s']:.1f} s.",
     ]
+    flags = result.get("quality_flags")
+    if flags:
+        lines += [
+            "",
+            f"Quality flag `unstable` (`flip_disagreement_mm` above a threshold), on the {flags['landmarks']} "
+            f"landmark estimates of the {' and '.join(flags['conditions'])} subjects; "
+            f"{100 * flags['large_error_fraction']:.1f} % of them are over {flags['large_error_mm']:g} mm off; "
+            f"correlation of disagreement and error {flags['correlation']:.2f}:",
+            "",
+            "| threshold mm | flagged | mean error flagged mm | mean error not flagged mm | "
+            f"errors > {flags['large_error_mm']:g} mm flagged |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in flags["thresholds"]:
+            def cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+                return "-" if value is None else f"{scale * value:.{digits}f}"
+            lines.append(
+                f"| {row['threshold_mm']:g} | {cell(row['flagged_fraction'], 100, 1)} % | "
+                f"{cell(row['flagged_mean_error_mm'])} | {cell(row['unflagged_mean_error_mm'])} | "
+                f"{cell(row['large_errors_flagged_fraction'], 100, 1)} % |"
+            )
     return "\n".join(lines)
 
 
@@ -207,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         scan = out / "template" / "speed_T1w.nii.gz"
         image = nib.load(demo / T1)
         nib.save(image, scan)
+        flags_json = out / "quality_flags.json"
+        if not flags_json.is_file():
+            flags_json.write_text(json.dumps(quality_flags(model_dir, manifests), indent=1) + "\n")
         timing = speed(model_dir, scan, args.repeats)
         timing.update(matmul_gflops=matmul_gflops(), scan_shape="x".join(str(n) for n in image.shape))
         result = {
@@ -219,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "evaluate_seconds": seconds,
             "speed": timing,
+            "quality_flags": json.loads(flags_json.read_text()),
         }
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(result, indent=1) + "\n")
