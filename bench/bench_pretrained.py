@@ -103,7 +103,7 @@ def _cpu_name() -> str:
 
 def speed(model_dir: Path, scan: Path, repeats: int) -> dict:
     from mdgru_keras.prediction import predict_scan
-    from serving.servable import LocalLocalizationClient
+    from mdgru_keras.serving.servable import LocalLocalizationClient
 
     started = time.perf_counter()
     client = LocalLocalizationClient(model_dir)

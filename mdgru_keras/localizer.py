@@ -105,7 +105,7 @@ class TwoStageLocalizer(tf.Module):
                 f"{config.fine.window_size}^3 windows, got {share_windows_margin_voxel}"
             )
         self.fine_trunk, self.fine_heads = split_fine_model(fine_model)
-        # a constant, so that a graph using it needs no variable beyond the models' (serving.export tracks those)
+        # a constant, so that a graph using it needs no variable beyond the models' (mdgru_keras.export tracks those)
         self.landmark_names = tf.constant(list(config.landmarks), dtype=tf.string)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="volume")])

@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, HTTP_STATUS_BY_CODE, ServingError
-from serving.grpc_server import check_loopback, signature_def_map
-from serving.servable import Servable, dtype_name
+from mdgru_keras.serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, HTTP_STATUS_BY_CODE, ServingError
+from mdgru_keras.serving.grpc_server import check_loopback, signature_def_map
+from mdgru_keras.serving.servable import Servable, dtype_name
 
 MAX_BODY_BYTES = 2 * 1024**3  # a 256^3 volume as JSON text is ~0.2-0.4 GB
 

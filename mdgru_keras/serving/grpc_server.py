@@ -5,9 +5,9 @@ It implements ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelM
 same clients talk to it and to ``tensorflow_model_server``. It is meant for tests and for users without
 Docker; it listens on loopback only. Run it as a script::
 
-    python -m serving.grpc_server --model-dir export/mdgru --port 8500 --rest-port 8501
+    python -m mdgru_keras.serving.grpc_server --model-dir export/mdgru --port 8500 --rest-port 8501
 
-Malformed requests get ``INVALID_ARGUMENT`` with a message (see :class:`serving.servable.Servable`); an
+Malformed requests get ``INVALID_ARGUMENT`` with a message (see :class:`mdgru_keras.serving.servable.Servable`); an
 unexpected failure is ``INTERNAL``; the server keeps serving either way.
 """
 
@@ -32,8 +32,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import DEFAULT_MODEL_NAME, MAX_MESSAGE_BYTES, ServingError
-from serving.servable import Servable
+from mdgru_keras.serving import DEFAULT_MODEL_NAME, MAX_MESSAGE_BYTES, ServingError
+from mdgru_keras.serving.servable import Servable
 
 
 def check_loopback(host: str) -> str:
@@ -140,7 +140,7 @@ class GrpcServer:
     """TF Serving's gRPC API for one SavedModel on ``host:port`` (``port=0``: a free one, see ``.port``).
 
     Use as a context manager, or ``start()`` / ``stop()``. Message limits are raised to
-    :data:`serving.MAX_MESSAGE_BYTES` so whole scans fit (gRPC's default is 4 MiB).
+    :data:`mdgru_keras.serving.MAX_MESSAGE_BYTES` so whole scans fit (gRPC's default is 4 MiB).
     """
 
     def __init__(
@@ -202,7 +202,7 @@ class GrpcServer:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.grpc_server",
+        prog="python -m mdgru_keras.serving.grpc_server",
         description="Serve a SavedModel with TF Serving's gRPC (and optionally REST) API on loopback, "
         "for tests and for machines without Docker. Stop with Ctrl-C.",
     )
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     grpc_server = GrpcServer(servable=servable, host=args.host, port=args.port).start()
     rest_server = None
     if args.rest_port:
-        from serving.rest_server import RestServer
+        from mdgru_keras.serving.rest_server import RestServer
 
         rest_server = RestServer(servable=servable, host=args.host, port=args.rest_port).start()
     print(
