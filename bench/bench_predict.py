@@ -9,8 +9,8 @@ resamples) is then localized ``--scans`` times through exactly the code of ``mdg
 (:func:`mdgru_keras.prediction.predict_scan`: read the file, send it, get world_mm and voxels back):
 
 * ``local``: the SavedModel loaded once in this process (``predict --model``);
-* ``grpc``: the in-process TF-Serving-API gRPC server (``python -m mdgru_keras.serving.grpc_server``) in a separate
-  process on 127.0.0.1, the client here (``predict --server``); the int16 scan travels as int16.
+* ``grpc``: the in-process TF-Serving-API gRPC server (``mdgru-localize serve``) in a separate process on
+  127.0.0.1, the client here (``predict --server``); the int16 scan travels as int16.
 
 The first call of each (graph optimization) is reported separately as ``first_call_seconds``.
 """
@@ -103,9 +103,9 @@ def bench_grpc(model_dir: Path, name: str, scan: Path, scans: int) -> dict:
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "mdgru_keras.serving.grpc_server", "--model-dir", str(model_dir),
-               "--model-name", name]
-    server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "mdgru_keras.cli", "serve", "--model", str(model_dir), "--model-name", name,
+               "--rest-port", "0"]
+    server = subprocess.Popen([*command, "--grpc-port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         started = time.perf_counter()
         line = server.stdout.readline()  # "serving ... gRPC on 127.0.0.1:PORT" once loaded

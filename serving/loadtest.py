@@ -1,6 +1,6 @@
 """A small, bounded load test of a served localizer over loopback: concurrent clients, latency percentiles.
 
-Against a running server (``tensorflow_model_server`` or ``python -m mdgru_keras.serving.grpc_server``)::
+Against a running server (``tensorflow_model_server`` or ``mdgru-localize serve``)::
 
     python -m serving.loadtest --server 127.0.0.1:8500 --model mdgru --clients 8 --requests 50
 
