@@ -46,7 +46,7 @@ def serve(model_dir: Path | None, model_name: str, host: str, grpc_port: int, re
     It runs in this Python process, listens on loopback only, has no authentication, and serves one model
     version (no reloading, batching or monitoring). It is for trying the clients and `predict --server`
     on a machine without Docker, and for tests. In production run the official TensorFlow Serving image
-    (tensorflow/serving) on the export: the docker command is in serving/README.md.
+    (tensorflow/serving) on the export: the docker command is in serving/README.md of the source repository.
 
     Once the model is loaded it prints one line, "serving 'NAME' version V from DIR: gRPC on HOST:PORT, REST
     on http://HOST:PORT", and serves until Ctrl-C or SIGTERM.

@@ -15,7 +15,7 @@ from mdgru_keras.serving.servable import Servable
 
 
 def check_loopback(host: str) -> str:
-    """The test servers have no authentication: refuse anything but a loopback address."""
+    """The development servers have no authentication: refuse anything but a loopback address."""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
