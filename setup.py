@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["mdgru_keras", "mdgru_keras.*", "train", "train.*", "serving", "serving.*"]),
+    packages=find_packages(include=["mdgru_keras", "mdgru_keras.*"]),
     include_package_data=True,
     package_data={
         # the presets (`--config cpu`), found next to mdgru_keras/config.py

@@ -106,7 +106,7 @@ def machine() -> dict:
 
 def training_summary(run_dir: Path) -> dict:
     """Steps, epochs, seconds and final validation error of one stage's run (from its log.csv)."""
-    from train.callbacks import read_csv
+    from mdgru_keras.training.callbacks import read_csv
 
     rows = read_csv(run_dir / "log.csv")
     last = rows[-1] if rows else {}

@@ -4,13 +4,13 @@ Run: ``python -m bench.bench_predict [--presets cpu paper] [--scans 5] [--shape 
 (``make bench-predict``). Writes ``bench/results/bench_predict.json``.
 
 For each preset a model with random weights (timing does not depend on the weights) is exported with
-:func:`serving.export.export_localizer`. One NIfTI scan (int16, 1 mm, an oblique affine so the graph really
+:func:`mdgru_keras.export.export_localizer`. One NIfTI scan (int16, 1 mm, an oblique affine so the graph really
 resamples) is then localized ``--scans`` times through exactly the code of ``mdgru-localize predict``
 (:func:`mdgru_keras.prediction.predict_scan`: read the file, send it, get world_mm and voxels back):
 
 * ``local``: the SavedModel loaded once in this process (``predict --model``);
-* ``grpc``: the in-process TF-Serving-API gRPC server (``python -m serving.grpc_server``) in a separate
-  process on 127.0.0.1, the client here (``predict --server``); the int16 scan travels as int16.
+* ``grpc``: the in-process TF-Serving-API gRPC server (``mdgru-localize serve``) in a separate process on
+  127.0.0.1, the client here (``predict --server``); the int16 scan travels as int16.
 
 The first call of each (graph optimization) is reported separately as ``first_call_seconds``.
 """
@@ -55,9 +55,9 @@ def export_random(preset: str, base_dir: Path) -> tuple[Path, float]:
     import keras
 
     from mdgru_keras.config import load_preset
+    from mdgru_keras.export import export_localizer
     from mdgru_keras.localizer import TwoStageLocalizer
     from mdgru_keras.networks import build_coarse_model, build_fine_model
-    from serving.export import export_localizer
 
     config = load_preset(preset)
     keras.utils.set_random_seed(0)
@@ -93,18 +93,19 @@ def time_calls(client, scan: Path, scans: int) -> dict:
 
 
 def free_port() -> int:
-    from serving.testing import free_port as port
+    from mdgru_keras.serving.testing import free_port as port
 
     return port()
 
 
 def bench_grpc(model_dir: Path, name: str, scan: Path, scans: int) -> dict:
-    from serving import connect
+    from mdgru_keras.serving import connect
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "serving.grpc_server", "--model-dir", str(model_dir), "--model-name", name]
-    server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "mdgru_keras.cli", "serve", "--model", str(model_dir), "--model-name", name,
+               "--rest-port", "0"]
+    server = subprocess.Popen([*command, "--grpc-port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         started = time.perf_counter()
         line = server.stdout.readline()  # "serving ... gRPC on 127.0.0.1:PORT" once loaded
@@ -133,7 +134,7 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from serving.servable import LocalLocalizationClient
+    from mdgru_keras.serving.servable import LocalLocalizationClient
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_predict-") as tmp:

@@ -103,7 +103,7 @@ def _cpu_name() -> str:
 
 def speed(model_dir: Path, scan: Path, repeats: int) -> dict:
     from mdgru_keras.prediction import predict_scan
-    from serving.servable import LocalLocalizationClient
+    from mdgru_keras.serving.servable import LocalLocalizationClient
 
     started = time.perf_counter()
     client = LocalLocalizationClient(model_dir)
@@ -136,7 +136,7 @@ def quality_flags(model_dir: Path, manifests: dict[str, Path]) -> dict:
 
     from mdgru_keras.io.landmarks import read_landmarks
     from mdgru_keras.prediction import predict_scan
-    from serving.servable import LocalLocalizationClient
+    from mdgru_keras.serving.servable import LocalLocalizationClient
 
     client = LocalLocalizationClient(model_dir)
     errors, disagreements = [], []

@@ -2,8 +2,9 @@
 
 For every preset (tiny, cpu, paper) a synthetic prepared dataset is written with the real writer (tiny:
 24x26x22 scans, cpu and paper: 193x229x193 scans, the MNI template's 1 mm grid), then each stage trains for
-one short epoch through :func:`train.stages.train_stage` (the real loop: pipeline, model, optimizer, per-epoch
-validation and checkpoint) in a fresh Python process, so that tracing and caches of one run do not help the next.
+one short epoch through :func:`mdgru_keras.training.stages.train_stage` (the real loop: pipeline, model,
+optimizer, per-epoch validation and checkpoint) in a fresh Python process, so that tracing and caches of one run
+do not help the next.
 Reported per run: the median step time after the first step, the first step (tracing included), the wall time
 of the whole command, and the size of one checkpoint.
 
@@ -68,7 +69,7 @@ def write_synthetic_dataset(directory: Path, preset: str) -> Path:
 def run_one(preset: str, stage: str, dataset: Path, out: Path) -> dict:
     """Train one stage for one short epoch in this process; returns the measurements."""
     from mdgru_keras.config import load_preset
-    from train.stages import train_stage
+    from mdgru_keras.training.stages import train_stage
 
     config = load_preset(preset)
     _, _, samples_per_subject = PLAN[preset]

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "train": "mdgru_keras.commands.train:train",
     "export": "mdgru_keras.commands.export:export",
     "predict": "mdgru_keras.commands.predict:predict",
+    "serve": "mdgru_keras.commands.serve:serve",
     "evaluate": "mdgru_keras.commands.evaluate:evaluate",
     "train-unet": "mdgru_keras.commands.train_unet:train_unet",
 }
@@ -67,8 +68,8 @@ def main() -> None:
 
     A typical session: `prepare` a dataset from NIfTI scans and landmark files, `train` the coarse and the
     fine stage, `export` both as one SavedModel, then `predict` on new scans (locally or through TensorFlow
-    Serving) and `evaluate` against ground truth. `demo-data` and `synth` make a labelled demo population.
-    Run any command with --help for its options.
+    Serving; `serve` is a development server for that) and `evaluate` against ground truth. `demo-data` and
+    `synth` make a labelled demo population. Run any command with --help for its options.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -7,13 +7,17 @@ error boundary (:class:`mdgru_keras.cli.LazyGroup`): it turns every *expected* f
 * :class:`InputError` and :class:`mdgru_keras.config.ConfigError` (a bad config file or key);
 * :class:`OSError`: a file that cannot be read or written (``--out`` in a read-only folder, under a regular
   file, an existing directory), a full disk, an unreachable host;
-* :class:`serving.ServingError` (the server refused or could not answer) and
+* :class:`mdgru_keras.serving.ServingError` (the server refused or could not answer) and
   :class:`mdgru_keras.data.demo.DownloadError`;
 * running out of memory: :class:`MemoryError` and TensorFlow's ``ResourceExhaustedError``.
+
+Messages are condensed to one line by :func:`one_line`, or by :func:`one_line_tf_error` for TensorFlow's
+multi-line error messages (it also drops their node and stack-trace decoration).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +35,7 @@ class InputError(ValueError):
 # A module that was never imported cannot have raised its error, so they are looked up in sys.modules only.
 _LAZY_EXPECTED = (
     ("mdgru_keras.config", "ConfigError"),
-    ("serving", "ServingError"),
+    ("mdgru_keras.serving", "ServingError"),
     ("mdgru_keras.data.demo", "DownloadError"),
 )
 
@@ -40,6 +44,27 @@ def one_line(text: str) -> str:
     """``text`` on one line: its non-empty lines, stripped, joined by ``"; "``."""
     lines = [line.strip() for line in str(text).splitlines()]
     return "; ".join(line for line in lines if line)
+
+
+_TF_NOISE_LINE = re.compile(
+    r"^(Graph execution error:|Detected at node .*|<stack traces unavailable>|\s*\[\[\{\{.*|"
+    r"\s*File \".*|\s*\[\[.*\]\]\s*)$"
+)
+_TF_OP_SUFFIX = re.compile(r"\s*\[Op:[^\]]*\]\s*$")
+_TF_ASSERTION = re.compile(r"^assertion failed: \[([^\]]*)\]\s*")
+
+
+def one_line_tf_error(message: str) -> str:
+    """Condense a TensorFlow error message to one readable line (:func:`one_line` for TensorFlow's messages).
+
+    Drops TensorFlow's node and stack-trace decoration ("Graph execution error:", "Detected at node ...",
+    "[[{{node ...}}]]", "[Op:...]") and puts an assertion's own message first; ``"no message"`` when nothing
+    is left.
+    """
+    lines = [_TF_OP_SUFFIX.sub("", line).strip() for line in str(message).splitlines()]
+    kept = [line for line in lines if line and not _TF_NOISE_LINE.match(line)]
+    text = "; ".join(kept) if kept else " ".join(line for line in lines if line)
+    return _TF_ASSERTION.sub(r"\1 (assertion failed) ", text).strip() or "no message"
 
 
 def _os_error_text(error: OSError) -> str:
@@ -64,9 +89,7 @@ def describe_failure(error: BaseException) -> str | None:
     if isinstance(error, InputError):
         return one_line(str(error))
     if _is_out_of_memory(error):
-        from serving import one_line as tf_one_line  # drops TensorFlow's node and stack-trace lines
-
-        detail = tf_one_line(getattr(error, "message", None) or str(error)) if str(error) else ""
+        detail = one_line_tf_error(getattr(error, "message", None) or str(error)) if str(error) else ""
         return f"out of memory ({type(error).__name__}{': ' + detail if detail else ''})"
     if isinstance(error, OSError):
         return one_line(_os_error_text(error))

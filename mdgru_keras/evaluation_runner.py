@@ -47,7 +47,7 @@ MODEL = "model"  # key of the export's time in EvaluationRun.seconds
 
 
 def decoding_methods(superresolution: int) -> dict[str, str]:
-    """Export decoding (``serving.export.DECODINGS``) -> Table-1a row name (``method_name``), in row order.
+    """Export decoding (``mdgru_keras.export.DECODINGS``) -> Table-1a row name (``method_name``), in row order.
     With ``n = 1`` the pooled decodings are the model's own and are left out (the same rows twice)."""
     methods = {
         "coarse": COARSE,
@@ -109,9 +109,9 @@ class ExportedModel:
     """
 
     def __init__(self, model_dir: str | Path) -> None:
-        from serving import DECODINGS_SIGNATURE
-        from serving.export import read_model_info
-        from serving.servable import LocalLocalizationClient, resolve_version_dir
+        from mdgru_keras.export import read_model_info
+        from mdgru_keras.serving import DECODINGS_SIGNATURE
+        from mdgru_keras.serving.servable import LocalLocalizationClient, resolve_version_dir
 
         version_dir, _ = resolve_version_dir(model_dir)
         info = read_model_info(version_dir)
@@ -136,7 +136,7 @@ class ExportedModel:
 
     def decodings(self, volume: np.ndarray, voxel_to_world: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs of the ``decodings`` signature: ``landmark_names`` and ``{decoding}_world_mm`` / ``_voxel``."""
-        from serving import localize_inputs
+        from mdgru_keras.serving import localize_inputs
 
         _, inputs = localize_inputs(volume, voxel_to_world, self.signature)
         return self.client.predict(inputs, self.signature)
@@ -363,7 +363,7 @@ def _decode_scan(
     """One export on one scan: its ``decodings`` outputs, the landmark names (``names``, else the export's own),
     one :class:`Prediction` per row of ``model.methods`` for those landmarks, and the seconds it took.
     :class:`InputError` naming the scan, with ``label`` naming the export, if it refuses the scan."""
-    from serving import ServingError
+    from mdgru_keras.serving import ServingError
 
     start = time.perf_counter()
     try:

@@ -132,7 +132,7 @@ class TwoStageLocalizer(tf.Module):
         # a constant (not a variable): the export saves no state beyond the models' variables
         self._mirror = tf.constant(mirror_permutation(config.landmarks), tf.int32)
         self.fine_trunk, self.fine_heads = split_fine_model(fine_model)
-        # a constant, so that a graph using it needs no variable beyond the models' (serving.export tracks those)
+        # a constant, so that a graph using it needs no variable beyond the models' (mdgru_keras.export tracks those)
         self.landmark_names = tf.constant(list(config.landmarks), dtype=tf.string)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="volume")])

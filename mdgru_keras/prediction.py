@@ -37,7 +37,7 @@ import numpy as np
 from mdgru_keras.io.nifti import NIFTI_SUFFIXES, read_nifti_array
 
 if TYPE_CHECKING:
-    from serving import LocalizationClient
+    from mdgru_keras.serving import LocalizationClient
 
 PREDICTIONS_FORMAT = "mdgru-keras predictions 1"
 # Scans with fewer voxels than this along an axis are refused: the exported model's own limit (its signature
@@ -238,7 +238,7 @@ def predict_scan(client: LocalizationClient, path: str | Path) -> ScanPrediction
     """Read one NIfTI scan and localize its landmarks through ``client`` (local or remote).
 
     Raises :class:`~mdgru_keras.errors.InputError` for unreadable files and scans too small to localize in
-    (:func:`check_scan_size`), and :class:`serving.ServingError` when the model refuses the scan (e.g.
+    (:func:`check_scan_size`), and :class:`mdgru_keras.serving.ServingError` when the model refuses the scan (e.g.
     ``INVALID_ARGUMENT`` for NaN values).
     """
     volume, voxel_to_world = read_nifti_array(path)

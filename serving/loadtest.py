@@ -1,6 +1,6 @@
 """A small, bounded load test of a served localizer over loopback: concurrent clients, latency percentiles.
 
-Against a running server (``tensorflow_model_server`` or ``python -m serving.grpc_server``)::
+Against a running server (``tensorflow_model_server`` or ``mdgru-localize serve``)::
 
     python -m serving.loadtest --server 127.0.0.1:8500 --model mdgru --clients 8 --requests 50
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import DEFAULT_MODEL_NAME, ServingError, connect
+from mdgru_keras.serving import DEFAULT_MODEL_NAME, ServingError, connect
 
 MAX_CLIENTS = 64
 MAX_REQUESTS_PER_CLIENT = 10_000
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     server_process = None
     try:
         if args.saved_model is not None:
-            from serving.grpc_server import GrpcServer
+            from mdgru_keras.serving.grpc_server import GrpcServer
 
             server_process = GrpcServer(args.saved_model, args.model).start()
             server = server_process.address

@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 from training_helpers import cli_command, cli_env, run_cli, write_config, write_population
 
-from train.callbacks import read_csv
-from train.checkpoints import CheckpointStore
+from mdgru_keras.training.callbacks import read_csv
+from mdgru_keras.training.checkpoints import CheckpointStore
 
 # ---------------------------------------------------------------------------------------------------------
 # the store, on a small object graph

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from training_helpers import cli_command, cli_env, run_cli, write_config, write_population
 
-from train.callbacks import read_csv
+from mdgru_keras.training.callbacks import read_csv
 
 STEPS = 4  # 8 subjects / global batch 4 = 2 steps per epoch, 2 epochs
 

@@ -112,7 +112,7 @@ def test_a_bad_config_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_model_keras_is_one_line(tmp_path: Path) -> None:
-    from serving.testing import save_training_run
+    from mdgru_keras.serving.testing import save_training_run
 
     config = load_preset("tiny")
     coarse = save_training_run(tmp_path / "coarse", "coarse", config, seed=0)

@@ -27,12 +27,12 @@ from mdgru_keras.cli import main as cli
 from mdgru_keras.config import load_preset
 from mdgru_keras.data.records import prepare_dataset
 from mdgru_keras.evaluation import read_json
+from mdgru_keras.export import export_runs
 from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.io import read_volume, write_landmarks
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.networks import load_model
-from serving.export import export_runs
-from serving.testing import save_training_run
+from mdgru_keras.serving.testing import save_training_run
 
 LANDMARKS = ("A", "B")
 CONFIG = load_preset("tiny").replace(landmarks=LANDMARKS)  # superresolution 2, parabola on, P = 32, W = 16

@@ -26,11 +26,7 @@ from mdgru_keras import geometry
 from mdgru_keras.cli import main as cli
 from mdgru_keras.config import load_preset
 from mdgru_keras.errors import InputError
-from mdgru_keras.io import read_volume
-from mdgru_keras.localizer import TwoStageLocalizer
-from mdgru_keras.networks import load_model
-from serving import ServingError
-from serving.export import (
+from mdgru_keras.export import (
     MODEL_INFO_FILE,
     OUTPUTS,
     ExportedLocalizer,
@@ -41,10 +37,14 @@ from serving.export import (
     next_version,
     read_model_info,
 )
-from serving.grpc_client import GrpcLocalizationClient
-from serving.grpc_server import GrpcServer
-from serving.servable import Servable
-from serving.testing import model_server, save_training_run
+from mdgru_keras.io import read_volume
+from mdgru_keras.localizer import TwoStageLocalizer
+from mdgru_keras.networks import load_model
+from mdgru_keras.serving import ServingError
+from mdgru_keras.serving.grpc_client import GrpcLocalizationClient
+from mdgru_keras.serving.grpc_server import GrpcServer
+from mdgru_keras.serving.servable import Servable
+from mdgru_keras.serving.testing import model_server, save_training_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LANDMARKS = ("A", "B")

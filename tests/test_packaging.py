@@ -1,5 +1,6 @@
-"""What ``pip install`` ships: a wheel built from this source tree holds the presets and the pretrained-model
-files, and the presets load from an installed copy (not from a checkout), as ``--config cpu`` needs."""
+"""What ``pip install`` ships: a wheel built from this source tree holds the one package ``mdgru_keras`` (with
+the presets and the pretrained-model files, and none of the checkout's entry-point folders ``train/`` and
+``serving/``), and the presets load from an installed copy (not from a checkout), as ``--config cpu`` needs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# train/ and serving/ (entry-point scripts and deployment files) are copied too: the wheel must leave them out.
 SOURCES = ("setup.py", "pyproject.toml", "README.md", "mdgru_keras", "train", "serving")
 PRESETS = sorted(path.name for path in (ROOT / "mdgru_keras" / "configs").glob("*.yaml"))
 # A stand-in for a pretrained model, laid out as `make model-afids` installs one (files nested two levels deep).
@@ -63,7 +65,18 @@ def test_the_wheel_holds_the_presets_and_the_pretrained_model_files(wheel: Path)
             assert member in names
             assert archive.read(member) == (ROOT / "mdgru_keras" / "configs" / preset).read_bytes()
     assert set(FAKE_MODEL) <= names
-    assert "mdgru_keras/cli.py" in names and "serving/export.py" in names and "train/stages.py" in names
+    for module in ("cli.py", "export.py", "training/stages.py", "serving/__init__.py", "serving/grpc_server.py",
+                   "commands/serve.py"):
+        assert f"mdgru_keras/{module}" in names
+
+
+def test_the_wheel_holds_mdgru_keras_only(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        top_level = {name.split("/", 1)[0] for name in archive.namelist()}
+        dist_info = {name for name in top_level if name.endswith(".dist-info")}
+        assert top_level - dist_info == {"mdgru_keras"}
+        (info,) = dist_info
+        assert archive.read(f"{info}/top_level.txt").decode().split() == ["mdgru_keras"]
 
 
 def test_presets_load_from_an_installed_copy(wheel: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """``mdgru-localize predict``: a real (tiny, random-weight) export, run locally and behind gRPC/REST servers.
 
 Local predict loads the SavedModel in this process; ``--server`` goes through the in-process gRPC and REST
-servers of :mod:`serving` on 127.0.0.1 (and ``tensorflow_model_server`` when installed). All must agree; a
+servers of :mod:`mdgru_keras.serving` on 127.0.0.1 (and ``tensorflow_model_server`` when installed). All must agree; a
 broken file is reported on one line and does not stop the others; .fcsv files round-trip.
 """
 
@@ -25,14 +25,14 @@ from scipy import ndimage
 from mdgru_keras.cli import main as cli
 from mdgru_keras.commands import predict as predict_command
 from mdgru_keras.config import load_preset
+from mdgru_keras.export import export_runs
 from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.io import read_landmarks
 from mdgru_keras.prediction import MIN_CONFIDENCE, MIN_SCAN_VOXELS, ScanPrediction
-from serving.export import export_runs
-from serving.grpc_server import GrpcServer
-from serving.rest_server import RestServer
-from serving.servable import Servable
-from serving.testing import model_server, save_training_run
+from mdgru_keras.serving.grpc_server import GrpcServer
+from mdgru_keras.serving.rest_server import RestServer
+from mdgru_keras.serving.servable import Servable
+from mdgru_keras.serving.testing import model_server, save_training_run
 
 LANDMARKS = ("A", "B")
 CONFIG = load_preset("tiny").replace(landmarks=LANDMARKS)

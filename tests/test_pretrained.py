@@ -91,7 +91,7 @@ def test_shipped_model_localizes_the_32_afids_on_a_moved_template(tmp_path):
     from mdgru_keras.data.synth import moved_copy
     from mdgru_keras.io.landmarks import read_landmarks
     from mdgru_keras.prediction import predict_scan
-    from serving.servable import LocalLocalizationClient
+    from mdgru_keras.serving.servable import LocalLocalizationClient
 
     demo = fetch_demo_data(tmp_path / "demo")
     truth = read_landmarks(demo.named_landmarks)

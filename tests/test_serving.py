@@ -1,6 +1,6 @@
 """Serving: gRPC and REST clients against TF Serving's API, served in-process (and by tensorflow_model_server).
 
-The model is a small stand-in with exactly the contract's signatures (:mod:`serving.testing`); what is under
+The model is a small stand-in with exactly the contract's signatures (:mod:`mdgru_keras.serving.testing`); what is under
 test are the servers and clients. Every endpoint test runs against the in-process servers and again against a
 real ``tensorflow_model_server`` when that binary is on PATH.
 """
@@ -24,25 +24,24 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from mdgru_keras.errors import InputError
-from serving import (
+from mdgru_keras.errors import InputError, one_line_tf_error
+from mdgru_keras.serving import (
     LOCALIZE_OUTPUTS,
     ServingError,
     connect,
     decode_strings,
     is_lossless_int16,
     localize_inputs,
-    one_line,
 )
-from serving.grpc_client import GrpcLocalizationClient
-from serving.grpc_server import GrpcServer
+from mdgru_keras.serving.grpc_client import GrpcLocalizationClient
+from mdgru_keras.serving.grpc_server import GrpcServer
+from mdgru_keras.serving.rest_client import RestLocalizationClient
+from mdgru_keras.serving.rest_server import RestServer
+from mdgru_keras.serving.servable import Servable
+from mdgru_keras.serving.testing import TOY_LANDMARKS, free_port, save_toy_localizer
+from mdgru_keras.serving.testing import model_server as run_model_server
 from serving.loadtest import main as loadtest_main
 from serving.loadtest import run_load_test
-from serving.rest_client import RestLocalizationClient
-from serving.rest_server import RestServer
-from serving.servable import Servable
-from serving.testing import TOY_LANDMARKS, free_port, save_toy_localizer
-from serving.testing import model_server as run_model_server
 
 SERVING_DIR = Path(__file__).resolve().parents[1] / "serving"
 MODEL = "mdgru"
@@ -414,11 +413,11 @@ def test_newest_version_is_served(tmp_path: Path) -> None:
     assert outputs["landmark_names"].tolist() == [b"new"]
 
 
-def test_one_line_condenses_a_real_tensorflow_error(direct: tf.Module) -> None:
+def test_one_line_tf_error_condenses_a_real_tensorflow_error(direct: tf.Module) -> None:
     with pytest.raises(tf.errors.InvalidArgumentError) as caught:
         direct_call(direct, "serving_default", VOLUME, SINGULAR)
     assert "\n" in caught.value.message  # TensorFlow's own message spans lines
-    line = one_line(caught.value.message)
+    line = one_line_tf_error(caught.value.message)
     assert "\n" not in line and "Graph execution error" not in line and "{{node" not in line
     assert line.startswith("voxel_to_world is singular")
 

@@ -247,7 +247,7 @@ def _with_keras_conv3d(model: keras.Model) -> keras.Model:
 
 
 def test_coarse_model_saved_with_keras_conv3d_loads_with_the_same_outputs(tmp_path, rng):
-    from train.trainer import model_variables
+    from mdgru_keras.training.trainer import model_variables
 
     config = load_preset("tiny")
     old = _with_keras_conv3d(N.build_coarse_model(config))
@@ -264,7 +264,7 @@ def test_coarse_model_saved_with_keras_conv3d_loads_with_the_same_outputs(tmp_pa
     loaded.save(tmp_path / "new.keras")  # and it saves as a current model
     assert type(N.load_model(str(tmp_path / "new.keras")).get_layer("coarse_input_conv")) is StridedConv3D
 
-    # training checkpoints (train/trainer.py: every variable by position) restore into the new model
+    # training checkpoints (mdgru_keras/training/trainer.py: every variable by position) restore into the new model
     tf.train.Checkpoint(model=model_variables(old)).write(str(tmp_path / "ckpt" / "ckpt"))
     new = N.build_coarse_model(config)
     tf.train.Checkpoint(model=model_variables(new)).read(str(tmp_path / "ckpt" / "ckpt")).assert_consumed()

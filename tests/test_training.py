@@ -16,7 +16,7 @@ from training_helpers import write_config, write_population
 
 from mdgru_keras.cli import main
 from mdgru_keras.config import load_config
-from train.callbacks import read_csv
+from mdgru_keras.training.callbacks import read_csv
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_both_stages_learn_and_the_run_directory_is_complete(runs, config, popul
 
     # The saved stage model is the trained one: it reproduces the last validation loss.
     from mdgru_keras.networks import load_model
-    from train.stages import per_example_loss, stage_setup
+    from mdgru_keras.training.stages import per_example_loss, stage_setup
 
     model = load_model(str(run_dir / "model.keras"))
     setup = stage_setup(stage, resolved, population)
@@ -171,7 +171,7 @@ def test_window_larger_than_the_padded_volume_is_refused(population, tmp_path):
 
 
 def test_cosine_schedule_runs_from_the_rate_down_to_its_final_fraction():
-    from train.trainer import scheduled_learning_rate
+    from mdgru_keras.training.trainer import scheduled_learning_rate
 
     training = load_config("cpu").training
     cosine = dataclasses.replace(training, lr_schedule="cosine", learning_rate=0.002, final_lr_fraction=0.1)

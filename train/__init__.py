@@ -1,5 +1,5 @@
-"""Training glue for mdgru-keras: the custom loop, checkpoints, strategies and logs.
+"""Entry-point scripts for training (run from the repository root, not installed).
 
-``train_stage`` (in :mod:`train.stages`) trains the coarse or the fine stage into a run directory; the
-``mdgru-localize train`` command is a thin wrapper around it.
+``python -m train.model_afids`` (``make model-afids``) trains the shipped model. The training loop itself is
+library code: :mod:`mdgru_keras.training`.
 """

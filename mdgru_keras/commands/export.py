@@ -104,7 +104,7 @@ def export(
     """
     import time
 
-    from serving.export import export_runs, next_version, read_model_info
+    from mdgru_keras.export import export_runs, next_version, read_model_info
 
     if pretrained is not None:
         if coarse_run is not None or fine_run is not None:

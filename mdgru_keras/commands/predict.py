@@ -137,7 +137,7 @@ def predict(
         unknown_landmarks,
         write_prediction_figure,
     )
-    from serving import ServingError
+    from mdgru_keras.serving import ServingError
 
     client = _open_client(model_dir, server, model_name, timeout_s, requested)
 
@@ -199,14 +199,14 @@ def _open_client(
     from mdgru_keras.prediction import unknown_landmarks
 
     if model_dir is not None:
-        from serving.export import read_model_info
-        from serving.servable import LocalLocalizationClient, resolve_version_dir
+        from mdgru_keras.export import read_model_info
+        from mdgru_keras.serving.servable import LocalLocalizationClient, resolve_version_dir
 
         known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
         if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
             raise click.UsageError(f"--landmarks: {problem}")
         return LocalLocalizationClient(model_dir)
-    from serving import connect
+    from mdgru_keras.serving import connect
 
     return connect(server, model_name, timeout_s=timeout_s)
 

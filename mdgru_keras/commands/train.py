@@ -59,7 +59,7 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landma
             raise click.BadParameter("give unique names, e.g. --landmarks AC,PC, or --landmarks all",
                                      param_hint="--landmarks")
     config = load_config(config_name)
-    from train.stages import train_stage
+    from mdgru_keras.training.stages import train_stage
 
     result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=names,
                          max_seconds=max_seconds, deterministic=deterministic, verbose=0 if quiet else 1)

@@ -1,7 +1,7 @@
 """A tiny SavedModel with the serving contract's signatures, for testing servers and clients.
 
 The real export (the two-stage MD-GRU localizer) takes minutes to build and seconds per call; the servers and
-clients in :mod:`serving` are generic over any SavedModel, so their tests run against this stand-in instead.
+clients in :mod:`mdgru_keras.serving` are generic over any SavedModel, so their tests run against this stand-in instead.
 It has exactly the signatures and tensor names of docs/ARCHITECTURE.md ("The exported SavedModel"):
 
 * ``serving_default(volume: float32 [X,Y,Z], voxel_to_world: float64 [4,4])`` ->

@@ -14,7 +14,7 @@ the prefetched crops: about 470 MB per checkpoint for the cpu preset's 256^3 coa
 nothing and restarting the pipeline there reads at most one pass of serialized records.
 
 The loop itself knows nothing about landmarks: a :class:`StageSetup` supplies the model, the per-example loss,
-the datasets and the error measure (see :mod:`train.stages` for the coarse and fine stages).
+the datasets and the error measure (see :mod:`mdgru_keras.training.stages` for the coarse and fine stages).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import tensorflow as tf
 
 from mdgru_keras.config import Config, TrainingConfig, config_from_dict
 from mdgru_keras.errors import InputError
-from train.callbacks import RunLog, read_csv
-from train.checkpoints import CheckpointStore, atomic_write_text
-from train.strategy import is_chief, num_workers, set_mixed_precision, split_global_batch, worker_index
+from mdgru_keras.training.callbacks import RunLog, read_csv
+from mdgru_keras.training.checkpoints import CheckpointStore, atomic_write_text
+from mdgru_keras.training.strategy import is_chief, num_workers, set_mixed_precision, split_global_batch, worker_index
 
 # Settings that only say how long to train: a resumed run may change them.
 RUN_LENGTH_KEYS = ("epochs", "max_train_seconds")
@@ -144,7 +144,8 @@ class Trainer:
         setup: the stage (model, loss, data, error measure).
         config: the resolved config (run-length overrides already applied); written to ``config.json``.
         run_dir: the run directory.
-        strategy: a ``tf.distribute`` strategy (:func:`train.strategy.make_strategy`); its scope is used here.
+        strategy: a ``tf.distribute`` strategy (:func:`mdgru_keras.training.strategy.make_strategy`); its scope
+            is used here.
         resume: continue from the newest valid checkpoint in ``run_dir`` (start fresh when there is none).
         figure: ``(log_rows, step_rows, path) -> path or None`` draws the loss curves; None skips the figure.
         verbose: 1 progress bar and a line per epoch, 0 silent.

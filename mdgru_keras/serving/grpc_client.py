@@ -1,4 +1,6 @@
-"""gRPC client for TF Serving's ``PredictionService`` (``tensorflow_model_server`` or :mod:`serving.grpc_server`).
+"""gRPC client for TF Serving's ``PredictionService``.
+
+Servers: ``tensorflow_model_server``, or :mod:`mdgru_keras.serving.grpc_server` (``mdgru-localize serve``).
 
 ::
 
@@ -7,7 +9,7 @@
 
 Each call has one overall ``timeout_s``; a call that finds the server ``UNAVAILABLE`` (not up yet, restarting,
 wrong port) is retried up to ``max_attempts`` times in all with exponential backoff, within that timeout. Other
-errors are not retried. Every failure is a :class:`serving.ServingError` (one line ``"CODE: message"``).
+errors are not retried. Every failure is a :class:`mdgru_keras.serving.ServingError` (one line ``"CODE: message"``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, MAX_MESSAGE_BYTES, LocalizationClient, ServingError
-from serving import decode_strings as _decode_strings
+from mdgru_keras.serving import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_SIGNATURE,
+    MAX_MESSAGE_BYTES,
+    LocalizationClient,
+    ServingError,
+)
+from mdgru_keras.serving import decode_strings as _decode_strings
 
 
 def _describe(info: Any) -> tuple[str, tuple[int, ...] | None]:

@@ -2,21 +2,18 @@
 
 It implements ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
 ``tensorflow.serving.ModelService`` (``GetModelStatus``) from ``tensorflow-serving-api``'s protos, so the
-same clients talk to it and to ``tensorflow_model_server``. It is meant for tests and for users without
-Docker; it listens on loopback only. Run it as a script::
+same clients talk to it and to ``tensorflow_model_server``. It is a development server, meant for tests and
+for users without Docker (production: the official TensorFlow Serving image, see ``serving/README.md``); it
+listens on loopback only. From the command line (gRPC, and REST from :mod:`mdgru_keras.serving.rest_server`)::
 
-    python -m serving.grpc_server --model-dir export/mdgru --port 8500 --rest-port 8501
+    mdgru-localize serve --model export/mdgru --grpc-port 8500 --rest-port 8501
 
-Malformed requests get ``INVALID_ARGUMENT`` with a message (see :class:`serving.servable.Servable`); an
+Malformed requests get ``INVALID_ARGUMENT`` with a message (see :class:`mdgru_keras.serving.servable.Servable`); an
 unexpected failure is ``INTERNAL``; the server keeps serving either way.
 """
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
-import signal
-import threading
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -32,19 +29,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import DEFAULT_MODEL_NAME, MAX_MESSAGE_BYTES, ServingError
-from serving.servable import Servable
-
-
-def check_loopback(host: str) -> str:
-    """The test servers have no authentication: refuse anything but a loopback address."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ValueError(f"refusing to listen on {host!r}: the in-process servers bind loopback addresses only")
-    return host
+from mdgru_keras.serving import DEFAULT_MODEL_NAME, MAX_MESSAGE_BYTES, ServingError
+from mdgru_keras.serving.servable import Servable
+from mdgru_keras.serving.server_common import check_loopback, signature_def_map
 
 
 def tensor_proto_to_array(name: str, proto: Any) -> np.ndarray:
@@ -53,13 +40,6 @@ def tensor_proto_to_array(name: str, proto: Any) -> np.ndarray:
         return tf.make_ndarray(proto)
     except Exception as error:  # malformed content, unknown dtype, size mismatch
         raise ServingError("INVALID_ARGUMENT", f"input {name!r} is not a valid TensorProto: {error}") from error
-
-
-def signature_def_map(servable: Servable) -> get_model_metadata_pb2.SignatureDefMap:
-    signature_map = get_model_metadata_pb2.SignatureDefMap()
-    for name, signature in servable.signature_defs.items():
-        signature_map.signature_def[name].CopyFrom(signature)
-    return signature_map
 
 
 def _requested_version(model_spec: Any) -> int | None:
@@ -140,7 +120,7 @@ class GrpcServer:
     """TF Serving's gRPC API for one SavedModel on ``host:port`` (``port=0``: a free one, see ``.port``).
 
     Use as a context manager, or ``start()`` / ``stop()``. Message limits are raised to
-    :data:`serving.MAX_MESSAGE_BYTES` so whole scans fit (gRPC's default is 4 MiB).
+    :data:`mdgru_keras.serving.MAX_MESSAGE_BYTES` so whole scans fit (gRPC's default is 4 MiB).
     """
 
     def __init__(
@@ -198,44 +178,3 @@ class GrpcServer:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.grpc_server",
-        description="Serve a SavedModel with TF Serving's gRPC (and optionally REST) API on loopback, "
-        "for tests and for machines without Docker. Stop with Ctrl-C.",
-    )
-    parser.add_argument("--model-dir", required=True, help="BASE/NAME with numbered versions, or one SavedModel")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="name clients use (default: mdgru)")
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (default: 8500)")
-    parser.add_argument("--rest-port", type=int, default=0, help="also serve REST on this port (0: no REST)")
-    args = parser.parse_args(argv)
-
-    servable = Servable(args.model_dir, args.model_name)
-    grpc_server = GrpcServer(servable=servable, host=args.host, port=args.port).start()
-    rest_server = None
-    if args.rest_port:
-        from serving.rest_server import RestServer
-
-        rest_server = RestServer(servable=servable, host=args.host, port=args.rest_port).start()
-    print(
-        f"serving {args.model_name!r} version {servable.version} from {servable.version_dir}: "
-        f"gRPC on {grpc_server.address}" + (f", REST on http://{rest_server.address}" if rest_server else ""),
-        flush=True,
-    )
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    try:
-        stopped.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if rest_server is not None:
-            rest_server.stop()
-        grpc_server.stop()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """One SavedModel version loaded for serving: what the in-process gRPC and REST servers share.
 
 :class:`Servable` checks requests against the model's own SignatureDefs (input names, dtypes, ranks and
-fixed dimensions), runs the signature, and turns every failure into a :class:`serving.ServingError` with a
+fixed dimensions), runs the signature, and turns every failure into a :class:`mdgru_keras.serving.ServingError` with a
 gRPC status name, as TF Serving does: bad inputs and the model's own ``tf.debugging`` asserts
 (``InvalidArgumentError``) are ``INVALID_ARGUMENT``, an unknown signature ``FAILED_PRECONDITION``, an unknown
 model or version ``NOT_FOUND``. Nothing a client sends can take the server down.
@@ -19,8 +19,8 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from mdgru_keras.errors import InputError
-from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, LocalizationClient, ServingError, decode_strings, one_line
+from mdgru_keras.errors import InputError, one_line_tf_error
+from mdgru_keras.serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, LocalizationClient, ServingError, decode_strings
 
 # tf.errors codes are the gRPC status codes: index -> name.
 STATUS_NAMES = (
@@ -123,7 +123,7 @@ class Servable:
         except Exception as error:  # damaged or missing variables: TensorFlow raises many kinds (even IndexError)
             message = error.message if isinstance(error, tf.errors.OpError) else str(error)
             raise InputError(
-                self.version_dir, f"cannot load the SavedModel ({type(error).__name__}: {one_line(message)})"
+                self.version_dir, f"cannot load the SavedModel ({type(error).__name__}: {one_line_tf_error(message)})"
             ) from None
         self.functions = {name: self.model.signatures[name] for name in self.signature_defs}
         # Requests answered per signature (and "error"), for monitoring and tests.
@@ -218,7 +218,7 @@ class Servable:
 
 
 class LocalLocalizationClient(LocalizationClient):
-    """The :class:`serving.LocalizationClient` interface on a SavedModel loaded in this process (no server).
+    """The :class:`mdgru_keras.serving.LocalizationClient` interface on a SavedModel loaded in this process (no server).
 
     ``predict --model`` uses it: the same requests, checks and ``ServingError`` codes as through a server.
     """

@@ -40,7 +40,13 @@ from mdgru_keras import geometry
 from mdgru_keras.config import Config, ConfigError, config_from_dict
 from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.localizer import TwoStageLocalizer
-from serving import COARSE_SIGNATURE, DECODINGS_SIGNATURE, DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, INT16_SIGNATURE
+from mdgru_keras.serving import (
+    COARSE_SIGNATURE,
+    DECODINGS_SIGNATURE,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_SIGNATURE,
+    INT16_SIGNATURE,
+)
 
 MODEL_INFO_FILE = "model_info.json"
 RUN_CONFIG_FILE = "config.json"

@@ -11,6 +11,9 @@ does). JSON values are converted to each input's dtype from the signature; a val
 fraction for an int16 input, a string for a float input, ragged lists) is a 400. Errors are
 ``{"error": "message"}`` with the HTTP status TF Serving uses for the gRPC code (400 for INVALID_ARGUMENT).
 Row format (``"instances"``) is not implemented: the contract's signatures take one unbatched scan.
+
+Like :mod:`mdgru_keras.serving.grpc_server` it is a development server on loopback only (production: the
+official TensorFlow Serving image, see ``serving/README.md``); ``mdgru-localize serve`` runs both.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, HTTP_STATUS_BY_CODE, ServingError
-from serving.grpc_server import check_loopback, signature_def_map
-from serving.servable import Servable, dtype_name
+from mdgru_keras.serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, HTTP_STATUS_BY_CODE, ServingError
+from mdgru_keras.serving.servable import Servable, dtype_name
+from mdgru_keras.serving.server_common import check_loopback, signature_def_map
 
 MAX_BODY_BYTES = 2 * 1024**3  # a 256^3 volume as JSON text is ~0.2-0.4 GB
 

@@ -1,4 +1,4 @@
-"""The coarse and the fine stage as :class:`train.trainer.StageSetup`, and :func:`train_stage`.
+"""The coarse and the fine stage as :class:`mdgru_keras.training.trainer.StageSetup`, and :func:`train_stage`.
 
 Data come from the prepared dataset through :func:`mdgru_keras.data.pipeline.make_dataset` (the same crops
 inference sees), models from :mod:`mdgru_keras.networks`, and the validation error is measured through the
@@ -22,7 +22,7 @@ import tensorflow as tf
 from mdgru_keras import geometry
 from mdgru_keras.config import Config, with_landmarks
 from mdgru_keras.errors import InputError
-from train.trainer import StageSetup, Trainer, TrainResult
+from mdgru_keras.training.trainer import StageSetup, Trainer, TrainResult
 
 STAGES = ("coarse", "fine")
 TRAIN_SPLIT = "train"
@@ -241,11 +241,11 @@ def train_stage(
 ) -> TrainResult:
     """Train ``stage`` (``coarse`` or ``fine``) of ``config`` on a prepared dataset into ``run_dir``.
 
-    See :class:`train.trainer.Trainer` for what the run directory holds. ``deterministic`` turns on
+    See :class:`mdgru_keras.training.trainer.Trainer` for what the run directory holds. ``deterministic`` turns on
     TensorFlow's op determinism, so that a run repeats exactly on the same machine (for a given seed).
     ``landmarks`` replaces the config's landmark list (``("all",)``: every landmark of the dataset).
     """
-    from train.strategy import make_strategy
+    from mdgru_keras.training.strategy import make_strategy
 
     config = resolve_config(config, epochs, max_seconds, landmarks, dataset_dir)
     # The strategy first: a multi-worker strategy must exist before other TensorFlow work starts.

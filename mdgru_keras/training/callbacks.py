@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from train.checkpoints import atomic_write_text
+from mdgru_keras.training.checkpoints import atomic_write_text
 
 STEP_FIELDS = ("step", "epoch", "loss")
 EPOCH_FIELDS = (

@@ -1,10 +1,14 @@
-"""REST client for TF Serving's HTTP API (``tensorflow_model_server --rest_api_port`` or :mod:`serving.rest_server`).
+"""REST client for TF Serving's HTTP API.
 
-Same API and results as :class:`serving.grpc_client.GrpcLocalizationClient` (within float printing
+Servers: ``tensorflow_model_server --rest_api_port``, or :mod:`mdgru_keras.serving.rest_server`
+(``mdgru-localize serve``).
+
+Same API and results as :class:`mdgru_keras.serving.grpc_client.GrpcLocalizationClient` (within float printing
 precision), over ``POST /v1/models/NAME:predict`` with the columnar JSON format. Output dtypes come from the
 model's metadata (``GET /v1/models/NAME/metadata``, fetched once). A server that cannot be reached (or answers
-503) is retried up to ``max_attempts`` times with exponential backoff; errors are :class:`serving.ServingError`
-with the gRPC code name that matches the HTTP status (400 -> ``INVALID_ARGUMENT``).
+503) is retried up to ``max_attempts`` times with exponential backoff; errors are
+:class:`mdgru_keras.serving.ServingError` with the gRPC code name that matches the HTTP status
+(400 -> ``INVALID_ARGUMENT``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from serving import (
+from mdgru_keras.serving import (
     CODE_BY_HTTP_STATUS,
     DEFAULT_MODEL_NAME,
     DEFAULT_SIGNATURE,
@@ -81,7 +85,7 @@ def _shape(info: dict[str, Any]) -> tuple[int, ...] | None:
 class RestLocalizationClient(LocalizationClient):
     """Talks to ``server`` (``http://HOST:PORT``, TF Serving's REST port, 8501 by default).
 
-    Args: as :class:`serving.grpc_client.GrpcLocalizationClient` (``timeout_s`` per HTTP request).
+    Args: as :class:`mdgru_keras.serving.grpc_client.GrpcLocalizationClient` (``timeout_s`` per HTTP request).
     """
 
     def __init__(
