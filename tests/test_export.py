@@ -273,6 +273,7 @@ def test_saved_model_cli_lists_the_signatures_with_dtypes_and_shapes(base_dir: P
         "coarse_world_mm": ("DT_DOUBLE", f"({k}, 3)"),
         "coarse_voxel": ("DT_DOUBLE", f"({k}, 3)"),
         "confidence": ("DT_FLOAT", f"({k})"),
+        "flip_disagreement_mm": ("DT_DOUBLE", f"({k})"),
     }
     for name in ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola"):
         full[f"{name}_world_mm"] = full[f"{name}_voxel"] = ("DT_DOUBLE", f"({k}, 3)")

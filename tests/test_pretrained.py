@@ -18,10 +18,11 @@ from mdgru_keras import pretrained
 from mdgru_keras.errors import InputError
 
 SHIPPED = pretrained.is_installed(pretrained.DEFAULT_MODEL)
-# Mean error bound over the 32 AFIDs on the moved template: measured 4.42 mm mean for the model
-# installed on 2026-12-01 (docs/MODEL_CARD.md); the bound leaves room for numerical differences between machines
-# and catches a model that lost its fine stage (the coarse stage's validation error: 9.3 mm).
-MEAN_ERROR_BOUND_MM = 5.5
+# Mean error bound over the 32 AFIDs on the moved template: measured 3.00 mm mean (1.83 median) for the model
+# exported on 2026-12-01 with flip averaging and two averaged fine passes (docs/MODEL_CARD.md); the bound leaves
+# room for numerical differences between machines and catches a model that lost its ensemble (one plain pass:
+# 4.42 mm) or its fine stage (the coarse stage's validation error: 9.3 mm).
+MEAN_ERROR_BOUND_MM = 4.0
 
 
 def _pypi_reachable() -> bool:
@@ -99,9 +100,12 @@ def test_shipped_model_localizes_the_32_afids_on_a_moved_template(tmp_path):
     assert len(names) == 32
     moved = moved_copy(demo.t1w, np.stack([truth[n] for n in names]), tmp_path / "moved_T1w.nii.gz")
     client = LocalLocalizationClient(pretrained.pretrained_model_dir())
-    prediction = predict_scan(client, tmp_path / "moved_T1w.nii.gz").world_mm_by_name()
+    scan = predict_scan(client, tmp_path / "moved_T1w.nii.gz")
+    prediction = scan.world_mm_by_name()
     errors = np.array([np.linalg.norm(prediction[name] - moved[k]) for k, name in enumerate(names)])
     print("errors (mm):", " ".join(f"{n} {e:.1f}" for n, e in zip(names, errors)))
     print(f"mean {errors.mean():.2f} mm, median {np.median(errors):.2f} mm, max {errors.max():.2f} mm")
     assert errors.mean() < MEAN_ERROR_BOUND_MM
     assert np.median(errors) < MEAN_ERROR_BOUND_MM
+    # exported with flip averaging (train/model_afids.py): the mirror-image estimates differ, by millimetres
+    assert 0.0 < np.median(scan.flip_disagreement_mm) < MEAN_ERROR_BOUND_MM
