@@ -228,6 +228,21 @@ def test_a_broken_file_does_not_stop_the_others(
             np.testing.assert_array_equal(world_mm, expected[str(scan)][landmark]["world_mm"])
 
 
+def test_debug_shows_the_traceback_of_each_failed_scan(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.nii.gz"
+    images = [str(scans["oblique"]), str(missing)]
+    plain = run(*images, "--model", str(model_base))
+    assert plain.exit_code == 1 and "Traceback" not in plain.stderr
+    for result in (CliRunner().invoke(cli, ["--debug", "predict", *images, "--model", str(model_base)]),
+                   CliRunner().invoke(cli, ["predict", *images, "--model", str(model_base)], env={"MDGRU_DEBUG": "1"})):
+        assert result.exit_code == 1  # as without --debug: the scan is skipped, the other written
+        stderr = result.stderr
+        assert "Traceback (most recent call last):" in stderr
+        assert f"mdgru_keras.errors.InputError: {missing}: no such file" in stderr
+        assert stderr.index("Traceback") < stderr.index(f"error: {missing}: no such file")
+        assert json.loads(result.stdout)["scans"][0]["file"] == str(scans["oblique"])
+
+
 def test_scans_too_small_for_the_model_are_refused(
     model_base: Path, servers: tuple[str, str], scans: dict, tmp_path: Path
 ) -> None:

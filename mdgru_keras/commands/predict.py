@@ -91,8 +91,8 @@ def predict(
     TensorFlow Serving (--server). Coordinates are reported in RAS
     millimetres (world_mm, as 3D Slicer shows them) and as voxel indices of each file's own array (voxel,
     0-based). A scan that cannot be read, that is smaller than 2 voxels along an axis, or that
-    the model refuses is reported on one line (error: SCAN: problem) and skipped; the others are still written, and
-    the exit status is 1.
+    the model refuses is reported on one line (error: SCAN: problem; with mdgru-localize --debug after its
+    traceback) and skipped; the others are still written, and the exit status is 1.
 
     Every landmark has a confidence in [0, 1] and a status (JSON: "status", CSV: column status): ok, or
     outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost)
@@ -148,8 +148,10 @@ def predict(
             try:
                 prediction = predict_scan(client, image)
             except InputError as error:
+                _show_traceback(error, progress)
                 failed.append((str(image), str(error).removeprefix(f"{image}: ")))
             except ServingError as error:
+                _show_traceback(error, progress)
                 failed.append((str(image), str(error)))
                 if error.code in FATAL_CODES:
                     raise click.ClickException(f"{image}: {error} (stopped: the rest would fail alike)") from None
@@ -166,6 +168,7 @@ def predict(
                     try:
                         write_prediction_figure(prediction, figure_paths[index])
                     except (InputError, ValueError, OSError) as error:
+                        _show_traceback(error, progress)
                         failed.append((str(image), f"figure: {error}"))
             if failed and failed[-1][0] == str(image):
                 progress.write(f"error: {image}: {failed[-1][1]}", file=sys.stderr)
@@ -189,6 +192,16 @@ def predict(
     click.echo(f"Wrote {written} ({summary})", err=out is None)
     if failed_files:
         sys.exit(1)
+
+
+def _show_traceback(error: BaseException, progress) -> None:
+    """With ``mdgru-localize --debug``: the traceback of a scan's failure, which is otherwise one line."""
+    from mdgru_keras.cli import debug_enabled
+
+    if debug_enabled():
+        import traceback
+
+        progress.write("".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
 
 
 def _open_client(
