@@ -197,10 +197,19 @@ def test_landmark_subset_and_unknown_names(local_json: dict, scans: dict, server
     landmarks = landmarks_by_file(json.loads(subset.stdout))[str(scans["oblique"])]
     assert list(landmarks) == ["B"]
     assert landmarks["B"] == landmarks_by_file(local_json)[str(scans["oblique"])]["B"]
+    every = run(str(scans["oblique"]), "--server", servers[0], "--landmarks", "all")
+    assert every.exit_code == 0, every.output
+    assert landmarks_by_file(json.loads(every.stdout)) == {str(scans["oblique"]): landmarks_by_file(local_json)[
+        str(scans["oblique"])]}  # fmt: skip
     for source in (["--server", servers[0]], ["--model", str(model_base)]):
-        unknown = run(str(scans["oblique"]), *source, "--landmarks", "B,PMJ")
-        assert unknown.exit_code == 2
-        assert "unknown landmark PMJ; the model knows 2: A, B" in unknown.output
+        for names in ("B,PMJ", "b,PMJ"):  # case-sensitive: b is not B
+            unknown = run(str(scans["oblique"]), *source, "--landmarks", names)
+            assert unknown.exit_code == 2
+            bad = "PMJ" if names == "B,PMJ" else "b, PMJ"
+            assert unknown.stderr.strip().splitlines()[-1] == (
+                f"Error: Invalid value for '--landmarks': unknown landmark{'s' if ',' in bad else ''} {bad}; "
+                "the model knows 2: A, B"
+            )
 
 
 def test_a_broken_file_does_not_stop_the_others(

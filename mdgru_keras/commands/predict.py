@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks
+
 FORMATS = ("json", "csv", "fcsv")
 # As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
 # its MIN_SCAN_VOXELS. tests/test_predict.py checks that they agree.
@@ -37,8 +39,10 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
 )
 @click.option(
     "--landmarks",
+    type=LANDMARK_LIST,
     default=None,
-    help="Comma-separated landmark names to report (default: all the model knows), e.g. --landmarks AC,PC.",
+    help="Comma-separated landmark names to report, e.g. --landmarks AC,PC, or 'all' (the default): every "
+    "landmark the model knows (the shipped model: the 32 AFIDs).",
 )
 @click.option(
     "--format",
@@ -77,7 +81,7 @@ def predict(
     server: str | None,
     model_name: str,
     timeout_s: float,
-    landmarks: str | None,
+    landmarks: tuple[str, ...] | None,
     fmt: str,
     out: Path | None,
     min_confidence: float,
@@ -122,9 +126,7 @@ def predict(
         raise click.UsageError("--format fcsv writes files: give --out (a .fcsv file, or a directory for many scans)")
     if fmt == "fcsv" and len(images) > 1 and out.suffix.lower() == ".fcsv":
         raise click.UsageError(f"--out {out}: with {len(images)} scans, --out must be a directory (one .fcsv per scan)")
-    requested = [name.strip() for name in landmarks.split(",") if name.strip()] if landmarks else None
-    if landmarks is not None and not requested:
-        raise click.UsageError("--landmarks: no names given")
+    requested = None if landmarks in (None, ALL_LANDMARKS) else landmarks
 
     from tqdm import tqdm
 
@@ -134,7 +136,6 @@ def predict(
         predict_scan,
         predictions_csv,
         predictions_json,
-        unknown_landmarks,
         write_prediction_figure,
     )
     from serving import ServingError
@@ -157,9 +158,7 @@ def predict(
                     raise click.ClickException(f"{image}: {error} (stopped: the rest would fail alike)") from None
             else:
                 if requested is not None:
-                    if problem := unknown_landmarks(requested, prediction.landmark_names):
-                        raise click.UsageError(f"--landmarks: {problem}")
-                    prediction = prediction.select(requested)
+                    prediction = prediction.select(select_landmarks(requested, prediction.landmark_names))
                 predictions.append(prediction)
                 done.append(index)
                 if warning := prediction.warning(min_confidence):
@@ -205,19 +204,17 @@ def _show_traceback(error: BaseException, progress) -> None:
 
 
 def _open_client(
-    model_dir: Path | None, server: str | None, model_name: str, timeout_s: float, requested: list[str] | None
+    model_dir: Path | None, server: str | None, model_name: str, timeout_s: float, requested: tuple[str, ...] | None
 ):
     """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
     ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
-    from mdgru_keras.prediction import unknown_landmarks
-
     if model_dir is not None:
         from serving.export import read_model_info
         from serving.servable import LocalLocalizationClient, resolve_version_dir
 
         known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
-        if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
-            raise click.UsageError(f"--landmarks: {problem}")
+        if requested is not None and known is not None:
+            select_landmarks(requested, known)
         return LocalLocalizationClient(model_dir)
     from serving import connect
 
