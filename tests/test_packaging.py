@@ -54,6 +54,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_the_presets_and_the_pretrained_model_files(wheel: Path) -> None:
     assert PRESETS == ["afids.yaml", "cpu.yaml", "paper.yaml", "tiny.yaml"]
     with zipfile.ZipFile(wheel) as archive:
@@ -66,6 +67,7 @@ def test_the_wheel_holds_the_presets_and_the_pretrained_model_files(wheel: Path)
     assert "mdgru_keras/cli.py" in names and "serving/export.py" in names and "train/stages.py" in names
 
 
+@pytest.mark.slow
 def test_presets_load_from_an_installed_copy(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     _pip("install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel), cwd=tmp_path)
