@@ -47,6 +47,12 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=25 tests
 
+# The quick subset: every test but those marked slow (training, SavedModel exports, subprocess pipelines, the
+# demo; see pyproject.toml), under 5 min on 2 cores. CI runs `make test`.
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow" tests
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

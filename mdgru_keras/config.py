@@ -136,13 +136,23 @@ def _to_plain(value: typing.Any) -> typing.Any:
     return value
 
 
+def landmark_list_problem(names: typing.Sequence[str]) -> str | None:
+    """What is wrong with a list of landmark names (a config's ``landmarks``, a ``--landmarks`` option), or None."""
+    if not names:
+        return "at least one landmark name is needed"
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return f"{name} is given twice (names must be unique)"
+        seen.add(name)
+    return None
+
+
 def _check_consistency(config: Config) -> None:
     problems = []
     coarse, fine = config.coarse, config.fine
-    if not config.landmarks:
-        problems.append("landmarks: at least one landmark name is needed")
-    if len(set(config.landmarks)) != len(config.landmarks):
-        problems.append("landmarks: names must be unique")
+    if problem := landmark_list_problem(config.landmarks):
+        problems.append(f"landmarks: {problem}")
     if config.superresolution < 1:
         problems.append("superresolution: must be >= 1")
     if config.spacing_mm <= 0:

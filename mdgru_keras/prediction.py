@@ -247,14 +247,15 @@ def predict_scan(client: LocalizationClient, path: str | Path) -> ScanPrediction
     return ScanPrediction.from_outputs(path, client.localize(volume, voxel_to_world), shape=volume.shape)
 
 
-def unknown_landmarks(requested: Iterable[str], known: Sequence[str]) -> str | None:
-    """A one-line message naming unknown landmark names and listing the known ones, or None if all are known."""
+def unknown_landmarks(requested: Iterable[str], known: Sequence[str], owner: str = "the model") -> str | None:
+    """A one-line message naming unknown landmark names and listing the ones ``owner`` knows, or None if all are
+    known. Names are case-sensitive."""
     unknown = [name for name in requested if name not in known]
     if not unknown:
         return None
     return (
         f"unknown landmark{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-        f"the model knows {len(known)}: {', '.join(known)}"
+        f"{owner} knows {len(known)}: {', '.join(known)}"
     )
 
 

@@ -129,6 +129,7 @@ def _train_args(config: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_model_and_damaged_checkpoint_falls_back(tmp_path, population):
     # 8 subjects x 4 samples / batch 4 = 8 steps per epoch, 2 epochs; checkpoints every 3 steps and per epoch.
     config = write_config(tmp_path / "tiny.yaml", samples_per_subject=4, batch_size=4, epochs=2,

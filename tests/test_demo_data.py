@@ -114,6 +114,7 @@ def _pypi_reachable() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _pypi_reachable(), reason="PyPI (pypi.org:443) is unreachable: the real download is not tested")
 def test_real_download_extracts_the_afids_template(tmp_path: Path) -> None:
     out = tmp_path / "demo"

@@ -20,6 +20,8 @@ from mdgru_keras.evaluation import read_json
 from mdgru_keras.io.landmarks import read_landmarks, write_landmarks
 from mdgru_keras.io.nifti import write_volume
 
+pytestmark = pytest.mark.slow  # runs `make demo` (training, export, evaluation) in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (36, 36, 36)
 LANDMARK_VOXEL = np.array([17.3, 18.6, 16.8])

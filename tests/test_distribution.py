@@ -15,6 +15,8 @@ from training_helpers import cli_command, cli_env, run_cli, write_config, write_
 
 from mdgru_keras.training.callbacks import read_csv
 
+pytestmark = pytest.mark.slow  # trains under two strategies, one of them over two worker processes
+
 STEPS = 4  # 8 subjects / global batch 4 = 2 steps per epoch, 2 epochs
 
 

@@ -5,6 +5,9 @@ file the user asked for, not their temporary file. (``predict``'s own cases are 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -18,8 +21,8 @@ from mdgru_keras.errors import InputError, describe_failure, one_line
 from mdgru_keras.io import write_text_atomic
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args))
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env)
 
 
 def assert_one_error_line(result: Result, expected_start: str) -> str:
@@ -128,6 +131,57 @@ def test_a_corrupt_model_keras_is_one_line(tmp_path: Path) -> None:
 def test_usage_errors_keep_exit_status_2(tmp_path: Path) -> None:
     result = run("train", "--stage", "sideways", "--config", "tiny", "--data", str(tmp_path), "--out", str(tmp_path))
     assert result.exit_code == 2 and "Invalid value for '--stage'" in result.output
+
+
+def test_debug_shows_the_traceback_of_an_expected_failure(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    args = ["train", "--stage", "coarse", "--config", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    assert_one_error_line(run(*args), f"Error: {bad}: not valid YAML")
+    assert_one_error_line(run(*args, env={"MDGRU_DEBUG": "0"}), f"Error: {bad}: not valid YAML")
+    for result in (run("--debug", *args), run(*args, env={"MDGRU_DEBUG": "1"})):
+        assert result.exit_code == 1
+        assert isinstance(result.exception, ConfigError)  # let through: CliRunner keeps it, Python prints it
+        assert str(result.exception).startswith(f"{bad}: not valid YAML")
+        assert "Error:" not in result.output
+    # usage errors stay usage errors; --debug belongs to the group, before the command
+    result = run("--debug", "train", "--stage", "sideways", "--config", "tiny", "--data", ".", "--out", ".")
+    assert result.exit_code == 2 and "Invalid value for '--stage'" in result.output
+    assert run("train", "--debug").exit_code == 2
+
+
+def test_debug_through_the_real_command_line(tmp_path: Path) -> None:
+    """As a user runs it: one line on standard error without --debug, Python's traceback with it."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MDGRU_DEBUG", None)
+    args = ["train", "--stage", "coarse", "--config", "no-such-preset", "--data", str(tmp_path), "--out",
+            str(tmp_path / "run")]  # fmt: skip
+
+    def command_line(*extra: str, **env_changes: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mdgru_keras.cli", *extra, *args], capture_output=True,
+                              text=True, timeout=120, env={**env, **env_changes}, cwd=tmp_path)
+
+    plain = command_line()
+    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.stderr.strip().splitlines() == [
+        "Error: no-such-preset: no such config file or preset (presets: afids, cpu, paper, tiny)"
+    ]
+    for debug in (command_line("--debug"), command_line(MDGRU_DEBUG="1")):
+        assert debug.returncode == 1
+        assert debug.stderr.startswith("Traceback (most recent call last):")
+        last = debug.stderr.strip().splitlines()[-1]
+        assert last == ("mdgru_keras.config.ConfigError: no-such-preset: no such config file or preset "
+                        "(presets: afids, cpu, paper, tiny)")
+        assert not [line for line in debug.stderr.splitlines() if line.startswith("Error:")]
+
+
+def test_help_lists_the_exit_statuses() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Exit status: 0 success" in text and " 1 an expected failure" in text and " 2 a usage error" in text
+    assert "--debug" in text and "MDGRU_DEBUG" in text and "docs/ERRORS.md" in text
 
 
 # Commands that fail in given ways, to show what the boundary lets through (registered in COMMANDS below).

@@ -242,6 +242,7 @@ def known_run(model_base: Path, known_errors: dict, unet_model: Path, tmp_path_f
     return result, out
 
 
+@pytest.mark.slow
 def test_known_errors_are_reported_exactly(known_run, known_errors: dict, data: dict) -> None:
     result, out = known_run
     assert result.exit_code == 0, result.output
@@ -268,6 +269,7 @@ def test_known_errors_are_reported_exactly(known_run, known_errors: dict, data: 
     assert list(read_json(out / "evaluation.json").rows) == [*ROWS, "unet"]
 
 
+@pytest.mark.slow
 def test_every_row_matches_errors_computed_independently(
     known_run, known_errors: dict, data: dict, reference: dict
 ) -> None:
@@ -292,6 +294,7 @@ def test_every_row_matches_errors_computed_independently(
     assert max(differences) > 0.05
 
 
+@pytest.mark.slow
 def test_unet_baseline_runs_around_the_models_coarse_estimate(
     known_run, known_errors: dict, data: dict, reference: dict, unet_model: Path
 ) -> None:
@@ -311,6 +314,7 @@ def test_unet_baseline_runs_around_the_models_coarse_estimate(
             assert np.all(np.abs(expected_mm - coarse_mm) <= CONFIG.fine.window_size / 2 + 1)
 
 
+@pytest.mark.slow
 def test_figures_show_the_three_best_and_worst_cases(known_run, known_errors: dict) -> None:
     result, out = known_run
     ranked = sorted(known_errors["offsets"], key=lambda case: np.linalg.norm(known_errors["offsets"][case]))
@@ -360,6 +364,7 @@ def registration_run(model_base: Path, data: dict, tmp_path_factory: pytest.Temp
     return result, out, directory
 
 
+@pytest.mark.slow
 def test_registration_baseline_finds_the_moved_landmarks(registration_run, data: dict) -> None:
     result, out, _ = registration_run
     document = json.loads(out.read_text())
@@ -374,6 +379,7 @@ def test_registration_baseline_finds_the_moved_landmarks(registration_run, data:
         np.testing.assert_allclose(error["true_world_mm"], truths[error["subject"], error["landmark"]], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_files_are_reported_on_one_line_and_the_others_go_on(registration_run) -> None:
     result, out, directory = registration_run
     assert result.exit_code == 1
@@ -397,6 +403,7 @@ def test_bad_files_are_reported_on_one_line_and_the_others_go_on(registration_ru
     assert result.stderr.strip().splitlines()[-1].endswith(f"4 failed: {', '.join(map(str, expected.values()))})")
 
 
+@pytest.mark.slow
 def test_usage_errors_stop_before_loading_anything(model_base: Path, data: dict, tmp_path: Path) -> None:
     manifest = str(data["manifest"])
     result = run("evaluate", "--model", str(model_base), "--manifest", manifest, "--baseline", "registration")
@@ -409,6 +416,7 @@ def test_usage_errors_stop_before_loading_anything(model_base: Path, data: dict,
     assert result.exit_code == 1 and "no subject in split 'val'" in result.output
 
 
+@pytest.mark.slow
 def test_a_unet_trained_for_other_landmarks_is_refused(model_base: Path, data: dict, unet_model: Path,
                                                       tmp_path: Path) -> None:
     other = tmp_path / "unet.keras"
@@ -438,6 +446,7 @@ def n1_model_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple
     return directory / "export" / "mdgru", runs
 
 
+@pytest.mark.slow
 def test_an_n1_model_gives_the_n1_rows(model_base: Path, n1_model_base, data: dict, tmp_path: Path) -> None:
     n1_base, n1_runs = n1_model_base
     out = tmp_path / "eval.json"
@@ -474,6 +483,7 @@ def test_an_n1_model_gives_the_n1_rows(model_base: Path, n1_model_base, data: di
         assert derived["rows"][row] == document["rows"][row]
 
 
+@pytest.mark.slow
 def test_an_n1_model_with_more_classes_is_refused(model_base: Path, data: dict) -> None:
     result = run("evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]),
                  "--n1-model", str(model_base))  # fmt: skip
@@ -508,6 +518,7 @@ def test_ants_usage_errors(data: dict, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--ants-transform is used only with --baseline ants" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_ANTS, reason="antspyx (ANTsPy) is not installed: pip install 'mdgru-keras[ants]'")
 def test_ants_baseline_finds_the_moved_landmarks(model_base: Path, data: dict, tmp_path: Path) -> None:
     out = tmp_path / "evaluation.json"

@@ -153,6 +153,7 @@ def reference(localizer: TwoStageLocalizer, path: Path) -> dict[str, np.ndarray]
 # the SavedModel agrees with the in-memory localizer
 
 
+@pytest.mark.slow
 def test_reloaded_export_in_a_fresh_process_equals_the_in_memory_localizer(
     base_dir: Path, scans: dict[str, Path], localizer: TwoStageLocalizer, tmp_path: Path
 ) -> None:
@@ -184,6 +185,7 @@ def _env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
+@pytest.mark.slow
 def test_int16_signature_equals_float_signature(servable: Servable) -> None:
     model = servable.model
     shape, voxel_to_world, _ = SCANS["lps_int16"]
@@ -204,6 +206,7 @@ def test_int16_signature_equals_float_signature(servable: Servable) -> None:
     assert [name.decode() for name in coarse["landmark_names"].numpy()] == list(LANDMARKS)
 
 
+@pytest.mark.slow
 def test_decodings_signature_agrees_with_serving_default(servable: Servable) -> None:
     """The Table-1a decodings: the model's own n with parabola (tiny preset: parabola on) is serving_default's
     answer, coarse is its coarse answer; every decoding is in the given array and its world mm alike."""
@@ -222,6 +225,7 @@ def test_decodings_signature_agrees_with_serving_default(servable: Servable) -> 
         )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_oversized_scans_are_cropped_to_the_central_region_not_refused(servable: Servable) -> None:
     """A scan several times the coarse field of view: an answer inside the central (P+W)^3 region."""
     shape = (150, 40, 130)
@@ -244,6 +248,7 @@ def test_oversized_scans_are_cropped_to_the_central_region_not_refused(servable:
 # layout, signatures, model_info
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_the_signatures_with_dtypes_and_shapes(base_dir: Path) -> None:
     # The one installed next to the running interpreter (the project's .venv under `make test`).
     binary = Path(sys.executable).parent / "saved_model_cli"
@@ -292,6 +297,7 @@ def test_saved_model_cli_lists_the_signatures_with_dtypes_and_shapes(base_dir: P
         assert "tensorflow/serving/predict" in text
 
 
+@pytest.mark.slow
 def test_model_info_records_configs_landmarks_dataset_and_version(
     base_dir: Path, runs: tuple[Path, Path], servable: Servable
 ) -> None:
@@ -310,6 +316,7 @@ def test_model_info_records_configs_landmarks_dataset_and_version(
     assert Path(servable.model.model_info.asset_path.numpy().decode()).name == MODEL_INFO_FILE
 
 
+@pytest.mark.slow
 def test_versions_count_up_and_are_never_overwritten(base_dir: Path, localizer: TwoStageLocalizer) -> None:
     model_dir = base_dir / MODEL
     assert existing_versions(model_dir) == [1] and next_version(model_dir) == 2
@@ -320,6 +327,7 @@ def test_versions_count_up_and_are_never_overwritten(base_dir: Path, localizer: 
     assert next_version(base_dir / "new_model") == 1
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_nothing_behind(
     base_dir: Path, localizer: TwoStageLocalizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -371,6 +379,7 @@ def grpc_endpoint(servable: Servable):
         yield server.address, servable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_malformed_requests_are_invalid_argument(grpc_endpoint: tuple[str, Servable], case: str) -> None:
     address, servable = grpc_endpoint
@@ -387,6 +396,7 @@ def test_malformed_requests_are_invalid_argument(grpc_endpoint: tuple[str, Serva
     assert good["world_mm"].shape == (len(LANDMARKS), 3)
 
 
+@pytest.mark.slow
 def test_graph_asserts_fire_without_any_server_checks(servable: Servable) -> None:
     """The SavedModel itself refuses bad scans (what tensorflow_model_server relies on)."""
     function = servable.model.signatures["serving_default"]
@@ -397,6 +407,7 @@ def test_graph_asserts_fire_without_any_server_checks(servable: Servable) -> Non
         function(volume=tf.constant(volume), voxel_to_world=tf.constant(np.diag([1.0, 1.0, 0.0, 1.0])))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server is not on PATH")
 def test_tensorflow_model_server_serves_the_export(base_dir: Path, tmp_path: Path) -> None:
     shape, voxel_to_world, _ = SCANS["flipped_permuted"]

@@ -232,7 +232,18 @@ def test_require_landmarks_orders_and_names_missing(tmp_path: Path) -> None:
     assert list(got) == ["PC", "AC"]
     with pytest.raises(InputError) as info:
         require_landmarks(LANDMARKS, ["AC", "RP", "LP"], tmp_path / "l.fcsv")
-    assert str(info.value) == f"{tmp_path / 'l.fcsv'}: missing landmarks 'RP', 'LP'"
+    assert str(info.value) == (
+        f"{tmp_path / 'l.fcsv'}: missing landmarks 'RP', 'LP' "
+        f"(the file has 5: AC, PC, R superior LMS, lateral, Tür \"quoted\", 4)"
+    )
+    with pytest.raises(InputError) as info:  # names are case-sensitive
+        require_landmarks(LANDMARKS, ["ac"], None)
+    assert str(info.value) == (
+        "missing landmark 'ac' (the file has 5: AC, PC, R superior LMS, lateral, Tür \"quoted\", 4)"
+    )
+    with pytest.raises(InputError) as info:
+        require_landmarks({}, ["AC"], "empty.csv")
+    assert str(info.value) == "empty.csv: missing landmark 'AC' (the file has none)"
 
 
 def test_check_landmarks_inside(tmp_path: Path) -> None:

@@ -368,6 +368,7 @@ def test_keras_file_round_trip(tmp_path, rng):
     assert [w.shape for w in loaded.weights] == [w.shape for w in model.weights]
 
 
+@pytest.mark.slow
 def test_saved_model_round_trips(tmp_path, rng):
     model = small_model(rng)
     x = rng.normal(size=(1, 6, 5, 4, 2)).astype(np.float32)

@@ -14,6 +14,8 @@ from mdgru_keras.config import load_preset, with_landmarks
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.preprocessing import preprocess
 
+pytestmark = pytest.mark.slow  # builds and traces two-stage localizers (9-70 s a test on 2 cores); exports; learns
+
 # ---------------------------------------------------------------------------------------------------------
 # bookkeeping (random weights)
 

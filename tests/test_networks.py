@@ -22,6 +22,7 @@ def layer_params(model: keras.Model, kind: type | tuple[type, ...]) -> int:
 # the paper preset (built, never run: 302 M weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "landmarks"), [("coarse", 1), ("coarse", 4), ("fine", 3)])
 def test_paper_models_have_the_papers_shapes_and_parameter_counts(stage, landmarks):
     config = with_landmarks(load_preset("paper"), [f"L{i}" for i in range(landmarks)])

@@ -56,6 +56,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_the_presets_and_the_pretrained_model_files(wheel: Path) -> None:
     assert PRESETS == ["afids.yaml", "cpu.yaml", "paper.yaml", "tiny.yaml"]
     with zipfile.ZipFile(wheel) as archive:
@@ -79,6 +80,7 @@ def test_the_wheel_holds_mdgru_keras_only(wheel: Path) -> None:
         assert archive.read(f"{info}/top_level.txt").decode().split() == ["mdgru_keras"]
 
 
+@pytest.mark.slow
 def test_presets_load_from_an_installed_copy(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     _pip("install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel), cwd=tmp_path)

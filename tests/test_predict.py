@@ -131,6 +131,7 @@ def expected_status(voxel: list[float], confidence: float, shape: tuple[int, ...
     return ";".join(problems) or "ok"
 
 
+@pytest.mark.slow
 def test_local_json_reports_every_landmark_in_world_mm_and_file_voxels(local_json: dict, scans: dict) -> None:
     assert local_json["failed"] == []
     by_file = landmarks_by_file(local_json)
@@ -148,6 +149,7 @@ def test_local_json_reports_every_landmark_in_world_mm_and_file_voxels(local_jso
     assert local_json["min_confidence"] == MIN_CONFIDENCE
 
 
+@pytest.mark.slow
 def test_figures_one_png_per_scan_with_a_row_per_landmark(local_json: dict) -> None:
     figures = sorted(p.name for p in local_json["figure_dir"].iterdir())
     assert figures == ["flipped.png", "subject-2.png", "subject.png"]
@@ -155,6 +157,7 @@ def test_figures_one_png_per_scan_with_a_row_per_landmark(local_json: dict) -> N
         assert image.size == landmark_figure_size_px(len(LANDMARKS))
 
 
+@pytest.mark.slow
 def test_grpc_and_rest_servers_give_the_local_results(local_json: dict, scans: dict, servers: tuple[str, str]) -> None:
     expected = landmarks_by_file(local_json)
     for server in servers:  # "127.0.0.1:PORT" (gRPC) and "http://127.0.0.1:PORT" (REST)
@@ -165,6 +168,7 @@ def test_grpc_and_rest_servers_give_the_local_results(local_json: dict, scans: d
         assert_same_landmarks(landmarks_by_file(document), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server is not on PATH")
 def test_tensorflow_model_server_gives_the_local_results(
     local_json: dict, scans: dict, model_base: Path, tmp_path: Path
@@ -176,6 +180,7 @@ def test_tensorflow_model_server_gives_the_local_results(
             assert_same_landmarks(landmarks_by_file(json.loads(result.stdout)), landmarks_by_file(local_json), 1e-6)
 
 
+@pytest.mark.slow
 def test_csv_has_one_row_per_scan_and_landmark(local_json: dict, scans: dict, servers: tuple[str, str]) -> None:
     result = run(*map(str, scans.values()), "--server", servers[0], "--format", "csv")
     assert result.exit_code == 0, result.output
@@ -191,18 +196,29 @@ def test_csv_has_one_row_per_scan_and_landmark(local_json: dict, scans: dict, se
         assert row["status"] == values["status"]
 
 
+@pytest.mark.slow
 def test_landmark_subset_and_unknown_names(local_json: dict, scans: dict, servers: tuple[str, str], model_base: Path):
     subset = run(str(scans["oblique"]), "--server", servers[0], "--landmarks", "B")
     assert subset.exit_code == 0, subset.output
     landmarks = landmarks_by_file(json.loads(subset.stdout))[str(scans["oblique"])]
     assert list(landmarks) == ["B"]
     assert landmarks["B"] == landmarks_by_file(local_json)[str(scans["oblique"])]["B"]
+    every = run(str(scans["oblique"]), "--server", servers[0], "--landmarks", "all")
+    assert every.exit_code == 0, every.output
+    assert landmarks_by_file(json.loads(every.stdout)) == {str(scans["oblique"]): landmarks_by_file(local_json)[
+        str(scans["oblique"])]}  # fmt: skip
     for source in (["--server", servers[0]], ["--model", str(model_base)]):
-        unknown = run(str(scans["oblique"]), *source, "--landmarks", "B,PMJ")
-        assert unknown.exit_code == 2
-        assert "unknown landmark PMJ; the model knows 2: A, B" in unknown.output
+        for names in ("B,PMJ", "b,PMJ"):  # case-sensitive: b is not B
+            unknown = run(str(scans["oblique"]), *source, "--landmarks", names)
+            assert unknown.exit_code == 2
+            bad = "PMJ" if names == "B,PMJ" else "b, PMJ"
+            assert unknown.stderr.strip().splitlines()[-1] == (
+                f"Error: Invalid value for '--landmarks': unknown landmark{'s' if ',' in bad else ''} {bad}; "
+                "the model knows 2: A, B"
+            )
 
 
+@pytest.mark.slow
 def test_a_broken_file_does_not_stop_the_others(
     model_base: Path, scans: dict, broken: Path, local_json: dict, tmp_path: Path
 ) -> None:
@@ -228,6 +244,23 @@ def test_a_broken_file_does_not_stop_the_others(
             np.testing.assert_array_equal(world_mm, expected[str(scan)][landmark]["world_mm"])
 
 
+@pytest.mark.slow
+def test_debug_shows_the_traceback_of_each_failed_scan(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.nii.gz"
+    images = [str(scans["oblique"]), str(missing)]
+    plain = run(*images, "--model", str(model_base))
+    assert plain.exit_code == 1 and "Traceback" not in plain.stderr
+    for result in (CliRunner().invoke(cli, ["--debug", "predict", *images, "--model", str(model_base)]),
+                   CliRunner().invoke(cli, ["predict", *images, "--model", str(model_base)], env={"MDGRU_DEBUG": "1"})):
+        assert result.exit_code == 1  # as without --debug: the scan is skipped, the other written
+        stderr = result.stderr
+        assert "Traceback (most recent call last):" in stderr
+        assert f"mdgru_keras.errors.InputError: {missing}: no such file" in stderr
+        assert stderr.index("Traceback") < stderr.index(f"error: {missing}: no such file")
+        assert json.loads(result.stdout)["scans"][0]["file"] == str(scans["oblique"])
+
+
+@pytest.mark.slow
 def test_scans_too_small_for_the_model_are_refused(
     model_base: Path, servers: tuple[str, str], scans: dict, tmp_path: Path
 ) -> None:
@@ -255,6 +288,7 @@ def test_scans_too_small_for_the_model_are_refused(
         assert [scan["file"] for scan in document["scans"]] == [str(tiny_but_enough)]
 
 
+@pytest.mark.slow
 def test_landmarks_are_flagged_by_position_and_confidence(model_base: Path, scans: dict, local_json: dict):
     images = [str(path) for path in scans.values()]
     for min_confidence in (0.0, 1.0):
@@ -332,6 +366,7 @@ def test_the_help_states_the_library_thresholds() -> None:
     assert f"[default: {MIN_CONFIDENCE:g};" in help_text
 
 
+@pytest.mark.slow
 def test_usage_errors(scans: dict, model_base: Path, tmp_path: Path) -> None:
     both = run(str(scans["oblique"]), "--model", str(model_base), "--server", "127.0.0.1:1")
     assert both.exit_code == 2 and "at most one of --model" in both.output
@@ -351,6 +386,7 @@ def last_error_line(result: Result) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_an_unwritable_out_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
     # (a read-only folder would not stop root, who may run the tests: a regular file where a folder should be)
     regular = tmp_path / "regular"
@@ -365,6 +401,7 @@ def test_an_unwritable_out_is_one_line(model_base: Path, scans: dict, tmp_path: 
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_corrupt_saved_model_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
     pb_damaged = tmp_path / "pb" / "1"
     shutil.copytree(model_base / "1", pb_damaged)

@@ -298,6 +298,11 @@ def test_prepare_command(tmp_path, prepare_dataset):
     result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds2"), "--landmarks", "Z"])
     assert result.exit_code == 1
     error_line = result.stderr.strip().splitlines()[-1]
-    assert error_line.startswith("Error: ") and ".fcsv: missing landmark 'Z'" in error_line
+    assert error_line.startswith("Error: ") and ".fcsv: missing landmark 'Z' (the file has " in error_line
     assert not (tmp_path / "ds2").exists()
+    result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds3"), "--landmarks", "all",
+                                  "--val-fraction", "0.34", "--test-fraction", "0", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    every = json.loads((tmp_path / "ds3" / "dataset.json").read_text())["landmarks"]
+    assert len(every) > 1 and every[0] == "A" and f"(the file has {len(every)}: {', '.join(every)})" in error_line
     assert "manifest" in runner.invoke(main, ["prepare", "--help"]).output.lower()

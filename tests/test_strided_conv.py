@@ -327,6 +327,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_gradients_under_mirrored_strategy_match_one_device():
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED], env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -51,6 +51,7 @@ def runs(population, config, tmp_path_factory) -> dict[str, tuple[Path, object]]
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["coarse", "fine"])
 def test_both_stages_learn_and_the_run_directory_is_complete(runs, config, population, stage):
     run_dir, result = runs[stage]
@@ -95,6 +96,7 @@ def test_both_stages_learn_and_the_run_directory_is_complete(runs, config, popul
     assert float(np.mean(np.concatenate(losses))) == pytest.approx(last["val_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_time_budget_stops_the_run_and_resume_continues(population, config, tmp_path):
     run_dir = tmp_path / "budget"
     common = ["--stage", "fine", "--config", str(config), "--landmarks", "all", "--data", str(population),
@@ -119,6 +121,7 @@ def test_time_budget_stops_the_run_and_resume_continues(population, config, tmp_
 # one-line errors before any work
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(runs, config, population, tmp_path):
     run_dir = runs["coarse"][0]
     before = (run_dir / "log.csv").read_text()
@@ -183,6 +186,7 @@ def test_cosine_schedule_runs_from_the_rate_down_to_its_final_fraction():
     assert scheduled_learning_rate(constant, 0.9) == constant.learning_rate
 
 
+@pytest.mark.slow
 def test_cosine_schedule_reaches_the_floor_at_the_last_epoch(population, tmp_path):
     config = write_config(tmp_path / "cosine.yaml", samples_per_subject=4, lr_schedule="cosine",
                           learning_rate=0.004, final_lr_fraction=0.25)

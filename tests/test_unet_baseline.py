@@ -175,6 +175,7 @@ def trained():
     return model, config, summary
 
 
+@pytest.mark.slow
 def test_trained_unet_localizes_held_out_subjects(trained):
     model, config, summary = trained
     assert 10 < summary.steps <= MAX_STEPS
@@ -195,6 +196,7 @@ def test_trained_unet_localizes_held_out_subjects(trained):
     assert errors.mean(axis=0).max() < 2.0  # both landmarks (both output channels) learned, not just one
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_gives_the_same_output(trained, tmp_path):
     model, config, _ = trained
     path = tmp_path / "unet.keras"
@@ -235,6 +237,7 @@ def test_unet_saved_with_keras_conv3d_transpose_loads_with_the_same_output(tmp_p
     np.testing.assert_allclose(loaded(inputs).numpy(), old(inputs).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_localizer_refuses_mismatched_inputs(trained):
     model, config, _ = trained
     localizer = UNetLocalizer(model, config)
@@ -250,6 +253,7 @@ def test_localizer_refuses_mismatched_inputs(trained):
 # fit_unet on a prepared dataset, through the fine pipeline
 
 
+@pytest.mark.slow
 def test_fit_unet_trains_on_the_fine_pipeline_and_writes_model_and_summary(tmp_path):
     config = with_landmarks(load_preset("tiny"), ["A", "B"])
     rng = np.random.default_rng(3)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks
+
 FORMATS = ("json", "csv", "fcsv")
 # As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
 # its MIN_SCAN_VOXELS. tests/test_predict.py checks that they agree.
@@ -37,8 +39,10 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
 )
 @click.option(
     "--landmarks",
+    type=LANDMARK_LIST,
     default=None,
-    help="Comma-separated landmark names to report (default: all the model knows), e.g. --landmarks AC,PC.",
+    help="Comma-separated landmark names to report, e.g. --landmarks AC,PC, or 'all' (the default): every "
+    "landmark the model knows (the shipped model: the 32 AFIDs).",
 )
 @click.option(
     "--format",
@@ -77,7 +81,7 @@ def predict(
     server: str | None,
     model_name: str,
     timeout_s: float,
-    landmarks: str | None,
+    landmarks: tuple[str, ...] | None,
     fmt: str,
     out: Path | None,
     min_confidence: float,
@@ -91,8 +95,8 @@ def predict(
     TensorFlow Serving (--server). Coordinates are reported in RAS
     millimetres (world_mm, as 3D Slicer shows them) and as voxel indices of each file's own array (voxel,
     0-based). A scan that cannot be read, that is smaller than 2 voxels along an axis, or that
-    the model refuses is reported on one line (error: SCAN: problem) and skipped; the others are still written, and
-    the exit status is 1.
+    the model refuses is reported on one line (error: SCAN: problem; with mdgru-localize --debug after its
+    traceback) and skipped; the others are still written, and the exit status is 1.
 
     Every landmark has a confidence in [0, 1] and a status (JSON: "status", CSV: column status): ok, or
     outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost)
@@ -122,9 +126,7 @@ def predict(
         raise click.UsageError("--format fcsv writes files: give --out (a .fcsv file, or a directory for many scans)")
     if fmt == "fcsv" and len(images) > 1 and out.suffix.lower() == ".fcsv":
         raise click.UsageError(f"--out {out}: with {len(images)} scans, --out must be a directory (one .fcsv per scan)")
-    requested = [name.strip() for name in landmarks.split(",") if name.strip()] if landmarks else None
-    if landmarks is not None and not requested:
-        raise click.UsageError("--landmarks: no names given")
+    requested = None if landmarks in (None, ALL_LANDMARKS) else landmarks
 
     from tqdm import tqdm
 
@@ -134,7 +136,6 @@ def predict(
         predict_scan,
         predictions_csv,
         predictions_json,
-        unknown_landmarks,
         write_prediction_figure,
     )
     from mdgru_keras.serving import ServingError
@@ -148,16 +149,16 @@ def predict(
             try:
                 prediction = predict_scan(client, image)
             except InputError as error:
+                _show_traceback(error, progress)
                 failed.append((str(image), str(error).removeprefix(f"{image}: ")))
             except ServingError as error:
+                _show_traceback(error, progress)
                 failed.append((str(image), str(error)))
                 if error.code in FATAL_CODES:
                     raise click.ClickException(f"{image}: {error} (stopped: the rest would fail alike)") from None
             else:
                 if requested is not None:
-                    if problem := unknown_landmarks(requested, prediction.landmark_names):
-                        raise click.UsageError(f"--landmarks: {problem}")
-                    prediction = prediction.select(requested)
+                    prediction = prediction.select(select_landmarks(requested, prediction.landmark_names))
                 predictions.append(prediction)
                 done.append(index)
                 if warning := prediction.warning(min_confidence):
@@ -166,6 +167,7 @@ def predict(
                     try:
                         write_prediction_figure(prediction, figure_paths[index])
                     except (InputError, ValueError, OSError) as error:
+                        _show_traceback(error, progress)
                         failed.append((str(image), f"figure: {error}"))
             if failed and failed[-1][0] == str(image):
                 progress.write(f"error: {image}: {failed[-1][1]}", file=sys.stderr)
@@ -191,20 +193,28 @@ def predict(
         sys.exit(1)
 
 
+def _show_traceback(error: BaseException, progress) -> None:
+    """With ``mdgru-localize --debug``: the traceback of a scan's failure, which is otherwise one line."""
+    from mdgru_keras.cli import debug_enabled
+
+    if debug_enabled():
+        import traceback
+
+        progress.write("".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
+
+
 def _open_client(
-    model_dir: Path | None, server: str | None, model_name: str, timeout_s: float, requested: list[str] | None
+    model_dir: Path | None, server: str | None, model_name: str, timeout_s: float, requested: tuple[str, ...] | None
 ):
     """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
     ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
-    from mdgru_keras.prediction import unknown_landmarks
-
     if model_dir is not None:
         from mdgru_keras.export import read_model_info
         from mdgru_keras.serving.servable import LocalLocalizationClient, resolve_version_dir
 
         known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
-        if requested is not None and known is not None and (problem := unknown_landmarks(requested, known)):
-            raise click.UsageError(f"--landmarks: {problem}")
+        if requested is not None and known is not None:
+            select_landmarks(requested, known)
         return LocalLocalizationClient(model_dir)
     from mdgru_keras.serving import connect
 

@@ -6,25 +6,16 @@ from pathlib import Path
 
 import click
 
-
-def _landmark_list(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    names = tuple(name.strip() for name in value.split(",") if name.strip())
-    if not names:
-        raise click.BadParameter("give at least one landmark name, e.g. --landmarks AC,PC")
-    if len(set(names)) != len(names):
-        raise click.BadParameter("landmark names must be unique")
-    return names
+from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST
 
 
 @click.command("prepare")
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the dataset (created; must not exist or be empty unless --overwrite).")
-@click.option("--landmarks", callback=_landmark_list, default=None, metavar="A,B,...",
-              help="Comma-separated landmark names to keep, in this order. Default: all landmarks of the "
-                   "first subject's file; every subject must have all of them.")
+@click.option("--landmarks", type=LANDMARK_LIST, default=None,
+              help="Comma-separated landmark names to keep, in this order, or 'all' (the default): every "
+                   "landmark of the first subject's file. Every subject must have all of them.")
 @click.option("--spacing", "spacing_mm", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               show_default=True, help="Resample every scan to this isotropic voxel size (mm); the model "
                                       "config's spacing_mm must match.")
@@ -61,6 +52,8 @@ def prepare(manifest: Path, out_dir: Path, landmarks: tuple[str, ...] | None, sp
 
     if val_fraction + test_fraction > 1.0:
         raise click.BadParameter("--val-fraction plus --test-fraction must be at most 1")
+    if landmarks == ALL_LANDMARKS:
+        landmarks = None
     description = prepare_dataset(manifest, out_dir, landmarks=landmarks, spacing_mm=spacing_mm,
                                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                   shard_size=shard_size, overwrite=overwrite, progress=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mdgru_keras.commands._options import LANDMARK_LIST
+
 
 @click.command("train")
 @click.option("--stage", type=click.Choice(["coarse", "fine"]), required=True,
@@ -16,7 +18,7 @@ import click
               help="A dataset made by `mdgru-localize prepare` (with 'train' and 'val' subjects).")
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory: config, checkpoints, logs, and at the end model.keras and loss.png.")
-@click.option("--landmarks", default=None, metavar="A,B,...|all",
+@click.option("--landmarks", type=LANDMARK_LIST, default=None,
               help="Comma-separated landmark names to train (all must be in the dataset), or 'all' for every "
                    "landmark of the dataset. Default: the config's landmarks.")
 @click.option("--resume", is_flag=True,
@@ -30,8 +32,8 @@ import click
 @click.option("--deterministic/--fast", default=True, show_default=True,
               help="TensorFlow op determinism: a run repeats exactly on the same machine for the same seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no line per epoch.")
-def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landmarks: str | None, resume: bool,
-          epochs: int | None, max_seconds: float | None, deterministic: bool, quiet: bool) -> None:
+def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landmarks: tuple[str, ...] | None,
+          resume: bool, epochs: int | None, max_seconds: float | None, deterministic: bool, quiet: bool) -> None:
     """Train one stage of the landmark localizer on a prepared dataset.
 
     As in the paper, one epoch is one random sample from every training subject (times
@@ -52,16 +54,11 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landma
     """
     from mdgru_keras.config import load_config
 
-    names = None
-    if landmarks is not None:
-        names = tuple(name.strip() for name in landmarks.split(",") if name.strip())
-        if not names or len(set(names)) != len(names):
-            raise click.BadParameter("give unique names, e.g. --landmarks AC,PC, or --landmarks all",
-                                     param_hint="--landmarks")
     config = load_config(config_name)
     from mdgru_keras.training.stages import train_stage
 
-    result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=names,
+    # ("all",) is every landmark of the dataset; names the dataset lacks are refused there, listing its names
+    result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=landmarks,
                          max_seconds=max_seconds, deterministic=deterministic, verbose=0 if quiet else 1)
     if result.model_path is None:  # a non-chief worker of a multi-worker run writes nothing
         click.echo(f"worker finished after {result.step} steps")

@@ -223,12 +223,14 @@ def _parse_csv(path: Path, text: str) -> list[tuple[str, np.ndarray, str]]:
 
 
 def require_landmarks(landmarks: Mapping[str, np.ndarray], names: Iterable[str], path: str | Path | None) -> Landmarks:
-    """The landmarks ``names`` in that order; an InputError naming ``path`` lists any that are missing."""
+    """The landmarks ``names`` in that order; an InputError naming ``path`` lists any that are missing, and the
+    names the file has (case-sensitive)."""
     names = list(names)
     missing = [name for name in names if name not in landmarks]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise InputError(path, f"missing landmark{'s' if len(missing) > 1 else ''} {shown}")
+        has = f"the file has {len(landmarks)}: {', '.join(landmarks)}" if landmarks else "the file has none"
+        raise InputError(path, f"missing landmark{'s' if len(missing) > 1 else ''} {shown} ({has})")
     return {name: np.asarray(landmarks[name], dtype=np.float64) for name in names}
 
 
