@@ -85,7 +85,7 @@ class TwoStageLocalizer(tf.Module):
             (or loaded), for the same ``config``.
         config: the preset both models were built with.
         fine_batch_size: at most this many fine windows go through the fine network at once (memory bound of
-            the paper preset); ``None``: all K at once.
+            the paper preset); ``None``: all at once (K windows, 2K with ``flip_average``).
         share_windows_margin_voxel: ``None`` (the paper): one window per landmark, centred on it; an integer
             ``m``: landmarks share windows with ``m`` voxels to spare (module docstring).
         fine_passes: 1 (the paper): the fine windows are centred on the coarse estimates; 2 or more: each
@@ -115,7 +115,7 @@ class TwoStageLocalizer(tf.Module):
         self.fine_model = fine_model
         self.config = config
         self.num_landmarks = config.num_landmarks
-        self.fine_batch_size = min(fine_batch_size or self.num_landmarks, self.num_landmarks)
+        self.fine_batch_size = fine_batch_size  # None: all windows at once
         self.share_windows_margin_voxel = share_windows_margin_voxel
         if fine_passes < 1:
             raise ValueError(f"fine_passes must be >= 1, got {fine_passes}")
@@ -202,26 +202,47 @@ class TwoStageLocalizer(tf.Module):
         return result
 
     def _fine_stage(self, features: tf.Tensor, coarse_voxel: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._fine_views([features], [coarse_voxel])[0]
+
+    def _fine_views(self, views: list[tf.Tensor], centres: list[tf.Tensor]) -> list[dict[str, tf.Tensor]]:
+        """The fine stage on each preprocessed volume of ``views`` around its ``centres`` ``[K, 3]``, with one
+        trunk call for the windows of all views (one copy of the trunk in the graph, larger batches)."""
         config = self.config
         size = config.fine.window_size
-        if self.share_windows_margin_voxel is None:  # the paper: one window centred on each landmark
-            window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
-            window_origins = geometry.window_origin_around_tf(coarse_voxel, size)  # [K, 3]
-        else:
-            window_of_landmark, window_origins = geometry.shared_window_groups_tf(
-                coarse_voxel, size, self.share_windows_margin_voxel
-            )  # [K], [G, 3]
-        windows = tf.map_fn(
-            lambda origin: geometry.crop_with_padding_tf(features, origin, (size, size, size)),
-            window_origins,
-            fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
-        )  # [G, W, W, W, 2]
-        window_features = self._fine_features(windows)  # [G, F] or [G, g, g, g, F]
-        logits = self.fine_heads(
-            tf.gather(window_features, window_of_landmark), tf.range(self.num_landmarks, dtype=tf.int32)
-        )
+        crops = []
+        for features, centre in zip(views, centres):
+            if self.share_windows_margin_voxel is None:  # the paper: one window centred on each landmark
+                window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
+                window_origins = geometry.window_origin_around_tf(centre, size)  # [K, 3]
+            else:
+                window_of_landmark, window_origins = geometry.shared_window_groups_tf(
+                    centre, size, self.share_windows_margin_voxel
+                )  # [K], [G, 3]
+            windows = tf.map_fn(
+                lambda origin, features=features: geometry.crop_with_padding_tf(features, origin, (size,) * 3),
+                window_origins,
+                fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
+            )  # [G, W, W, W, 2]
+            crops.append((windows, window_of_landmark, window_origins))
+        all_features = self._fine_features(tf.concat([windows for windows, _, _ in crops], axis=0))
+        results, start = [], tf.constant(0)
+        for windows, window_of_landmark, window_origins in crops:
+            count = tf.shape(windows)[0]
+            window_features = all_features[start : start + count]  # [G, F] or [G, g, g, g, F]
+            start += count
+            logits = self.fine_heads(
+                tf.gather(window_features, window_of_landmark), tf.range(self.num_landmarks, dtype=tf.int32)
+            )
+            origins = tf.gather(window_origins, window_of_landmark)  # [K, 3]
+            results.append(self._decode_fine(logits, origins, count))
+        return results
+
+    def _decode_fine(
+        self, logits: dict[str, tf.Tensor], origins: tf.Tensor, windows: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
+        """The fine outputs (class docstring) of per-landmark logits ``[K, C]`` decoded in windows at ``origins``."""
+        config = self.config
         probabilities = {axis: tf.nn.softmax(logits[axis], axis=-1) for axis in AXES}  # [K, C]
-        origins = tf.gather(window_origins, window_of_landmark)  # [K, 3]
         decoded = _decode(probabilities, config.superresolution, 1, origins)
         pooled = {axis: geometry.pool_classes_tf(probabilities[axis], config.superresolution) for axis in AXES}
         decoded_n1 = _decode(pooled, 1, 1, origins)
@@ -234,7 +255,7 @@ class TwoStageLocalizer(tf.Module):
             "confidence": decoded["confidence"],
             "flip_disagreement_voxel": tf.zeros([self.num_landmarks], tf.float32),
             "window_origin_voxel": origins,
-            "fine_windows": tf.shape(windows)[0],
+            "fine_windows": windows,
         }
         result.update({f"probabilities_{axis}": probabilities[axis] for axis in AXES})
         return result
@@ -248,8 +269,9 @@ class TwoStageLocalizer(tf.Module):
     def _flip_averaged_fine_stage(self, features: tf.Tensor, centre_voxel: tf.Tensor) -> dict[str, tf.Tensor]:
         """:meth:`_fine_stage` on the volume and on its left-right mirror image, averaged (module docstring)."""
         size_x = tf.shape(features)[0]
-        direct = self._fine_stage(features, centre_voxel)
-        mirrored = self._fine_stage(tf.reverse(features, [0]), self._mirrored(centre_voxel, size_x))
+        direct, mirrored = self._fine_views(
+            [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)]
+        )
         result = dict(direct)
         for key in _POSITIONS:
             result[key] = 0.5 * (direct[key] + self._mirrored(mirrored[key], size_x))
@@ -264,7 +286,7 @@ class TwoStageLocalizer(tf.Module):
         """Trunk features ``[N, F]`` (``[N, G, G, G, F]`` for marginal heads) of fine windows ``[N, W, W, W, 2]``,
         ``fine_batch_size`` at a time."""
         chunk = self.fine_batch_size
-        if chunk >= self.num_landmarks:  # never more windows than landmarks: all at once
+        if chunk is None:
             return self.fine_trunk(windows, training=False)
         size = self.config.fine.window_size
         count = tf.shape(windows)[0]
