@@ -51,8 +51,10 @@ MIN_SCAN_VOXELS = 2
 MIN_CONFIDENCE = 0.01
 # Default threshold of the ``unstable`` status: the distance between the fine estimates in the scan and in its
 # left-right mirror image (``flip_disagreement_mm``, models exported with --flip-average). Calibrated on held-out
-# synthetic heads of the shipped model (docs/MODEL_CARD.md, "Quality flags"); not on real scans.
-MAX_FLIP_DISAGREEMENT_MM = 6.0
+# synthetic heads of the shipped model (docs/MODEL_CARD.md, bench-pretrained): above 8 mm, 17 % of the landmarks
+# of unseen and held-out-family heads were flagged, with 9.2 mm mean error against 3.4 mm for the others, and
+# half of the errors over 5 mm among them. Not calibrated on real scans.
+MAX_FLIP_DISAGREEMENT_MM = 8.0
 STATUS_OK = "ok"
 STATUS_OUTSIDE = "outside_image"
 STATUS_LOW_CONFIDENCE = "low_confidence"

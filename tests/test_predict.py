@@ -28,7 +28,7 @@ from mdgru_keras.config import load_preset
 from mdgru_keras.export import export_runs
 from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.io import read_landmarks
-from mdgru_keras.prediction import MIN_CONFIDENCE, MIN_SCAN_VOXELS, ScanPrediction
+from mdgru_keras.prediction import MAX_FLIP_DISAGREEMENT_MM, MIN_CONFIDENCE, MIN_SCAN_VOXELS, ScanPrediction
 from mdgru_keras.serving.grpc_server import GrpcServer
 from mdgru_keras.serving.rest_server import RestServer
 from mdgru_keras.serving.servable import Servable
@@ -231,8 +231,12 @@ def test_a_broken_file_does_not_stop_the_others(
     assert len(errors) == 2
     assert errors[0].startswith(f"error: {broken}: cannot read voxel data")
     assert errors[1] == f"error: {missing}: no such file"
+    good = landmarks_by_file(local_json)
+    flagged = sum(any(v["status"] != "ok" for v in good[str(scans[key])].values()) for key in ("oblique", "int16"))
+    flagged_part = f"; {flagged} scan{'s' if flagged != 1 else ''} with flagged landmarks (see warnings)"
     assert result.stdout.strip().splitlines()[-1] == (
-        f"Wrote 2 .fcsv files to {out} (2 of 4 scans, 4 landmarks; 2 failed: {broken}, {missing})"
+        f"Wrote 2 .fcsv files to {out} (2 of 4 scans, 4 landmarks{flagged_part * bool(flagged)}; "
+        f"2 failed: {broken}, {missing})"
     )
     # the good scans are written, and their .fcsv files read back to the same RAS coordinates
     assert sorted(p.name for p in out.iterdir()) == ["flipped.fcsv", "subject.fcsv"]
@@ -359,8 +363,51 @@ def test_status_of_a_prediction() -> None:
     assert not unknown_shape.outside().any()
 
 
+def test_unstable_landmarks_are_flagged_by_their_flip_disagreement() -> None:
+    voxel = np.zeros((3, 3))
+    prediction = ScanPrediction(
+        path="scan.nii.gz", landmark_names=("A", "B", "C"), world_mm=voxel, voxel=voxel, coarse_world_mm=voxel,
+        coarse_voxel=voxel, confidence=np.full(3, 0.5, np.float32), shape=(10, 10, 10),
+        flip_disagreement_mm=np.array([1.0, 9.0, np.nan]),
+    )  # fmt: skip
+    assert prediction.statuses(0.01, 8.0) == ["ok", "unstable", "unstable"]
+    assert prediction.statuses(0.01, 10.0) == ["ok", "ok", "unstable"]
+    assert prediction.warning(0.01, 8.0) == (
+        "scan.nii.gz: mirror-image estimates over 8 mm apart: B (9.0 mm), C (nan mm)"
+    )
+    row = prediction.to_json(0.01, 8.0)["landmarks"]["B"]
+    assert row["flip_disagreement_mm"] == 9.0 and row["status"] == "unstable"
+    # exports without flip averaging answer without the output: zeros, never unstable
+    outputs = {"landmark_names": np.array(["A"]), "world_mm": voxel[:1], "voxel": voxel[:1],
+               "coarse_world_mm": voxel[:1], "coarse_voxel": voxel[:1], "confidence": np.ones(1)}  # fmt: skip
+    assert ScanPrediction.from_outputs("old.nii", outputs).statuses() == ["ok"]
+
+
+@pytest.mark.slow
+def test_slicer_point_lists_carry_each_landmark_status(model_base: Path, scans: dict, local_json: dict, tmp_path):
+    import json as json_module
+
+    expected = landmarks_by_file(local_json)[str(scans["oblique"])]
+    for fmt in ("mrk.json", "fcsv"):
+        out = tmp_path / f"scan.{fmt}"
+        result = run(str(scans["oblique"]), "--model", str(model_base / "1"), "--format", fmt, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        landmarks = read_landmarks(out)
+        for landmark, world_mm in landmarks.items():
+            np.testing.assert_allclose(world_mm, expected[landmark]["world_mm"], atol=1e-6)
+        if fmt == "mrk.json":
+            points = json_module.loads(out.read_text())["markups"][0]["controlPoints"]
+            descriptions = {point["label"]: point["description"] for point in points}
+        else:
+            rows = [line.split(",") for line in out.read_text().splitlines() if not line.startswith("#")]
+            descriptions = {row[11]: row[12] for row in rows}
+        for landmark, values in expected.items():
+            assert descriptions[landmark].startswith(f"status {values['status']}; confidence ")
+
+
 def test_the_help_states_the_library_thresholds() -> None:
     assert predict_command.MIN_CONFIDENCE == MIN_CONFIDENCE
+    assert predict_command.MAX_FLIP_DISAGREEMENT_MM == MAX_FLIP_DISAGREEMENT_MM
     help_text = " ".join(CliRunner().invoke(cli, ["predict", "--help"]).output.split())
     assert f"smaller than {MIN_SCAN_VOXELS} voxels along an axis" in help_text
     assert f"[default: {MIN_CONFIDENCE:g};" in help_text

@@ -9,10 +9,12 @@ import click
 
 from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks
 
-FORMATS = ("json", "csv", "fcsv")
+FORMATS = ("json", "csv", "fcsv", "mrk.json")
+MARKUPS_FORMATS = ("fcsv", "mrk.json")  # 3D Slicer point lists: one file per scan
 # As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
 # its MIN_SCAN_VOXELS. tests/test_predict.py checks that they agree.
 MIN_CONFIDENCE = 0.01
+MAX_FLIP_DISAGREEMENT_MM = 8.0  # as mdgru_keras.prediction.MAX_FLIP_DISAGREEMENT_MM
 # Errors after which every further scan would fail the same way: stop instead of trying each.
 FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
 
@@ -50,15 +52,16 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     type=click.Choice(FORMATS),
     default="json",
     show_default=True,
-    help="json: all scans in one document; csv: one row per scan and landmark; fcsv: a 3D Slicer "
-    "landmark file per scan.",
+    help="json: all scans in one document; csv: one row per scan and landmark; fcsv or mrk.json: a 3D "
+    "Slicer point list per scan (each point's description holds its status, confidence and "
+    "flip disagreement).",
 )
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Output file for json/csv (default: standard output). For fcsv: the .fcsv file for one scan, or a "
-    "directory that gets SCAN.fcsv per scan.",
+    help="Output file for json/csv (default: standard output). For fcsv and mrk.json: the file for one "
+    "scan (SCAN.fcsv / SCAN.mrk.json), or a directory that gets one such file per scan.",
 )
 @click.option(
     "--min-confidence",
@@ -67,6 +70,16 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     show_default=True,
     help="Landmarks with a lower confidence get status low_confidence (not calibrated on real scans; "
     "0 switches the flag off).",
+)
+@click.option(
+    "--max-disagreement",
+    "max_disagreement_mm",
+    type=click.FloatRange(min=0.0),
+    default=MAX_FLIP_DISAGREEMENT_MM,
+    show_default=True,
+    help="Landmarks whose estimates in the scan and in its left-right mirror image lie more than this many mm "
+    "apart get status unstable (models exported with --flip-average, such as the shipped one; calibrated on "
+    "held-out synthetic heads, docs/MODEL_CARD.md).",
 )
 @click.option(
     "--figure",
@@ -85,6 +98,7 @@ def predict(
     fmt: str,
     out: Path | None,
     min_confidence: float,
+    max_disagreement_mm: float,
     figure_dir: Path | None,
 ) -> None:
     """Find the landmarks in NIfTI scans (IMAGES: .nii or .nii.gz, any orientation and spacing).
@@ -99,10 +113,11 @@ def predict(
     traceback) and skipped; the others are still written, and the exit status is 1.
 
     Every landmark has a confidence in [0, 1] and a status (JSON: "status", CSV: column status): ok, or
-    outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost)
-    and/or low_confidence (below --min-confidence), joined by ";". A scan with such landmarks gets one line
-    "warning: SCAN: ..." on standard error naming them; they are still written (also to .fcsv files, which
-    have no status), and they do not change the exit status.
+    outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost),
+    low_confidence (below --min-confidence) and/or unstable (flip disagreement above --max-disagreement),
+    joined by ";". A scan with such landmarks gets one line "warning: SCAN: ..." on standard error naming
+    them, and the final line counts such scans; they are still written (.fcsv and .mrk.json: in each point's
+    description), and they do not change the exit status.
 
     Examples:
 
@@ -122,10 +137,14 @@ def predict(
             model_dir = pretrained_model_dir(DEFAULT_MODEL)
         except InputError as error:
             raise click.ClickException(f"{error} (or give --model EXPORT_DIR)") from None
-    if fmt == "fcsv" and out is None:
-        raise click.UsageError("--format fcsv writes files: give --out (a .fcsv file, or a directory for many scans)")
-    if fmt == "fcsv" and len(images) > 1 and out.suffix.lower() == ".fcsv":
-        raise click.UsageError(f"--out {out}: with {len(images)} scans, --out must be a directory (one .fcsv per scan)")
+    if fmt in MARKUPS_FORMATS and out is None:
+        raise click.UsageError(
+            f"--format {fmt} writes files: give --out (a .{fmt} file, or a directory for many scans)"
+        )
+    if fmt in MARKUPS_FORMATS and len(images) > 1 and out.name.lower().endswith(f".{fmt}"):
+        raise click.UsageError(
+            f"--out {out}: with {len(images)} scans, --out must be a directory (one .{fmt} per scan)"
+        )
     requested = None if landmarks in (None, ALL_LANDMARKS) else landmarks
 
     from tqdm import tqdm
@@ -161,7 +180,7 @@ def predict(
                     prediction = prediction.select(select_landmarks(requested, prediction.landmark_names))
                 predictions.append(prediction)
                 done.append(index)
-                if warning := prediction.warning(min_confidence):
+                if warning := prediction.warning(min_confidence, max_disagreement_mm):
                     progress.write(f"warning: {warning}", file=sys.stderr)
                 if figure_paths is not None:
                     try:
@@ -173,16 +192,19 @@ def predict(
                 progress.write(f"error: {image}: {failed[-1][1]}", file=sys.stderr)
             progress.update(1)
 
-    if fmt == "fcsv":
-        written = _write_fcsv(predictions, done, images, out)
+    if fmt in MARKUPS_FORMATS:
+        written = _write_markups(predictions, done, images, out, fmt, min_confidence, max_disagreement_mm)
     else:
         if fmt == "json":
-            text = predictions_json(predictions, failed, str(client.server), min_confidence)
+            text = predictions_json(predictions, failed, str(client.server), min_confidence, max_disagreement_mm)
         else:
-            text = predictions_csv(predictions, min_confidence)
+            text = predictions_csv(predictions, min_confidence, max_disagreement_mm)
         written = _write_text(text, out, fmt)
     count = sum(len(p.landmark_names) for p in predictions)
     summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
+    flagged = [p for p in predictions if p.warning(min_confidence, max_disagreement_mm) is not None]
+    if flagged:
+        summary += f"; {len(flagged)} scan{'s' if len(flagged) != 1 else ''} with flagged landmarks (see warnings)"
     if figure_dir is not None:
         summary += f"; figures in {figure_dir}"
     failed_files = list(dict.fromkeys(path for path, _ in failed))  # in the order given
@@ -221,19 +243,29 @@ def _open_client(
     return connect(server, model_name, timeout_s=timeout_s)
 
 
-def _write_fcsv(predictions, done: list[int], images: tuple[Path, ...], out: Path) -> str:
-    """One .fcsv per scan: ``out`` itself for a single scan named ``*.fcsv``, else ``out/SCAN.fcsv``."""
+def _write_markups(
+    predictions, done: list[int], images: tuple[Path, ...], out: Path, fmt: str, min_confidence: float,
+    max_disagreement_mm: float,
+) -> str:
+    """One Slicer point list (``fmt``: fcsv or mrk.json) per scan: ``out`` itself for a single scan named
+    ``*.fcsv`` / ``*.mrk.json``, else ``out/SCAN.fcsv``; each point's description holds its QC values."""
     from mdgru_keras.io import write_landmarks
     from mdgru_keras.prediction import per_scan_paths
 
-    if len(images) == 1 and out.suffix.lower() == ".fcsv":
+    if len(images) == 1 and out.name.lower().endswith(f".{fmt}"):
         targets = [out]
     else:
         out.mkdir(parents=True, exist_ok=True)
-        targets = per_scan_paths(images, out, ".fcsv")
+        targets = per_scan_paths(images, out, f".{fmt}")
     for prediction, index in zip(predictions, done):
-        write_landmarks(targets[index], prediction.world_mm_by_name(), fmt="fcsv")
-    return f"{len(predictions)} .fcsv file{'s' if len(predictions) != 1 else ''} to {out}"
+        statuses = prediction.statuses(min_confidence, max_disagreement_mm)
+        descriptions = {
+            name: f"status {statuses[k]}; confidence {float(prediction.confidence[k]):.3g}; "
+            f"flip disagreement {float(prediction.flip_disagreement_mm[k]):.1f} mm"
+            for k, name in enumerate(prediction.landmark_names)
+        }
+        write_landmarks(targets[index], prediction.world_mm_by_name(), fmt=fmt, descriptions=descriptions)
+    return f"{len(predictions)} .{fmt} file{'s' if len(predictions) != 1 else ''} to {out}"
 
 
 def _write_text(text: str, out: Path | None, fmt: str) -> str:

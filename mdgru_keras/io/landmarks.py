@@ -262,7 +262,7 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def _fcsv_text(landmarks: Mapping[str, np.ndarray]) -> str:
+def _fcsv_text(landmarks: Mapping[str, np.ndarray], descriptions: Mapping[str, str]) -> str:
     out = io.StringIO()
     out.write(f"# Markups fiducial file version = {FCSV_VERSION}\n")
     out.write("# CoordinateSystem = RAS\n")
@@ -270,16 +270,16 @@ def _fcsv_text(landmarks: Mapping[str, np.ndarray]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     for index, (name, world_mm) in enumerate(landmarks.items(), start=1):
         x, y, z = (_number(v) for v in world_mm)
-        writer.writerow([str(index), x, y, z, 0, 0, 0, 1, 1, 1, 0, name, "", ""])
+        writer.writerow([str(index), x, y, z, 0, 0, 0, 1, 1, 1, 0, name, descriptions.get(name, ""), ""])
     return out.getvalue()
 
 
-def _markups_json_text(landmarks: Mapping[str, np.ndarray]) -> str:
+def _markups_json_text(landmarks: Mapping[str, np.ndarray], descriptions: Mapping[str, str]) -> str:
     control_points = [
         {
             "id": str(index),
             "label": name,
-            "description": "",
+            "description": descriptions.get(name, ""),
             "associatedNodeID": "",
             "position": [float(v) for v in world_mm],
             "orientation": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
@@ -309,7 +309,8 @@ def _markups_json_text(landmarks: Mapping[str, np.ndarray]) -> str:
     return json.dumps(document, indent=4) + "\n"
 
 
-def _csv_text(landmarks: Mapping[str, np.ndarray]) -> str:
+def _csv_text(landmarks: Mapping[str, np.ndarray], descriptions: Mapping[str, str]) -> str:
+    del descriptions  # name,x,y,z has no column for them
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["name", "x", "y", "z"])
@@ -318,13 +319,26 @@ def _csv_text(landmarks: Mapping[str, np.ndarray]) -> str:
     return out.getvalue()
 
 
-def write_landmarks(path: str | Path, landmarks_world_mm: Mapping[str, np.ndarray], fmt: str | None = None) -> Path:
+def write_landmarks(
+    path: str | Path,
+    landmarks_world_mm: Mapping[str, np.ndarray],
+    fmt: str | None = None,
+    descriptions: Mapping[str, str] | None = None,
+) -> Path:
     """Write ``{name: world_mm (3,) RAS}`` as ``fmt`` (``fcsv``, ``mrk.json``, ``csv``; default: from the
     suffix), in RAS, atomically. Slicer 4.11+ and 5 open the ``.fcsv`` and ``.mrk.json`` files as point lists.
+    ``descriptions`` (``{name: text}``, one line each) fill the points' description (``.fcsv``: column
+    ``desc``, where commas are replaced by semicolons so that Slicer's reader keeps the columns; ``.mrk.json``:
+    ``description``); ``csv`` has no such column.
     """
     fmt = landmark_format(path) if fmt is None else fmt
     if fmt not in FORMATS:
         raise ValueError(f"unknown landmark format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    cleaned = {}
+    for name, text in (descriptions or {}).items():
+        if "\n" in str(text):
+            raise ValueError(f"description of {name!r} must be one line")
+        cleaned[str(name)] = str(text).replace(",", ";") if fmt != "mrk.json" else str(text)
     checked: Landmarks = {}
     for name, world_mm in landmarks_world_mm.items():
         world_mm = np.asarray(world_mm, dtype=np.float64).reshape(-1)
@@ -333,5 +347,5 @@ def write_landmarks(path: str | Path, landmarks_world_mm: Mapping[str, np.ndarra
         if not str(name) or str(name) != str(name).strip() or "\n" in str(name):
             raise ValueError(f"landmark name {name!r} is empty or has surrounding white space")
         checked[str(name)] = world_mm
-    text = {"fcsv": _fcsv_text, "mrk.json": _markups_json_text, "csv": _csv_text}[fmt](checked)
+    text = {"fcsv": _fcsv_text, "mrk.json": _markups_json_text, "csv": _csv_text}[fmt](checked, cleaned)
     return write_text_atomic(path, text)
