@@ -201,6 +201,7 @@ def test_metadata_and_status_describe_the_contract(endpoints: Endpoints) -> None
         "coarse_world_mm": "float64",
         "coarse_voxel": "float64",
         "confidence": "float32",
+        "flip_disagreement_mm": "float64",
     }
     assert set(via_grpc["coarse"]["outputs"]) == {"landmark_names", "coarse_world_mm", "coarse_voxel", "confidence"}
     status = requests.get(f"{endpoints.rest_url}/v1/models/{MODEL}", timeout=10)

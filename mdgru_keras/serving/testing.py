@@ -6,12 +6,12 @@ It has exactly the signatures and tensor names of docs/ARCHITECTURE.md ("The exp
 
 * ``serving_default(volume: float32 [X,Y,Z], voxel_to_world: float64 [4,4])`` ->
   ``landmark_names`` string [K], ``world_mm``, ``voxel``, ``coarse_world_mm``, ``coarse_voxel`` float64 [K,3],
-  ``confidence`` float32 [K];
+  ``confidence`` float32 [K], ``flip_disagreement_mm`` float64 [K];
 * ``localize_int16``: the same with an int16 ``volume``;
 * ``coarse``: the same inputs; ``landmark_names``, ``coarse_world_mm``, ``coarse_voxel``, ``confidence``.
 
 "Landmark" ``k`` is the ``k``-th brightest voxel; its coarse estimate is the centre of its 4^3 block (as if
-seen at stride 4). Like the real model it validates its inputs with ``tf.debugging`` asserts (a NaN volume,
+seen at stride 4); its "flip disagreement" is the distance between the two in mm. Like the real model it validates its inputs with ``tf.debugging`` asserts (a NaN volume,
 a singular affine and a volume with fewer than K voxels raise ``InvalidArgumentError``).
 """
 
@@ -67,6 +67,9 @@ class ToyLocalizer(tf.Module):
             "coarse_world_mm": voxel_to_world_tf(coarse_voxel, voxel_to_world),
             "coarse_voxel": coarse_voxel,
             "confidence": tf.sigmoid(values),
+            "flip_disagreement_mm": tf.norm(
+                voxel_to_world_tf(voxel, voxel_to_world) - voxel_to_world_tf(coarse_voxel, voxel_to_world), axis=-1
+            ),
         }
 
     @tf.function(
