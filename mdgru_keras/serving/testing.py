@@ -11,8 +11,9 @@ It has exactly the signatures and tensor names of docs/ARCHITECTURE.md ("The exp
 * ``coarse``: the same inputs; ``landmark_names``, ``coarse_world_mm``, ``coarse_voxel``, ``confidence``.
 
 "Landmark" ``k`` is the ``k``-th brightest voxel; its coarse estimate is the centre of its 4^3 block (as if
-seen at stride 4); its "flip disagreement" is the distance between the two in mm. Like the real model it validates its inputs with ``tf.debugging`` asserts (a NaN volume,
-a singular affine and a volume with fewer than K voxels raise ``InvalidArgumentError``).
+seen at stride 4); its "flip disagreement" is the distance between the two in mm. Like the real model it
+validates its inputs with ``tf.debugging`` asserts (a NaN volume, a singular affine and a volume with fewer
+than K voxels raise ``InvalidArgumentError``).
 """
 
 from __future__ import annotations
