@@ -299,7 +299,7 @@ class UNetBaseline:
 
         grid = read_volume(scan.path, self.config.spacing_mm)
         file_to_grid = np.linalg.inv(grid.array_to_file_voxel)
-        coarse_grid_voxel = geometry.map_voxel(scan.decodings["coarse_voxel"], file_to_grid)
+        coarse_grid_voxel = geometry.voxel_to_world(scan.decodings["coarse_voxel"], file_to_grid)
         grid_voxel = self.localizer.localize(grid.data, coarse_grid_voxel)
         world_mm = geometry.voxel_to_world(grid_voxel, grid.voxel_to_world)
         return {name: world_mm[k] for k, name in enumerate(scan.landmark_names)}

@@ -146,7 +146,7 @@ class LocalizationGraph:
         self, model_voxel: tf.Tensor, model_to_given: tf.Tensor, voxel_to_world: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Model-grid voxels ``[K, 3]`` -> ``(voxel, world_mm)`` float64 ``[K, 3]`` in the given array."""
-        voxel = tf.ensure_shape(geometry.map_voxel_tf(model_voxel, model_to_given), [self._num_landmarks, 3])
+        voxel = tf.ensure_shape(geometry.voxel_to_world_tf(model_voxel, model_to_given), [self._num_landmarks, 3])
         return voxel, tf.ensure_shape(geometry.voxel_to_world_tf(voxel, voxel_to_world), [self._num_landmarks, 3])
 
     @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])

@@ -137,7 +137,7 @@ def reference(localizer: TwoStageLocalizer, path: Path) -> dict[str, np.ndarray]
     result = {key: value.numpy() for key, value in localizer(tf.constant(data)).items()}
     out = {}
     for key in ("voxel", "coarse_voxel"):
-        file_voxel = geometry.map_voxel(result[key], cropped_to_file)
+        file_voxel = geometry.voxel_to_world(result[key], cropped_to_file)
         out[key] = file_voxel
         out[key.replace("voxel", "world_mm")] = geometry.voxel_to_world(file_voxel, volume.file_voxel_to_world)
         # the same point through the array's own affine: the bookkeeping of read_volume agrees

@@ -41,10 +41,10 @@ def test_pooled_decoding_of_a_distribution_equals_its_n1_decoding(
     np.testing.assert_allclose(geometry.pool_classes(probabilities, n), voxel_probabilities, atol=1e-12)
     for parabola in (False, True):
         expected = geometry.decode_axis(voxel_probabilities, 1, factor, parabola)
-        np.testing.assert_allclose(
-            geometry.decode_axis_pooled(probabilities, n, factor, parabola), expected, atol=1e-9
-        )
-        graph = geometry.decode_axis_pooled_tf(tf.constant(probabilities, tf.float32), n, factor, parabola).numpy()
+        pooled = geometry.pool_classes(probabilities, n)
+        np.testing.assert_allclose(geometry.decode_axis(pooled, 1, factor, parabola), expected, atol=1e-9)
+        pooled_tf = geometry.pool_classes_tf(tf.constant(probabilities, tf.float32), n)
+        graph = geometry.decode_axis_tf(pooled_tf, 1, factor, parabola).numpy()
         np.testing.assert_allclose(graph, expected, atol=1e-4)
 
 
@@ -77,7 +77,7 @@ def test_pooling_one_hot_classes_gives_the_voxel_and_tf_matches_numpy() -> None:
     assert np.argmax(pooled, axis=-1).tolist() == [3, 5]
     np.testing.assert_allclose(pooled.sum(axis=-1), 1.0)
     np.testing.assert_allclose(geometry.pool_classes_tf(tf.constant(probabilities), n).numpy(), pooled, atol=1e-7)
-    np.testing.assert_allclose(geometry.decode_axis_pooled(probabilities, n, 1, parabola=False), [3.0, 5.0])
+    np.testing.assert_allclose(geometry.decode_axis(pooled, 1, 1, parabola=False), [3.0, 5.0])
 
 
 def test_pooling_refuses_class_counts_that_are_not_multiples_of_n() -> None:

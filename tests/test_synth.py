@@ -153,18 +153,18 @@ def test_point_interpolation_matches_grid_resampling(rng: np.random.Generator) -
     new_shape = (17, 15, 19)
     resampled = geometry.resample_axis_aligned(field, new_to_old, new_shape)
     voxel = np.stack(np.meshgrid(*[np.arange(n) for n in new_shape], indexing="ij"), -1).reshape(-1, 3)
-    at_points = geometry.interpolate_at(field, geometry.apply_affine(new_to_old, voxel))
+    at_points = geometry.interpolate_at(field, geometry.voxel_to_world(voxel, new_to_old))
     np.testing.assert_allclose(at_points, resampled.reshape(-1, 3), atol=1e-12)
 
 
 def test_rotation_and_rigid_affine() -> None:
-    rotation = geometry.rotation_matrix_deg([10.0, -20.0, 30.0])
+    rotation = geometry.rotation_matrix(np.deg2rad([10.0, -20.0, 30.0]))
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
     assert np.isclose(np.linalg.det(rotation), 1.0)
-    np.testing.assert_allclose(geometry.rotation_matrix_deg([0, 0, 90]) @ [1, 0, 0], [0, 1, 0], atol=1e-12)
+    np.testing.assert_allclose(geometry.rotation_matrix(np.deg2rad([0, 0, 90])) @ [1, 0, 0], [0, 1, 0], atol=1e-12)
     centre = np.array([1.0, 2.0, 3.0])
     affine = geometry.rigid_affine(rotation, [4.0, 5.0, 6.0], centre)
-    np.testing.assert_allclose(geometry.apply_affine(affine, centre), centre + [4.0, 5.0, 6.0])
+    np.testing.assert_allclose(geometry.voxel_to_world(centre, affine), centre + [4.0, 5.0, 6.0])
 
 
 def test_fields_of_view_centred_and_lowered() -> None:
@@ -354,7 +354,7 @@ def test_acquisition_blur() -> None:
     identity = np.eye(4)
     np.testing.assert_allclose(acquisition_sigma_voxel(identity, identity, [1, 1, 3], 0.0), [0, 0, np.sqrt(8) / fwhm])
     np.testing.assert_allclose(acquisition_sigma_voxel(identity, identity, [1.5] * 3, 0.0), [np.sqrt(1.25) / fwhm] * 3)
-    quarter_turn = geometry.rigid_affine(geometry.rotation_matrix_deg([0, 0, 90]), [5, 0, 0], [1, 2, 3])
+    quarter_turn = geometry.rigid_affine(geometry.rotation_matrix(np.deg2rad([0, 0, 90])), [5, 0, 0], [1, 2, 3])
     np.testing.assert_allclose(  # thick subject x slices cut the template's y axis
         acquisition_sigma_voxel(identity, quarter_turn, [3, 1, 1], 0.0), [0, np.sqrt(8) / fwhm, 0], atol=1e-12
     )

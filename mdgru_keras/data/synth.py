@@ -478,7 +478,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     low, high = template.world_bounds_mm()
     centre = 0.5 * (low + high)
     scale = np.asarray(drawn["scale"])
-    linear = geometry.rotation_matrix_deg(drawn["rotation_deg"]) @ np.diag(scale)
+    linear = geometry.rotation_matrix(np.deg2rad(drawn["rotation_deg"])) @ np.diag(scale)
     forward = geometry.rigid_affine(linear, drawn["translation_mm"], centre)  # any linear part about the centre
     # elastic displacement u (fine + large-scale) on a control grid fixed in subject world
     grid_origin, grid_shape = _control_grid(template, options)
@@ -494,7 +494,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     # landmarks: forward map, the displacement inverted at each point
     names = list(template.landmarks_world_mm)
     template_mm = np.stack([template.landmarks_world_mm[n] for n in names])
-    subject_mm = geometry.invert_displacement(geometry.apply_affine(forward, template_mm), displacement_at)
+    subject_mm = geometry.invert_displacement(geometry.voxel_to_world(template_mm, forward), displacement_at)
 
     grid_box = (grid_origin, grid_origin + (np.asarray(grid_shape) - 1) * grid_step)
     spacing = np.asarray(drawn["spacing_mm"])
@@ -508,7 +508,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         np.meshgrid(*[grid_origin[a] + grid_step * np.arange(grid_shape[a]) for a in range(3)], indexing="ij"), -1
     )
     pull_back = np.linalg.inv(template.voxel_to_world) @ np.linalg.inv(forward)
-    node_template_voxel = geometry.apply_affine(pull_back, node_mm + displacement).astype(np.float32)
+    node_template_voxel = geometry.voxel_to_world(node_mm + displacement, pull_back).astype(np.float32)
     subject_to_node = np.eye(4)
     subject_to_node[:3, :3] = np.diag(spacing / grid_step)
     subject_to_node[:3, 3] = (first_voxel_mm - grid_origin) / grid_step
@@ -662,4 +662,4 @@ def moved_copy(
     pull = np.linalg.inv(source.affine) @ np.linalg.inv(forward) @ target  # new voxel -> template voxel
     moved = ndimage.affine_transform(data, pull[:3, :3], pull[:3, 3], output_shape=tuple(shape), order=1)
     write_volume(out, moved.astype(np.float32), target)
-    return geometry.apply_affine(forward, np.asarray(landmarks_world_mm, dtype=np.float64))
+    return geometry.voxel_to_world(np.asarray(landmarks_world_mm, dtype=np.float64), forward)

@@ -28,7 +28,11 @@ import tensorflow as tf
 
 
 def voxel_to_world(voxel: np.ndarray, voxel_to_world_affine: np.ndarray) -> np.ndarray:
-    """Map voxel coordinates ``[..., 3]`` to world millimetres ``[..., 3]`` through a 4x4 affine."""
+    """Map voxel coordinates ``[..., 3]`` to world millimetres ``[..., 3]`` through a 4x4 affine.
+
+    The one point map of the package: it applies any 4x4 affine to points, also voxel -> voxel maps (such as
+    ``new_to_old``) and world -> world motions.
+    """
     voxel = np.asarray(voxel, dtype=np.float64)
     affine = np.asarray(voxel_to_world_affine, dtype=np.float64)
     return voxel @ affine[:3, :3].T + affine[:3, 3]
@@ -49,43 +53,10 @@ def voxel_to_world_tf(voxel: tf.Tensor, voxel_to_world_affine: tf.Tensor) -> tf.
     return tf.linalg.matvec(affine[:3, :3], voxel) + affine[:3, 3]
 
 
-def world_to_voxel_tf(world_mm: tf.Tensor, voxel_to_world_affine: tf.Tensor) -> tf.Tensor:
-    """TensorFlow form of :func:`world_to_voxel` (float64 math)."""
-    inverse = tf.linalg.inv(tf.cast(voxel_to_world_affine, tf.float64))
-    return tf.linalg.matvec(inverse[:3, :3], tf.cast(world_mm, tf.float64)) + inverse[:3, 3]
-
-
 def voxel_spacing_mm(voxel_to_world_affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths ``[3]`` in mm: the column norms of the affine's linear part."""
     affine = np.asarray(voxel_to_world_affine, dtype=np.float64)
     return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# resampling grids
-
-
-def resampled_shape_and_affine(
-    shape: tuple[int, int, int], voxel_to_world_affine: np.ndarray, spacing_mm: float
-) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
-    """Grid of isotropic ``spacing_mm`` voxels covering the same field of view as ``shape``.
-
-    The new grid keeps the axis directions of the input and its first voxel *corner*; voxel centres move
-    to half the new spacing inside that corner. Returns ``(new_shape, new_voxel_to_world, new_to_old)``
-    where ``new_to_old`` is the 4x4 map from new voxel coordinates to old voxel coordinates (a pure
-    scaling and shift), which is the exact coordinate mapping used for resampling and for mapping
-    predictions back.
-    """
-    old_spacing = voxel_spacing_mm(voxel_to_world_affine)
-    scale = spacing_mm / old_spacing  # old voxels per new voxel
-    extent = np.asarray(shape, dtype=np.float64) / scale
-    new_shape = tuple(int(max(1, np.round(e))) for e in extent)
-    # new voxel j covers old [ (j)*scale - 0.5 , (j+1)*scale - 0.5 ) -> centre (j + 0.5) * scale - 0.5
-    new_to_old = np.eye(4)
-    new_to_old[:3, :3] = np.diag(scale)
-    new_to_old[:3, 3] = 0.5 * scale - 0.5
-    new_affine = np.asarray(voxel_to_world_affine, dtype=np.float64) @ new_to_old
-    return new_shape, new_affine, new_to_old
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -464,7 +435,7 @@ def sample_window_affine_tf(
 #   2. resampling of each canonical axis to ``spacing_mm``: a per-axis scale and shift (trilinear).
 # ``new_to_old`` therefore always has exactly one non-zero entry per row and column of its linear part, which
 # lets the resampling run separably, one axis at a time (``resample_axis_aligned``), with the same result as
-# full trilinear interpolation (``resample``).
+# full trilinear interpolation (which the tests check against ``scipy.ndimage.affine_transform``).
 
 # Spacings closer than this (relative) are taken as equal, so a 1 mm image is not interpolated for 1e-7 mm.
 SPACING_RELATIVE_TOLERANCE = 1e-5
@@ -479,7 +450,7 @@ def closest_canonical_orientation(voxel_to_world_affine: np.ndarray) -> tuple[np
     Returns ``(world_axis int64 [3], flip bool [3])``.
     """
     linear = np.asarray(voxel_to_world_affine, dtype=np.float64)[:3, :3]
-    spacing = np.sqrt((linear**2).sum(axis=0))
+    spacing = voxel_spacing_mm(voxel_to_world_affine)
     unit = linear / np.where(spacing > 0, spacing, 1.0)
     u, _, vt = np.linalg.svd(unit)
     rotation = u @ vt
@@ -529,8 +500,8 @@ def canonical_resampling_grid(
 
     Returns ``(new_shape, new_voxel_to_world, new_to_old)``; ``new_to_old`` maps new voxel coordinates to the
     file's voxel coordinates. Along each canonical axis the new grid covers the file's field of view from its
-    first voxel corner (as :func:`resampled_shape_and_affine`): new voxel ``j`` has its centre at canonical
-    coordinate ``(j + 0.5) * scale - 0.5`` with ``scale = spacing_mm / old_spacing``.
+    first voxel *corner* and keeps that corner: new voxel ``j`` has its centre at canonical coordinate
+    ``(j + 0.5) * scale - 0.5`` with ``scale = spacing_mm / old_spacing``.
     """
     canonical_shape, canonical_affine, canonical_to_file = canonical_to_file_voxel(shape, voxel_to_world_affine)
     if spacing_mm is None:
@@ -634,51 +605,6 @@ def resample_axis_aligned(volume: np.ndarray, new_to_old: np.ndarray, new_shape:
     return np.ascontiguousarray(out)
 
 
-def resample(volume: np.ndarray, new_to_old: np.ndarray, new_shape: tuple[int, int, int]) -> np.ndarray:
-    """Trilinear resampling of a 3D ``volume`` through any 4x4 ``new_to_old`` voxel map (edges clamped).
-
-    The general (slower) form of :func:`resample_axis_aligned`; used by tests and for non-axis-aligned maps.
-    """
-    from scipy import ndimage  # imported here: only this function needs it
-
-    new_to_old = np.asarray(new_to_old, dtype=np.float64)
-    return ndimage.affine_transform(
-        np.asarray(volume),
-        new_to_old[:3, :3],
-        offset=new_to_old[:3, 3],
-        output_shape=tuple(int(n) for n in new_shape),
-        order=1,
-        mode="nearest",
-    )
-
-
-def resample_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape: tf.Tensor) -> tf.Tensor:
-    """TensorFlow form of :func:`resample`: trilinear, any 4x4 ``new_to_old``, edges clamped (float32).
-
-    ``volume`` [X, Y, Z]; ``new_shape`` int [3]. Memory grows with 8 gathers of the whole output; prefer
-    :func:`resample_axis_aligned_tf` for maps made by :func:`canonical_resampling_grid_tf`.
-    """
-    volume = tf.cast(volume, tf.float32)
-    new_shape = tf.cast(tf.reshape(new_shape, [3]), tf.int32)
-    matrix = tf.cast(new_to_old, tf.float64)
-    grids = tf.meshgrid(*[tf.range(new_shape[a], dtype=tf.float64) for a in range(3)], indexing="ij")
-    new_voxel = tf.stack([tf.reshape(g, [-1]) for g in grids], axis=1)  # [N, 3]
-    old_voxel = tf.matmul(new_voxel, matrix[:3, :3], transpose_b=True) + matrix[:3, 3]
-    old_shape = tf.shape(volume, out_type=tf.int32)
-    upper = tf.cast(old_shape - 1, tf.float64)
-    old_voxel = tf.clip_by_value(old_voxel, tf.zeros_like(upper), upper)
-    lower = tf.floor(old_voxel)
-    weight = tf.cast(old_voxel - lower, tf.float32)
-    lower = tf.cast(lower, tf.int32)
-    result = tf.zeros(tf.shape(new_voxel)[:1], tf.float32)
-    for corner in range(8):
-        offset = tf.constant([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], tf.int32)
-        index = tf.minimum(lower + offset, old_shape - 1)
-        corner_weight = tf.reduce_prod(tf.where(tf.cast(offset, tf.bool), weight, 1.0 - weight), axis=1)
-        result += corner_weight * tf.gather_nd(volume, index)
-    return tf.reshape(result, new_shape)
-
-
 def _interpolate_axis_tf(volume: tf.Tensor, old_coordinate: tf.Tensor, axis: int) -> tf.Tensor:
     size = tf.shape(volume)[axis]
     upper = tf.cast(size - 1, tf.float64)
@@ -722,15 +648,6 @@ def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape
 # the displacement inverted numerically at the point (:func:`invert_displacement`).
 
 
-def rotation_matrix_deg(angles_deg: np.ndarray) -> np.ndarray:
-    """Rotation ``Rz @ Ry @ Rx`` (3x3) for angles ``[ax, ay, az]`` in degrees about the world x, y, z axes."""
-    ax, ay, az = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def rigid_affine(rotation: np.ndarray, translation_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
     """4x4 world map ``x -> rotation @ (x - centre) + centre + translation`` (rotation about ``centre_mm``)."""
     rotation = np.asarray(rotation, dtype=np.float64)
@@ -739,12 +656,6 @@ def rigid_affine(rotation: np.ndarray, translation_mm: np.ndarray, centre_mm: np
     affine[:3, :3] = rotation
     affine[:3, 3] = centre - rotation @ centre + np.asarray(translation_mm, dtype=np.float64)
     return affine
-
-
-def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Apply a 4x4 affine to points ``[..., 3]`` (any space to any space)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    return np.asarray(points, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
 
 
 def interpolate_at(field: np.ndarray, voxel: np.ndarray) -> np.ndarray:
@@ -805,11 +716,6 @@ def window_to_volume_voxel(window_voxel: np.ndarray, window_origin_voxel: np.nda
 def window_to_volume_voxel_tf(window_voxel: tf.Tensor, window_origin_voxel: tf.Tensor) -> tf.Tensor:
     """TensorFlow form of :func:`window_to_volume_voxel` (float32)."""
     return tf.cast(window_voxel, tf.float32) + tf.cast(window_origin_voxel, tf.float32)
-
-
-def volume_to_window_voxel(volume_voxel: np.ndarray, window_origin_voxel: np.ndarray) -> np.ndarray:
-    """Window coordinates of volume coordinates: ``volume_voxel - window_origin_voxel`` (broadcasting)."""
-    return np.asarray(volume_voxel, dtype=np.float64) - np.asarray(window_origin_voxel, dtype=np.float64)
 
 
 def peak_mass(probabilities: np.ndarray) -> np.ndarray:
@@ -896,16 +802,6 @@ def central_grid_crop_tf(
     origin = tf.maximum(centered_window_origin_tf(shape, max_size), 0)
     cropped_to_old = tf.matmul(tf.cast(new_to_old, tf.float64), translation_affine_tf(origin))
     return tf.minimum(shape, max_size), cropped_to_old, origin
-
-
-def map_voxel(voxel: np.ndarray, voxel_map: np.ndarray) -> np.ndarray:
-    """Apply a 4x4 voxel->voxel map (e.g. ``new_to_old``) to points ``[..., 3]`` (float64)."""
-    return voxel_to_world(voxel, voxel_map)
-
-
-def map_voxel_tf(voxel: tf.Tensor, voxel_map: tf.Tensor) -> tf.Tensor:
-    """TensorFlow form of :func:`map_voxel` (float64)."""
-    return voxel_to_world_tf(voxel, voxel_map)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1051,21 +947,6 @@ def pool_classes_tf(probabilities: tf.Tensor, superresolution: int) -> tf.Tensor
     shape = tf.shape(p)
     grouped = tf.reshape(p, tf.concat([shape[:-1], [shape[-1] // superresolution, superresolution]], axis=0))
     return tf.reduce_sum(grouped, axis=-1)
-
-
-def decode_axis_pooled(
-    probabilities: np.ndarray, superresolution: int, factor: int = 1, parabola: bool = True
-) -> np.ndarray:
-    """Window coordinate decoded from the ``n = 1`` pooling of ``superresolution``-class probabilities ``[..., C]``
-    (:func:`pool_classes`, then :func:`decode_axis` with ``superresolution = 1``)."""
-    return decode_axis(pool_classes(probabilities, superresolution), 1, factor, parabola)
-
-
-def decode_axis_pooled_tf(
-    probabilities: tf.Tensor, superresolution: int, factor: int = 1, parabola: bool = True
-) -> tf.Tensor:
-    """TensorFlow form of :func:`decode_axis_pooled` (float32)."""
-    return decode_axis_tf(pool_classes_tf(probabilities, superresolution), 1, factor, parabola)
 
 
 # ---------------------------------------------------------------------------------------------------------
