@@ -8,7 +8,8 @@ neck), with a smooth multiplicative bias field and Rician noise. The landmarks g
 transform exactly; the intensity operations do not move them. What each option draws, and the ``train`` /
 ``heldout`` families for a generalization check, are described in ``docs/SYNTH.md``.
 
-How the transform is built (coordinate math in :mod:`mdgru_keras.data.deformation` and :mod:`mdgru_keras.geometry`):
+How the transform is built (coordinate math in :mod:`mdgru_keras.data.deformation` and
+:mod:`mdgru_keras.geometry`):
 
 * The forward affine ``A`` (template world -> subject world) scales each template axis about the template
   centre, then rotates about it and translates: ``A(x) = R S (x - c) + c + t``.
