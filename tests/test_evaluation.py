@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
 from mdgru_keras.evaluation import (
     ErrorTable,
@@ -23,6 +22,7 @@ from mdgru_keras.evaluation import (
     method_name,
     read_json,
 )
+from mdgru_keras.geometry import affine_maps
 
 # An anisotropic scan: 1 mm along x, 2 mm along y, 2.5 mm along z.
 ANISOTROPIC = np.diag([1.0, 2.0, 2.5, 1.0])
@@ -96,7 +96,7 @@ def test_voxel_error_is_the_distance_in_the_scans_voxel_coordinates(spacing, ang
     truth = GroundTruth("s", {"L": true_mm}, affine)
     (error,) = compute_errors([Prediction("s", "coarse", {"L": true_mm + np.array(shift)})], [truth])
     assert error.error_mm == pytest.approx(np.linalg.norm(shift), abs=1e-9)
-    voxel_difference = geometry.world_to_voxel(true_mm + np.array(shift), affine) - geometry.world_to_voxel(
+    voxel_difference = affine_maps.world_to_voxel(true_mm + np.array(shift), affine) - affine_maps.world_to_voxel(
         true_mm, affine
     )
     assert error.error_voxel == pytest.approx(np.linalg.norm(voxel_difference), abs=1e-9)
@@ -104,7 +104,7 @@ def test_voxel_error_is_the_distance_in_the_scans_voxel_coordinates(spacing, ang
 
 
 def test_prediction_from_voxel_coordinates() -> None:
-    true_voxel = geometry.world_to_voxel(TRUE["s1"]["AC"], ANISOTROPIC)
+    true_voxel = affine_maps.world_to_voxel(TRUE["s1"]["AC"], ANISOTROPIC)
     predicted_voxel = true_voxel + np.array([0.0, 0.0, 2.0])  # two voxels along z = 5 mm
     prediction = Prediction.from_voxel("s1", "coarse", {"AC": predicted_voxel}, ANISOTROPIC)
     np.testing.assert_allclose(prediction.landmarks_world_mm["AC"], TRUE["s1"]["AC"] + [0.0, 0.0, 5.0])
