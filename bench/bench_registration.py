@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
+from scipy.spatial.transform import Rotation
 
 from mdgru_keras.baselines.registration import RegistrationSettings, register_landmarks
 from mdgru_keras.geometry import affine_maps
@@ -38,10 +39,9 @@ MNI_SHAPE = (193, 229, 193)
 
 
 def rotation_matrix(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about ``axis`` (any length)."""
     axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    a = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    return Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix()
 
 
 def phantom_on_grid(shape: tuple[int, int, int], affine: np.ndarray, motion: np.ndarray) -> np.ndarray:

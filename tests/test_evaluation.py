@@ -83,12 +83,7 @@ def test_a_3_4_5_shift_is_5_mm() -> None:
 )
 def test_voxel_error_is_the_distance_in_the_scans_voxel_coordinates(spacing, angles, shift) -> None:
     # A rotated anisotropic affine: the voxel error is |A^-1 d|, the mm error |d|.
-    a, b, c = angles
-    rotation = (
-        np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-        @ np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-        @ np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    )
+    rotation = affine_maps.rotation_matrix(angles)
     affine = np.eye(4)
     affine[:3, :3] = rotation @ np.diag(spacing)
     affine[:3, 3] = [5.0, -3.0, 12.0]

@@ -96,11 +96,10 @@ def affine(linear: np.ndarray, origin_mm: tuple[float, float, float]) -> np.ndar
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
+    """Rotation by ``degrees`` about world axis ``axis`` (0, 1, 2)."""
+    angles_rad = np.zeros(3)
+    angles_rad[axis] = np.deg2rad(degrees)
+    return affine_maps.rotation_matrix(angles_rad)
 
 
 # name -> (shape, voxel_to_world, stored dtype)

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813 (the usual SimpleITK alias)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.transform import Rotation
 
 from mdgru_keras.baselines.registration import register_landmarks, to_sitk_image, transform_world_mm
 from mdgru_keras.geometry import affine_maps
@@ -26,10 +27,9 @@ ELLIPSOIDS = [
 
 
 def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about ``axis`` (any length)."""
     axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    a = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    return Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix()
 
 
 def phantom(world_mm_ras: np.ndarray) -> np.ndarray:
