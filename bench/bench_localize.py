@@ -35,8 +35,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from mdgru_keras import geometry, networks  # noqa: E402
+from mdgru_keras import networks  # noqa: E402
 from mdgru_keras.config import Config, load_preset, with_landmarks  # noqa: E402
+from mdgru_keras.geometry.coordinate_classes import window_voxel_to_class  # noqa: E402
+from mdgru_keras.geometry.windows import centered_window_origin  # noqa: E402
 from mdgru_keras.localizer import TwoStageLocalizer  # noqa: E402
 from mdgru_keras.preprocessing import preprocess  # noqa: E402
 
@@ -108,8 +110,8 @@ def place_coarse_estimates(coarse: keras.Model, config: Config, volume_voxel: np
     """Make a random-weight coarse model answer ``volume_voxel [K, 3]`` (in a 193x229x193 volume): a large
     output bias on each landmark's target class outweighs the random logits."""
     size, stride, n = config.coarse.padded_size, config.coarse.input_stride, config.superresolution
-    origin = geometry.centered_window_origin(np.array(VOLUME_SHAPE), size)
-    classes = geometry.window_voxel_to_class(volume_voxel - origin, size, n, stride)  # [K, 3]
+    origin = centered_window_origin(np.array(VOLUME_SHAPE), size)
+    classes = window_voxel_to_class(volume_voxel - origin, size, n, stride)  # [K, 3]
     heads = coarse.get_layer("coarse_heads")
     bias = np.zeros(heads.output_bias.shape, np.float32)
     per_axis = networks.stage_classes(config, "coarse")[0]

@@ -39,13 +39,14 @@ def make_scan(path: Path, shape: tuple[int, int, int]) -> Path:
     import nibabel as nib
     from scipy import ndimage
 
+    from mdgru_keras.geometry import affine_maps
+
     rng = np.random.default_rng(0)
     volume = ndimage.zoom(rng.normal(size=tuple(max(4, n // 8) for n in shape)), 8, order=1)[tuple(map(slice, shape))]
     volume = np.round((volume - volume.min()) / np.ptp(volume) * 1000).astype(np.int16)
     angle = np.deg2rad(7.0)
     affine = np.eye(4)
-    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    affine[:3, :3] = affine[:3, :3] @ np.diag([1.0, 1.0, 1.1])
+    affine[:3, :3] = affine_maps.rotation_matrix([0.0, 0.0, angle]) @ np.diag([1.0, 1.0, 1.1])
     affine[:3, 3] = -np.asarray(shape) / 2
     nib.save(nib.Nifti1Image(volume, affine), str(path))
     return path

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
+from scipy.spatial.transform import Rotation
 
-from mdgru_keras import geometry
 from mdgru_keras.baselines.registration import RegistrationSettings, register_landmarks
+from mdgru_keras.geometry import affine_maps
 
 # (centre mm, semi-axes mm, rotation about z in degrees, intensity), head-sized
 ELLIPSOIDS = [
@@ -38,10 +39,9 @@ MNI_SHAPE = (193, 229, 193)
 
 
 def rotation_matrix(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about ``axis`` (any length)."""
     axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    a = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    return Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix()
 
 
 def phantom_on_grid(shape: tuple[int, int, int], affine: np.ndarray, motion: np.ndarray) -> np.ndarray:
@@ -50,7 +50,7 @@ def phantom_on_grid(shape: tuple[int, int, int], affine: np.ndarray, motion: np.
     out = np.zeros(shape, np.float32)
     for x in range(shape[0]):  # slice by slice keeps memory small
         voxel = np.stack(np.meshgrid([x], np.arange(shape[1]), np.arange(shape[2]), indexing="ij"), -1)[0]
-        world = geometry.voxel_to_world(voxel, inverse)
+        world = affine_maps.voxel_to_world(voxel, inverse)
         for centre, axes, angle, value in ELLIPSOIDS:
             local = (world - np.asarray(centre)) @ rotation_matrix([0, 0, 1], angle)
             radius = np.sqrt(((local / np.asarray(axes)) ** 2).sum(-1))
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"phantoms made in {time.perf_counter() - t0:.1f} s")
     landmarks = {f"L{i}": np.asarray(e[0]) for i, e in enumerate(ELLIPSOIDS)}
     landmarks["off-centre"] = np.array([40.0, -50.0, 30.0])
-    expected = {n: geometry.voxel_to_world(p, motion) for n, p in landmarks.items()}  # motion as an affine
+    expected = {n: affine_maps.voxel_to_world(p, motion) for n, p in landmarks.items()}  # motion as an affine
 
     settings = RegistrationSettings(threads=args.threads)
     times, cpu_times, errors = [], [], []

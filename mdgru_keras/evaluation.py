@@ -31,8 +31,8 @@ from typing import Any, Literal, TextIO
 
 import numpy as np
 
-from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import write_text_atomic
 
 JSON_FORMAT = "mdgru-keras evaluation v1"
@@ -143,7 +143,7 @@ class Prediction:
         cls, subject: str, method: str, landmarks_voxel: Mapping[str, np.ndarray], voxel_to_world: np.ndarray
     ) -> Prediction:
         """A prediction given as continuous voxel coordinates ``(3,)`` in a volume with ``voxel_to_world``."""
-        world = {name: geometry.voxel_to_world(voxel, voxel_to_world) for name, voxel in landmarks_voxel.items()}
+        world = {name: affine_maps.voxel_to_world(voxel, voxel_to_world) for name, voxel in landmarks_voxel.items()}
         return cls(subject, method, world, voxel_to_world)
 
 
@@ -211,7 +211,7 @@ def compute_errors(
                 continue
             error_voxel = None
             if affine is not None:
-                voxels = geometry.world_to_voxel(np.stack([predicted_mm, true_mm]), affine)
+                voxels = affine_maps.world_to_voxel(np.stack([predicted_mm, true_mm]), affine)
                 error_voxel = float(np.linalg.norm(voxels[0] - voxels[1]))
             errors.append(
                 LandmarkError(

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from mdgru_keras import geometry
 from mdgru_keras.config import Config, config_from_dict
 from mdgru_keras.errors import InputError
 from mdgru_keras.evaluation import (
@@ -42,6 +41,7 @@ from mdgru_keras.evaluation import (
     Prediction,
     method_name,
 )
+from mdgru_keras.geometry import affine_maps
 
 MODEL = "model"  # key of the export's time in EvaluationRun.seconds
 
@@ -299,9 +299,9 @@ class UNetBaseline:
 
         grid = read_volume(scan.path, self.config.spacing_mm)
         file_to_grid = np.linalg.inv(grid.array_to_file_voxel)
-        coarse_grid_voxel = geometry.map_voxel(scan.decodings["coarse_voxel"], file_to_grid)
+        coarse_grid_voxel = affine_maps.voxel_to_world(scan.decodings["coarse_voxel"], file_to_grid)
         grid_voxel = self.localizer.localize(grid.data, coarse_grid_voxel)
-        world_mm = geometry.voxel_to_world(grid_voxel, grid.voxel_to_world)
+        world_mm = affine_maps.voxel_to_world(grid_voxel, grid.voxel_to_world)
         return {name: world_mm[k] for k, name in enumerate(scan.landmark_names)}
 
 
@@ -479,7 +479,7 @@ def case_figures(
                 volumes[error.subject] = read_volume(images[error.subject], spacing_mm=None)
             volume = volumes[error.subject]
             points = {
-                label: {error.landmark: geometry.world_to_voxel(np.asarray(mm), volume.voxel_to_world)}
+                label: {error.landmark: affine_maps.world_to_voxel(np.asarray(mm), volume.voxel_to_world)}
                 for label, mm in (("ground truth", error.true_world_mm), ("prediction", error.predicted_world_mm))
             }
             title = f"{kind} {rank}: {error.subject}, {error.landmark}, {error.method}: {error.error_mm:.2f} mm"

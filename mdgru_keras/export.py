@@ -36,9 +36,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from mdgru_keras import geometry
 from mdgru_keras.config import Config, ConfigError, config_from_dict
 from mdgru_keras.errors import InputError, one_line
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.resampling import canonical_resampling_grid_tf, central_grid_crop_tf, resample_axis_aligned_tf
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.serving import (
     COARSE_SIGNATURE,
@@ -136,18 +137,18 @@ class LocalizationGraph:
         with tf.control_dependencies([self._validate(volume, voxel_to_world)]):
             volume = tf.identity(volume)
             voxel_to_world = tf.identity(voxel_to_world)
-        new_shape, _, new_to_old = geometry.canonical_resampling_grid_tf(
+        new_shape, _, new_to_old = canonical_resampling_grid_tf(
             tf.shape(volume), voxel_to_world, self._spacing_mm
         )
-        new_shape, new_to_old, _ = geometry.central_grid_crop_tf(new_shape, new_to_old, self._max_grid_size)
-        return geometry.resample_axis_aligned_tf(volume, new_to_old, new_shape), new_to_old
+        new_shape, new_to_old, _ = central_grid_crop_tf(new_shape, new_to_old, self._max_grid_size)
+        return resample_axis_aligned_tf(volume, new_to_old, new_shape), new_to_old
 
     def _report(
         self, model_voxel: tf.Tensor, model_to_given: tf.Tensor, voxel_to_world: tf.Tensor
     ) -> tuple[tf.Tensor, tf.Tensor]:
         """Model-grid voxels ``[K, 3]`` -> ``(voxel, world_mm)`` float64 ``[K, 3]`` in the given array."""
-        voxel = tf.ensure_shape(geometry.map_voxel_tf(model_voxel, model_to_given), [self._num_landmarks, 3])
-        return voxel, tf.ensure_shape(geometry.voxel_to_world_tf(voxel, voxel_to_world), [self._num_landmarks, 3])
+        voxel = tf.ensure_shape(affine_maps.voxel_to_world_tf(model_voxel, model_to_given), [self._num_landmarks, 3])
+        return voxel, tf.ensure_shape(affine_maps.voxel_to_world_tf(voxel, voxel_to_world), [self._num_landmarks, 3])
 
     @tf.function(input_signature=[_volume_spec(tf.float32), AFFINE_SPEC])
     def _localize(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -20,7 +20,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mdgru_keras import geometry
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.resampling import closest_canonical_orientation
 from mdgru_keras.io.atomic import atomic_path
 
 # Label colours and marker shapes in order of the labels given (e.g. ground truth, prediction, baseline).
@@ -39,7 +40,7 @@ def landmark_figure_size_px(num_landmarks: int, panel_px: int = 320) -> tuple[in
 
 
 def _check_ras_canonical(voxel_to_world: np.ndarray) -> None:
-    world_axis, flip = geometry.closest_canonical_orientation(voxel_to_world)
+    world_axis, flip = closest_canonical_orientation(voxel_to_world)
     if list(world_axis) != [0, 1, 2] or flip.any():
         raise ValueError("landmark_figure expects a volume [x, y, z] in RAS-canonical order (as read_volume gives)")
 
@@ -115,7 +116,7 @@ def landmark_figure(
         raise ValueError("no landmarks to draw")
     colors = {label: (colors or {}).get(label, LABEL_COLORS[i % len(LABEL_COLORS)]) for i, label in enumerate(labels)}
     markers = {label: LABEL_MARKERS[i % len(LABEL_MARKERS)] for i, label in enumerate(labels)}
-    spacing = geometry.voxel_spacing_mm(voxel_to_world)
+    spacing = affine_maps.voxel_spacing_mm(voxel_to_world)
     vmin, vmax = intensity_window if intensity_window is not None else _intensity_window(volume)
     shape = volume.shape
 
@@ -138,11 +139,11 @@ def landmark_figure(
         reference_label = next(label for label in labels if name in points[label])
         reference_voxel = np.asarray(points[reference_label][name], dtype=np.float64)
         slice_voxel = np.clip(np.floor(reference_voxel + 0.5).astype(int), 0, np.array(shape) - 1)
-        reference_mm = geometry.voxel_to_world(reference_voxel, voxel_to_world)
+        reference_mm = affine_maps.voxel_to_world(reference_voxel, voxel_to_world)
         distances = []
         for label in labels:
             if label != reference_label and name in points[label]:
-                label_mm = geometry.voxel_to_world(np.asarray(points[label][name], np.float64), voxel_to_world)
+                label_mm = affine_maps.voxel_to_world(np.asarray(points[label][name], np.float64), voxel_to_world)
                 distances.append(f"{label} {np.linalg.norm(label_mm - reference_mm):.1f} mm")
         suffix = f"  ({', '.join(distances)})" if distances else ""
         cell_bottom = height_px - HEADER_PX - (row + 1) * panel_px

@@ -45,9 +45,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mdgru_keras import geometry
 from mdgru_keras.config import Config
 from mdgru_keras.data.pipeline import coarse_centre_origin
+from mdgru_keras.geometry.coordinate_classes import decode_axis_tf, peak_mass_tf, pool_classes_tf
+from mdgru_keras.geometry.windows import (
+    crop_with_padding_tf,
+    shared_window_groups_tf,
+    window_origin_around_tf,
+    window_to_volume_voxel_tf,
+)
 from mdgru_keras.networks import AXES, split_fine_model
 from mdgru_keras.preprocessing import preprocess
 
@@ -187,7 +193,7 @@ class TwoStageLocalizer(tf.Module):
         config = self.config
         size, stride = config.coarse.padded_size, config.coarse.input_stride
         origin = coarse_centre_origin(features, config)
-        region = geometry.crop_with_padding_tf(features, origin, (size, size, size))
+        region = crop_with_padding_tf(features, origin, (size, size, size))
         logits = self.coarse_model({"volume": region[None]}, training=False)
         probabilities = {axis: tf.nn.softmax(logits[axis][0], axis=-1) for axis in AXES}  # [K, Cc]
         decoded = _decode(probabilities, config.superresolution, stride, origin[None, :])
@@ -213,13 +219,13 @@ class TwoStageLocalizer(tf.Module):
         for features, centre in zip(views, centres):
             if self.share_windows_margin_voxel is None:  # the paper: one window centred on each landmark
                 window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
-                window_origins = geometry.window_origin_around_tf(centre, size)  # [K, 3]
+                window_origins = window_origin_around_tf(centre, size)  # [K, 3]
             else:
-                window_of_landmark, window_origins = geometry.shared_window_groups_tf(
+                window_of_landmark, window_origins = shared_window_groups_tf(
                     centre, size, self.share_windows_margin_voxel
                 )  # [K], [G, 3]
             windows = tf.map_fn(
-                lambda origin, features=features: geometry.crop_with_padding_tf(features, origin, (size,) * 3),
+                lambda origin, features=features: crop_with_padding_tf(features, origin, (size,) * 3),
                 window_origins,
                 fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
             )  # [G, W, W, W, 2]
@@ -244,7 +250,7 @@ class TwoStageLocalizer(tf.Module):
         config = self.config
         probabilities = {axis: tf.nn.softmax(logits[axis], axis=-1) for axis in AXES}  # [K, C]
         decoded = _decode(probabilities, config.superresolution, 1, origins)
-        pooled = {axis: geometry.pool_classes_tf(probabilities[axis], config.superresolution) for axis in AXES}
+        pooled = {axis: pool_classes_tf(probabilities[axis], config.superresolution) for axis in AXES}
         decoded_n1 = _decode(pooled, 1, 1, origins)
         result = {
             "voxel": decoded["parabola"] if config.parabola else decoded["argmax"],
@@ -340,10 +346,10 @@ def _decode(
     decoded = {}
     for name, parabola in (("argmax", False), ("parabola", True)):
         window_voxel = tf.stack(
-            [geometry.decode_axis_tf(probabilities[axis], superresolution, factor, parabola) for axis in AXES],
+            [decode_axis_tf(probabilities[axis], superresolution, factor, parabola) for axis in AXES],
             axis=-1,
         )
-        decoded[name] = geometry.window_to_volume_voxel_tf(window_voxel, origin_voxel)
-    mass = tf.stack([geometry.peak_mass_tf(probabilities[axis]) for axis in AXES], axis=-1)
+        decoded[name] = window_to_volume_voxel_tf(window_voxel, origin_voxel)
+    mass = tf.stack([peak_mass_tf(probabilities[axis]) for axis in AXES], axis=-1)
     decoded["confidence"] = tf.reduce_prod(mass, axis=-1)
     return decoded

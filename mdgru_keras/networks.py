@@ -8,7 +8,8 @@ One localization network serves both stages::
       -> LandmarkHeads: shared Dense(H) -> leaky ReLU(0.01) -> per-landmark Dense(Cx + Cy + Cz) -> split x/y/z
 
 with ``H = (Cx + Cy + Cz) * head_hidden_factor``. ``C = n * window / factor`` coordinate classes per axis
-(:func:`mdgru_keras.geometry.num_classes`). Every axis is its own classifier (softmax over its logits).
+(:func:`~mdgru_keras.geometry.coordinate_classes.num_classes`). Every axis is its own classifier (softmax over its
+logits).
 
 Several landmarks share the trunk *and* the first dense layer: the paper's first dense layer alone is
 ``(8^3 * 192) x 3072`` (302 M weights, 1.2 GB float32), so K copies of it are out of the question. Each
@@ -32,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from mdgru_keras.config import Config, NetworkConfig
-from mdgru_keras.geometry import num_classes
+from mdgru_keras.geometry.coordinate_classes import num_classes
 from mdgru_keras.layers import CGRU, MDGRU, StridedConv3D, upgrade_strided_convolutions
 
 AXES = ("x", "y", "z")

@@ -325,15 +325,15 @@ def predictions_csv(
 
 def write_prediction_figure(prediction: ScanPrediction, out_png: str | Path) -> Path:
     """Sagittal and axial slices through each landmark with the prediction (and the coarse estimate) marked."""
-    from mdgru_keras import geometry
     from mdgru_keras.figures import landmark_figure
+    from mdgru_keras.geometry import affine_maps
     from mdgru_keras.io.nifti import read_volume
 
     # The figure wants RAS-canonical slices: reorient (exactly, no resampling) and move the points along.
     volume = read_volume(prediction.path, spacing_mm=None)
     points = {
         label: {
-            name: geometry.world_to_voxel(world_mm[k], volume.voxel_to_world)
+            name: affine_maps.world_to_voxel(world_mm[k], volume.voxel_to_world)
             for k, name in enumerate(prediction.landmark_names)
         }
         for label, world_mm in (("prediction", prediction.world_mm), ("coarse estimate", prediction.coarse_world_mm))

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdgru_keras import geometry
 from mdgru_keras.evaluation import read_json
+from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.landmarks import read_landmarks, write_landmarks
 from mdgru_keras.io.nifti import write_volume
 
@@ -40,7 +40,7 @@ def write_template(directory: Path) -> dict[str, Path]:
         "t1": write_volume(directory / "tpl_T1w.nii.gz", (body + marker).astype(np.float32), voxel_to_world),
         "t2": write_volume(directory / "tpl_T2w.nii.gz", (1500.0 - body + marker).astype(np.float32), voxel_to_world),
         "fiducials": write_landmarks(
-            directory / "tpl.fcsv", {"A": geometry.voxel_to_world(LANDMARK_VOXEL, voxel_to_world)}
+            directory / "tpl.fcsv", {"A": affine_maps.voxel_to_world(LANDMARK_VOXEL, voxel_to_world)}
         ),
     }
 

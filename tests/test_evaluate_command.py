@@ -21,7 +21,6 @@ from click.testing import CliRunner, Result
 from PIL import Image
 from scipy import ndimage
 
-from mdgru_keras import geometry
 from mdgru_keras.baselines.unet import UNetLocalizer
 from mdgru_keras.cli import main as cli
 from mdgru_keras.config import load_preset
@@ -29,6 +28,8 @@ from mdgru_keras.data.records import prepare_dataset
 from mdgru_keras.evaluation import read_json
 from mdgru_keras.export import export_runs
 from mdgru_keras.figures import landmark_figure_size_px
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.coordinate_classes import decode_axis
 from mdgru_keras.io import read_volume, write_landmarks
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.networks import load_model
@@ -59,7 +60,7 @@ def phantom() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         volume += intensity * np.exp(-((grid - voxel) ** 2).sum(-1) / (2 * sigma**2))
     voxel_to_world = np.eye(4)
     voxel_to_world[:3, 3] = -centre
-    landmarks = {name: geometry.voxel_to_world(np.array(v, float), voxel_to_world) for name, (v, _, _) in
+    landmarks = {name: affine_maps.voxel_to_world(np.array(v, float), voxel_to_world) for name, (v, _, _) in
                  blobs.items() if name}  # fmt: skip
     return np.round(ndimage.gaussian_filter(volume, 0.7)).astype(np.int16), voxel_to_world, landmarks
 
@@ -149,12 +150,12 @@ def reference(runs: tuple[Path, Path], data: dict) -> dict[str, dict[str, dict[s
                        f"fine n={N} + parabola": outputs["voxel_parabola"]}  # fmt: skip
         for parabola in (False, True):
             window_voxel = np.stack(
-                [geometry.decode_axis(outputs[f"probabilities_{axis}"].reshape(len(LANDMARKS), -1, N).sum(-1),
+                [decode_axis(outputs[f"probabilities_{axis}"].reshape(len(LANDMARKS), -1, N).sum(-1),
                                       1, 1, parabola) for axis in "xyz"], axis=-1,
             )  # fmt: skip
             grid_voxels[f"fine n=1 {'+ parabola' if parabola else '(argmax)'}"] = window_voxel + origin
         result[subject] = {
-            row: {name: geometry.voxel_to_world(voxel[k], volume.voxel_to_world) for k, name in enumerate(LANDMARKS)}
+            row: {name: affine_maps.voxel_to_world(voxel[k], volume.voxel_to_world) for k, name in enumerate(LANDMARKS)}
             for row, voxel in grid_voxels.items()
         }
         result[subject]["coarse grid voxel"] = outputs["coarse_voxel"]
@@ -307,7 +308,7 @@ def test_unet_baseline_runs_around_the_models_coarse_estimate(
         volume = read_volume(info["image"], CONFIG.spacing_mm)
         grid_voxel = localizer.localize(volume.data, reference[subject]["coarse grid voxel"])
         for k, name in enumerate(LANDMARKS):
-            expected_mm = geometry.voxel_to_world(grid_voxel[k], volume.voxel_to_world)
+            expected_mm = affine_maps.voxel_to_world(grid_voxel[k], volume.voxel_to_world)
             np.testing.assert_allclose(by_case[subject, name]["predicted_world_mm"], expected_mm, atol=1e-3)
             # the U-Net answer lies within its window around the coarse estimate
             coarse_mm = reference[subject]["coarse"][name]
@@ -467,7 +468,7 @@ def test_an_n1_model_gives_the_n1_rows(model_base: Path, n1_model_base, data: di
             outputs = {key: value.numpy() for key, value in localizer(tf.constant(volume.data)).items()}
             grid_voxel = outputs["voxel_parabola" if parabola else "voxel_argmax"]
             for k, name in enumerate(LANDMARKS):
-                predicted = geometry.voxel_to_world(grid_voxel[k], volume.voxel_to_world)
+                predicted = affine_maps.voxel_to_world(grid_voxel[k], volume.voxel_to_world)
                 errors_mm[name].append(float(np.linalg.norm(predicted - info["truth"][name])))
                 errors_voxel[name].append(voxel_distance(predicted, info["truth"][name], info["affine"]))
         assert_row(document["rows"][row], errors_mm, errors_voxel, atol=1e-3)

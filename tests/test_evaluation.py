@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
 from mdgru_keras.evaluation import (
     ErrorTable,
@@ -23,6 +22,7 @@ from mdgru_keras.evaluation import (
     method_name,
     read_json,
 )
+from mdgru_keras.geometry import affine_maps
 
 # An anisotropic scan: 1 mm along x, 2 mm along y, 2.5 mm along z.
 ANISOTROPIC = np.diag([1.0, 2.0, 2.5, 1.0])
@@ -83,12 +83,7 @@ def test_a_3_4_5_shift_is_5_mm() -> None:
 )
 def test_voxel_error_is_the_distance_in_the_scans_voxel_coordinates(spacing, angles, shift) -> None:
     # A rotated anisotropic affine: the voxel error is |A^-1 d|, the mm error |d|.
-    a, b, c = angles
-    rotation = (
-        np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-        @ np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-        @ np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    )
+    rotation = affine_maps.rotation_matrix(angles)
     affine = np.eye(4)
     affine[:3, :3] = rotation @ np.diag(spacing)
     affine[:3, 3] = [5.0, -3.0, 12.0]
@@ -96,7 +91,7 @@ def test_voxel_error_is_the_distance_in_the_scans_voxel_coordinates(spacing, ang
     truth = GroundTruth("s", {"L": true_mm}, affine)
     (error,) = compute_errors([Prediction("s", "coarse", {"L": true_mm + np.array(shift)})], [truth])
     assert error.error_mm == pytest.approx(np.linalg.norm(shift), abs=1e-9)
-    voxel_difference = geometry.world_to_voxel(true_mm + np.array(shift), affine) - geometry.world_to_voxel(
+    voxel_difference = affine_maps.world_to_voxel(true_mm + np.array(shift), affine) - affine_maps.world_to_voxel(
         true_mm, affine
     )
     assert error.error_voxel == pytest.approx(np.linalg.norm(voxel_difference), abs=1e-9)
@@ -104,7 +99,7 @@ def test_voxel_error_is_the_distance_in_the_scans_voxel_coordinates(spacing, ang
 
 
 def test_prediction_from_voxel_coordinates() -> None:
-    true_voxel = geometry.world_to_voxel(TRUE["s1"]["AC"], ANISOTROPIC)
+    true_voxel = affine_maps.world_to_voxel(TRUE["s1"]["AC"], ANISOTROPIC)
     predicted_voxel = true_voxel + np.array([0.0, 0.0, 2.0])  # two voxels along z = 5 mm
     prediction = Prediction.from_voxel("s1", "coarse", {"AC": predicted_voxel}, ANISOTROPIC)
     np.testing.assert_allclose(prediction.landmarks_world_mm["AC"], TRUE["s1"]["AC"] + [0.0, 0.0, 5.0])

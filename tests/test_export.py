@@ -22,7 +22,6 @@ import tensorflow as tf
 from click.testing import CliRunner
 from scipy import ndimage
 
-from mdgru_keras import geometry
 from mdgru_keras.cli import main as cli
 from mdgru_keras.config import load_preset
 from mdgru_keras.errors import InputError
@@ -37,6 +36,9 @@ from mdgru_keras.export import (
     next_version,
     read_model_info,
 )
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.resampling import central_grid_crop, central_grid_crop_tf
+from mdgru_keras.geometry.windows import centered_window_origin
 from mdgru_keras.io import read_volume
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.networks import load_model
@@ -94,11 +96,10 @@ def affine(linear: np.ndarray, origin_mm: tuple[float, float, float]) -> np.ndar
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[i, j], matrix[j, i], matrix[j, j] = c, -s, s, c
-    return matrix
+    """Rotation by ``degrees`` about world axis ``axis`` (0, 1, 2)."""
+    angles_rad = np.zeros(3)
+    angles_rad[axis] = np.deg2rad(degrees)
+    return affine_maps.rotation_matrix(angles_rad)
 
 
 # name -> (shape, voxel_to_world, stored dtype)
@@ -130,21 +131,22 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def reference(localizer: TwoStageLocalizer, path: Path) -> dict[str, np.ndarray]:
     """The NumPy path: read_volume (RAS, model spacing), the central (P+W)^3 region, the in-memory localizer."""
     volume = read_volume(path, CONFIG.spacing_mm)
-    shape, cropped_to_file, origin = geometry.central_grid_crop(
+    shape, cropped_to_file, origin = central_grid_crop(
         volume.shape, volume.array_to_file_voxel, max_grid_size(CONFIG)
     )
     data = volume.data[tuple(slice(o, o + n) for o, n in zip(origin, shape))]
     result = {key: value.numpy() for key, value in localizer(tf.constant(data)).items()}
     out = {}
     for key in ("voxel", "coarse_voxel"):
-        file_voxel = geometry.map_voxel(result[key], cropped_to_file)
+        file_voxel = affine_maps.voxel_to_world(result[key], cropped_to_file)
         out[key] = file_voxel
-        out[key.replace("voxel", "world_mm")] = geometry.voxel_to_world(file_voxel, volume.file_voxel_to_world)
+        out[key.replace("voxel", "world_mm")] = affine_maps.voxel_to_world(file_voxel, volume.file_voxel_to_world)
         # the same point through the array's own affine: the bookkeeping of read_volume agrees
         np.testing.assert_allclose(
-            geometry.voxel_to_world(result[key] + origin, volume.voxel_to_world), out[key.replace("voxel", "world_mm")],
+            affine_maps.voxel_to_world(result[key] + origin, volume.voxel_to_world),
+            out[key.replace("voxel", "world_mm")],
             atol=1e-6,
-        )  # fmt: skip
+        )
     out["confidence"] = result["confidence"]
     return out
 
@@ -220,7 +222,7 @@ def test_decodings_signature_agrees_with_serving_default(servable: Servable) -> 
     np.testing.assert_allclose(decodings["coarse_voxel"], default["coarse_voxel"], atol=1e-9)
     for name in ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola"):
         np.testing.assert_allclose(
-            geometry.voxel_to_world(decodings[f"{name}_voxel"], voxel_to_world), decodings[f"{name}_world_mm"],
+            affine_maps.voxel_to_world(decodings[f"{name}_voxel"], voxel_to_world), decodings[f"{name}_world_mm"],
             atol=1e-9, err_msg=name,
         )  # fmt: skip
 
@@ -432,14 +434,14 @@ def test_central_grid_crop_keeps_the_coarse_region_and_matches_its_tf_form(rng: 
     for _ in range(50):
         shape = tuple(int(n) for n in rng.integers(2, 3 * limit, size=3))
         new_to_old = affine(np.diag(rng.uniform(0.5, 2.0, size=3)), tuple(rng.uniform(-5, 5, size=3)))
-        cropped_shape, cropped_to_old, origin = geometry.central_grid_crop(shape, new_to_old, limit)
+        cropped_shape, cropped_to_old, origin = central_grid_crop(shape, new_to_old, limit)
         assert cropped_shape == tuple(min(n, limit) for n in shape)
         # the coarse region (central P^3) is the same voxels of the uncropped grid, cropped or not
         np.testing.assert_array_equal(
-            origin + geometry.centered_window_origin(cropped_shape, size), geometry.centered_window_origin(shape, size)
+            origin + centered_window_origin(cropped_shape, size), centered_window_origin(shape, size)
         )
-        np.testing.assert_allclose(cropped_to_old, new_to_old @ geometry.translation_affine(origin))
-        tf_shape, tf_to_old, tf_origin = geometry.central_grid_crop_tf(
+        np.testing.assert_allclose(cropped_to_old, new_to_old @ affine_maps.translation_affine(origin))
+        tf_shape, tf_to_old, tf_origin = central_grid_crop_tf(
             tf.constant(shape), tf.constant(new_to_old), limit
         )
         assert tuple(tf_shape.numpy()) == cropped_shape

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mdgru_keras import geometry as G
 from mdgru_keras import networks as N
 from mdgru_keras.config import load_preset, with_landmarks
+from mdgru_keras.geometry.coordinate_classes import decode_axis, peak_mass, window_voxel_to_class
+from mdgru_keras.geometry.windows import centered_window_origin, crop_with_padding, window_origin_around
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.preprocessing import preprocess
 
@@ -44,23 +45,23 @@ def test_outputs_follow_from_the_probabilities_by_the_geometry_rules(tiny3, shap
         assert out[f"probabilities_{axis}"].shape == (k, c_fine)
         np.testing.assert_allclose(out[f"probabilities_{axis}"].sum(-1), 1.0, rtol=1e-5)
     # coarse: decoded in the central P^3 region, then shifted by its origin
-    origin = G.centered_window_origin(np.array(shape), config.coarse.padded_size)
+    origin = centered_window_origin(np.array(shape), config.coarse.padded_size)
     np.testing.assert_array_equal(out["coarse_origin_voxel"], origin)
     probs = np.stack([out[f"coarse_probabilities_{a}"] for a in "xyz"], axis=1).astype(np.float64)  # [K, 3, C]
     for parabola, key in ((False, "coarse_voxel_argmax"), (True, "coarse_voxel_parabola")):
-        np.testing.assert_allclose(out[key], G.decode_axis(probs, n, s, parabola) + origin, atol=1e-4)
+        np.testing.assert_allclose(out[key], decode_axis(probs, n, s, parabola) + origin, atol=1e-4)
     np.testing.assert_array_equal(out["coarse_voxel"], out["coarse_voxel_parabola"])  # config.parabola
     # fine: one window per landmark centred on its coarse voxel
-    origins = G.window_origin_around(out["coarse_voxel"], config.fine.window_size)
+    origins = window_origin_around(out["coarse_voxel"], config.fine.window_size)
     np.testing.assert_array_equal(out["window_origin_voxel"], origins)
     probs = np.stack([out[f"probabilities_{a}"] for a in "xyz"], axis=1).astype(np.float64)
     for parabola, key in ((False, "voxel_argmax"), (True, "voxel_parabola")):
-        np.testing.assert_allclose(out[key], G.decode_axis(probs, n, 1, parabola) + origins, atol=1e-4)
+        np.testing.assert_allclose(out[key], decode_axis(probs, n, 1, parabola) + origins, atol=1e-4)
     np.testing.assert_array_equal(out["voxel"], out["voxel_parabola"])
-    np.testing.assert_allclose(out["confidence"], G.peak_mass(probs).prod(-1), rtol=1e-4)
+    np.testing.assert_allclose(out["confidence"], peak_mass(probs).prod(-1), rtol=1e-4)
     # the fine windows really are those crops of the preprocessed volume
     features = preprocess(volume, config.spacing_mm, config.highpass_sigma_mm).numpy()
-    windows = np.stack([G.crop_with_padding(features, o, (config.fine.window_size,) * 3) for o in origins])
+    windows = np.stack([crop_with_padding(features, o, (config.fine.window_size,) * 3) for o in origins])
     logits = fine({"window": windows})  # [3 windows, 3 landmarks, C]: window k was placed for landmark k
     own = tf.nn.softmax(logits["x"]).numpy()[np.arange(3), np.arange(3)]
     np.testing.assert_allclose(out["probabilities_x"], own, atol=1e-5)
@@ -89,14 +90,14 @@ def test_shared_windows_run_the_trunk_once_per_window(tiny3, rng):
     assert int(out["fine_windows"]) == 1
     origin = out["window_origin_voxel"].numpy()
     np.testing.assert_array_equal(origin, np.repeat(origin[:1], 3, axis=0))
-    window = G.crop_with_padding(features, origin[0], (size,) * 3)
+    window = crop_with_padding(features, origin[0], (size,) * 3)
     logits = fine({"window": window[None]})  # one window, all three landmarks read from it
     np.testing.assert_allclose(out["probabilities_y"].numpy(), tf.nn.softmax(logits["y"]).numpy()[0], atol=1e-5)
     # far apart: one window each, exactly the unshared (paper) windows and results
     far = np.array([[5.0, 5, 5], [30, 8, 20], [10, 30, 25]], np.float32)
     out, unshared = shared.fine(volume, far), localizer.fine(volume, far)
     assert int(out["fine_windows"]) == 3 and int(unshared["fine_windows"]) == 3
-    np.testing.assert_array_equal(out["window_origin_voxel"].numpy(), G.window_origin_around(far, size))
+    np.testing.assert_array_equal(out["window_origin_voxel"].numpy(), window_origin_around(far, size))
     np.testing.assert_allclose(out["voxel"].numpy(), unshared["voxel"].numpy(), atol=1e-5)
     # the fine stage from the coarse estimates is the second half of the full call
     full = localizer(volume)
@@ -157,18 +158,18 @@ def test_tiny_preset_learns_to_localize_blobs_to_below_one_voxel():
         volumes, classes = [], []
         for i in rng.integers(0, len(inputs), batch):
             shift = rng.integers(-config.coarse.offset_range_voxel, config.coarse.offset_range_voxel + 1, 3)
-            origin = G.centered_window_origin(np.array(shape), size) + shift
-            volumes.append(G.crop_with_padding(inputs[i], origin, (size,) * 3))
-            classes.append(G.window_voxel_to_class(centres[i] - origin, size, n, stride))
+            origin = centered_window_origin(np.array(shape), size) + shift
+            volumes.append(crop_with_padding(inputs[i], origin, (size,) * 3))
+            classes.append(window_voxel_to_class(centres[i] - origin, size, n, stride))
         classes = np.array(classes, np.int32)
         return {"volume": np.stack(volumes)}, {a: classes[:, None, j] for j, a in enumerate("xyz")}
 
     def fine_batch():
         windows, classes = [], []
         for i in rng.integers(0, len(inputs), batch):
-            origin = G.window_origin_around(centres[i] + rng.uniform(-FINE_OFFSET_VOXEL, FINE_OFFSET_VOXEL, 3), window)
-            windows.append(G.crop_with_padding(inputs[i], origin, (window,) * 3))
-            classes.append(G.window_voxel_to_class(centres[i] - origin, window, n, 1))
+            origin = window_origin_around(centres[i] + rng.uniform(-FINE_OFFSET_VOXEL, FINE_OFFSET_VOXEL, 3), window)
+            windows.append(crop_with_padding(inputs[i], origin, (window,) * 3))
+            classes.append(window_voxel_to_class(centres[i] - origin, window, n, 1))
         classes = np.array(classes, np.int32)
         return {"window": np.stack(windows)}, {a: classes[:, None, j] for j, a in enumerate("xyz")}
 
@@ -187,7 +188,7 @@ def test_tiny_preset_learns_to_localize_blobs_to_below_one_voxel():
     test_rng = np.random.default_rng(99)
     errors, coarse_errors = [], []
     for test_shape in [(28, 36, 32), (32, 32, 32), (30, 34, 29)] * 4:
-        origin = G.centered_window_origin(np.array(test_shape), size)
+        origin = centered_window_origin(np.array(test_shape), size)
         centre = random_centre(test_shape, origin, size, test_rng)
         result = localizer(blob_volume(test_shape, centre, test_rng))
         errors.append(np.linalg.norm(result["voxel"].numpy()[0] - centre))
@@ -208,7 +209,7 @@ def test_second_fine_pass_centres_the_windows_on_the_first_fine_estimates(tiny3,
         np.testing.assert_allclose(two[key].numpy(), again[key].numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(two["coarse_voxel"].numpy(), first["coarse_voxel"].numpy(), atol=1e-6)
     np.testing.assert_array_equal(
-        two["window_origin_voxel"].numpy(), G.window_origin_around(first["voxel"].numpy(), config.fine.window_size)
+        two["window_origin_voxel"].numpy(), window_origin_around(first["voxel"].numpy(), config.fine.window_size)
     )
     with pytest.raises(ValueError, match="fine_passes"):
         TwoStageLocalizer(coarse, fine, config, fine_passes=0)
@@ -285,5 +286,5 @@ def test_averaged_passes_are_an_ensemble_centred_on_the_running_mean(mirrored_pa
     expected = (first["voxel"].numpy() + second["voxel"].numpy() + third["voxel"].numpy()) / 3
     np.testing.assert_allclose(averaged["voxel"].numpy(), expected, atol=1e-4)
     np.testing.assert_array_equal(
-        averaged["window_origin_voxel"].numpy(), G.window_origin_around(mean2, config.fine.window_size)
+        averaged["window_origin_voxel"].numpy(), window_origin_around(mean2, config.fine.window_size)
     )

@@ -9,11 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import map_coordinates
 
-from mdgru_keras import geometry
 from mdgru_keras.config import AugmentationConfig, load_preset
 from mdgru_keras.data.pipeline import FINE_MARGIN_VOXEL, coarse_crop, fine_crop, make_dataset, split_size
 from mdgru_keras.data.records import Subject, write_dataset
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.coordinate_classes import class_to_window_voxel, class_width_voxel, window_voxel_to_class
+from mdgru_keras.geometry.training_crops import crop_with_shift_tf, sample_window_affine_tf, window_inside_weight_tf
 
 BLOB_SIGMA = 1.2
 
@@ -46,9 +48,9 @@ def _assert_same_fraction(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def _assert_labels_decode_to(labels: dict, window_voxel: np.ndarray, superresolution: int, factor: int) -> None:
-    decoded = np.stack([geometry.class_to_window_voxel(np.asarray(labels[a]), superresolution, factor)
+    decoded = np.stack([class_to_window_voxel(np.asarray(labels[a]), superresolution, factor)
                         for a in "xyz"], -1)
-    half_width = 0.5 * geometry.class_width_voxel(superresolution, factor)
+    half_width = 0.5 * class_width_voxel(superresolution, factor)
     assert np.all(np.abs(decoded - window_voxel) <= half_width + 1e-5), (decoded, window_voxel)
 
 
@@ -58,9 +60,9 @@ def _assert_labels_decode_to(labels: dict, window_voxel: np.ndarray, superresolu
 
 def test_affine_window_sampler_matches_scipy(rng):
     volume = rng.normal(size=(11, 9, 13, 2)).astype(np.float32)
-    linear = geometry.rotation_matrix([0.3, -0.2, 0.5]) * 1.1
+    linear = affine_maps.rotation_matrix([0.3, -0.2, 0.5]) * 1.1
     offset = np.array([-2.3, 1.7, 0.4])
-    window = geometry.sample_window_affine_tf(volume, linear, offset, (8, 10, 12), slab=4).numpy()
+    window = sample_window_affine_tf(volume, linear, offset, (8, 10, 12), slab=4).numpy()
     grid = np.stack(np.meshgrid(np.arange(8), np.arange(10), np.arange(12), indexing="ij"), 0).reshape(3, -1)
     source = linear @ grid + offset[:, None]
     for channel in range(2):
@@ -71,16 +73,16 @@ def test_affine_window_sampler_matches_scipy(rng):
 def test_shift_crop_equals_affine_sampler_with_identity(rng):
     volume = rng.normal(size=(10, 12, 9, 2)).astype(np.float32)
     for origin in ([-3.25, 2.5, 0.75], [4.0, -1.0, 6.5], [0.1, 0.2, 0.3]):
-        shifted = geometry.crop_with_shift_tf(volume, origin, (7, 6, 8)).numpy()
-        general = geometry.sample_window_affine_tf(volume, np.eye(3), origin, (7, 6, 8)).numpy()
+        shifted = crop_with_shift_tf(volume, origin, (7, 6, 8)).numpy()
+        general = sample_window_affine_tf(volume, np.eye(3), origin, (7, 6, 8)).numpy()
         np.testing.assert_allclose(shifted, general, atol=1e-5)
 
 
 def test_rotation_matrix_forms_agree():
     angles = np.array([0.1, -0.7, 1.3])
-    np.testing.assert_allclose(geometry.rotation_matrix_tf(angles).numpy(), geometry.rotation_matrix(angles),
+    np.testing.assert_allclose(affine_maps.rotation_matrix_tf(angles).numpy(), affine_maps.rotation_matrix(angles),
                                atol=1e-6)
-    np.testing.assert_allclose(geometry.rotation_matrix(angles) @ geometry.rotation_matrix(angles).T, np.eye(3),
+    np.testing.assert_allclose(affine_maps.rotation_matrix(angles) @ affine_maps.rotation_matrix(angles).T, np.eye(3),
                                atol=1e-12)
 
 
@@ -109,7 +111,7 @@ def test_coarse_crop_contains_landmarks_and_labels_match(shape, fractions, seed,
     size = config.coarse.padded_size
     assert crop.shape == (size, size, size, 1)
     assert np.all(window_voxel >= 0) and np.all(window_voxel <= size - 1)
-    labels = geometry.window_voxel_to_class(window_voxel, size, config.superresolution, config.coarse.input_stride)
+    labels = window_voxel_to_class(window_voxel, size, config.superresolution, config.coarse.input_stride)
     _assert_labels_decode_to({a: labels[:, i] for i, a in enumerate("xyz")}, window_voxel, config.superresolution,
                              config.coarse.input_stride)
     np.testing.assert_allclose(_blob_centre(crop[..., 0], window_voxel[0]), window_voxel[0], atol=0.25)
@@ -158,7 +160,7 @@ def test_subvoxel_shift_reaches_every_class():
         for seed in range(60):
             _, window_voxel = fine_crop(volume, landmark[None], tf.constant(0), tf.constant([seed, 0], tf.int64),
                                         config)
-            classes.add(int(geometry.window_voxel_to_class(window_voxel.numpy()[0, 0], 16, n)) % n)
+            classes.add(int(window_voxel_to_class(window_voxel.numpy()[0, 0], 16, n)) % n)
         assert len(classes) == expected
 
 
@@ -326,9 +328,9 @@ def test_intensity_augmentation_on_the_window_equals_augmenting_the_volume(origi
     seed = tf.constant([5, 7], tf.int64)
     size = (8, 10, 9)
     origin = tf.constant(origin)
-    whole = geometry.crop_with_shift_tf(augment.augment_normalized(volume, seed, aug), origin, size)
-    inside = geometry.window_inside_weight_tf(tf.shape(volume)[:3], origin, size)
-    window = augment.augment_normalized_window(geometry.crop_with_shift_tf(volume, origin, size), inside, seed, aug)
+    whole = crop_with_shift_tf(augment.augment_normalized(volume, seed, aug), origin, size)
+    inside = window_inside_weight_tf(tf.shape(volume)[:3], origin, size)
+    window = augment.augment_normalized_window(crop_with_shift_tf(volume, origin, size), inside, seed, aug)
     np.testing.assert_allclose(window.numpy(), whole.numpy(), atol=1e-5)
-    ones = geometry.crop_with_shift_tf(tf.ones([14, 12, 16, 1]), origin, size)[..., 0]
+    ones = crop_with_shift_tf(tf.ones([14, 12, 16, 1]), origin, size)[..., 0]
     np.testing.assert_allclose(inside.numpy(), ones.numpy(), atol=1e-6)

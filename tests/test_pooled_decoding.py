@@ -1,4 +1,4 @@
-"""The n = 1 rows of Table 1a from a model with superresolution n: pooled decoding (``geometry.pool_classes``).
+"""The n = 1 rows of Table 1a from a model with superresolution n: pooled decoding (``pool_classes``).
 
 A model with n classes per voxel implies a distribution over voxels (sum of each voxel's n classes); decoding
 that distribution with n = 1 must be exactly what a model that output that voxel distribution decodes to.
@@ -12,7 +12,14 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mdgru_keras import geometry
+from mdgru_keras.geometry.coordinate_classes import (
+    class_to_window_voxel,
+    decode_axis,
+    decode_axis_tf,
+    pool_classes,
+    pool_classes_tf,
+    window_voxel_to_class,
+)
 
 
 def split_within_classes(voxel_probabilities: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,13 +45,13 @@ def test_pooled_decoding_of_a_distribution_equals_its_n1_decoding(
     voxel_probabilities = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
     probabilities = split_within_classes(voxel_probabilities, n, rng)
     assert probabilities.shape == (3, n * classes)
-    np.testing.assert_allclose(geometry.pool_classes(probabilities, n), voxel_probabilities, atol=1e-12)
+    np.testing.assert_allclose(pool_classes(probabilities, n), voxel_probabilities, atol=1e-12)
     for parabola in (False, True):
-        expected = geometry.decode_axis(voxel_probabilities, 1, factor, parabola)
-        np.testing.assert_allclose(
-            geometry.decode_axis_pooled(probabilities, n, factor, parabola), expected, atol=1e-9
-        )
-        graph = geometry.decode_axis_pooled_tf(tf.constant(probabilities, tf.float32), n, factor, parabola).numpy()
+        expected = decode_axis(voxel_probabilities, 1, factor, parabola)
+        pooled = pool_classes(probabilities, n)
+        np.testing.assert_allclose(decode_axis(pooled, 1, factor, parabola), expected, atol=1e-9)
+        pooled_tf = pool_classes_tf(tf.constant(probabilities, tf.float32), n)
+        graph = decode_axis_tf(pooled_tf, 1, factor, parabola).numpy()
         np.testing.assert_allclose(graph, expected, atol=1e-4)
 
 
@@ -60,12 +67,12 @@ def test_classes_are_aligned_with_the_n1_classes(n: int, size: int, factor: int,
     classes, so pooling the probabilities is pooling the training labels."""
     window_size = size * factor
     window_voxel = position * window_size - 0.5
-    fine = geometry.window_voxel_to_class(window_voxel, window_size, n, factor)
-    coarse = geometry.window_voxel_to_class(window_voxel, window_size, 1, factor)
+    fine = window_voxel_to_class(window_voxel, window_size, n, factor)
+    coarse = window_voxel_to_class(window_voxel, window_size, 1, factor)
     assert fine // n == coarse
     # and the centre of n = 1 class j is the mean of the centres of its n classes
-    group_centres = geometry.class_to_window_voxel(np.arange(coarse * n, coarse * n + n), n, factor)
-    assert group_centres.mean() == pytest.approx(float(geometry.class_to_window_voxel(coarse, 1, factor)))
+    group_centres = class_to_window_voxel(np.arange(coarse * n, coarse * n + n), n, factor)
+    assert group_centres.mean() == pytest.approx(float(class_to_window_voxel(coarse, 1, factor)))
 
 
 def test_pooling_one_hot_classes_gives_the_voxel_and_tf_matches_numpy() -> None:
@@ -73,13 +80,13 @@ def test_pooling_one_hot_classes_gives_the_voxel_and_tf_matches_numpy() -> None:
     probabilities = np.zeros((2, n * size))
     probabilities[0, 13] = 1.0  # class 13 of voxel 3
     probabilities[1, [20, 21, 22, 23]] = 0.25  # all of voxel 5
-    pooled = geometry.pool_classes(probabilities, n)
+    pooled = pool_classes(probabilities, n)
     assert np.argmax(pooled, axis=-1).tolist() == [3, 5]
     np.testing.assert_allclose(pooled.sum(axis=-1), 1.0)
-    np.testing.assert_allclose(geometry.pool_classes_tf(tf.constant(probabilities), n).numpy(), pooled, atol=1e-7)
-    np.testing.assert_allclose(geometry.decode_axis_pooled(probabilities, n, 1, parabola=False), [3.0, 5.0])
+    np.testing.assert_allclose(pool_classes_tf(tf.constant(probabilities), n).numpy(), pooled, atol=1e-7)
+    np.testing.assert_allclose(decode_axis(pooled, 1, 1, parabola=False), [3.0, 5.0])
 
 
 def test_pooling_refuses_class_counts_that_are_not_multiples_of_n() -> None:
     with pytest.raises(ValueError, match="cannot be pooled"):
-        geometry.pool_classes(np.ones((2, 10)) / 10, 4)
+        pool_classes(np.ones((2, 10)) / 10, 4)

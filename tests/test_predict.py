@@ -27,6 +27,7 @@ from mdgru_keras.commands import predict as predict_command
 from mdgru_keras.config import load_preset
 from mdgru_keras.export import export_runs
 from mdgru_keras.figures import landmark_figure_size_px
+from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io import read_landmarks
 from mdgru_keras.prediction import MAX_FLIP_DISAGREEMENT_MM, MIN_CONFIDENCE, MIN_SCAN_VOXELS, ScanPrediction
 from mdgru_keras.serving.grpc_server import GrpcServer
@@ -62,7 +63,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (directory / "other").mkdir()
     oblique = np.eye(4)
     angle = np.deg2rad(12)
-    oblique[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    oblique[:3, :3] = affine_maps.rotation_matrix([0.0, 0.0, angle])
     oblique[:3, :3] = oblique[:3, :3] @ np.diag([1.1, 0.9, 1.6])
     oblique[:3, 3] = [-10.0, 5.0, 2.5]
     flipped = np.diag([-1.0, 1.2, -0.8, 1.0])

@@ -10,9 +10,10 @@ import pytest
 import SimpleITK as sitk  # noqa: N813 (the usual SimpleITK alias)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.spatial.transform import Rotation
 
-from mdgru_keras import geometry
 from mdgru_keras.baselines.registration import register_landmarks, to_sitk_image, transform_world_mm
+from mdgru_keras.geometry import affine_maps
 
 # A smooth phantom defined in world mm (RAS), so that a moved copy can be evaluated analytically on any grid.
 # (centre mm, semi-axes mm, rotation about z in degrees, intensity)
@@ -26,10 +27,9 @@ ELLIPSOIDS = [
 
 
 def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about ``axis`` (any length)."""
     axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    a = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    return Rotation.from_rotvec(np.deg2rad(degrees) * axis).as_matrix()
 
 
 def phantom(world_mm_ras: np.ndarray) -> np.ndarray:
@@ -44,7 +44,7 @@ def phantom(world_mm_ras: np.ndarray) -> np.ndarray:
 
 def grid_world_mm(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     voxel = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1)
-    return geometry.voxel_to_world(voxel, affine)
+    return affine_maps.voxel_to_world(voxel, affine)
 
 
 def test_to_sitk_image_puts_voxels_at_their_ras_positions() -> None:
@@ -59,9 +59,9 @@ def test_to_sitk_image_puts_voxels_at_their_ras_positions() -> None:
     assert image.GetSize() == (7, 5, 4)
     assert image.GetPixel(*voxel) == 1.0
     world_lps = np.array(image.TransformIndexToPhysicalPoint(voxel))
-    np.testing.assert_allclose(geometry.lps_to_ras(world_lps), geometry.voxel_to_world(voxel, affine), atol=1e-9)
+    np.testing.assert_allclose(affine_maps.lps_to_ras(world_lps), affine_maps.voxel_to_world(voxel, affine), atol=1e-9)
     np.testing.assert_allclose(
-        geometry.affine_from_itk_geometry(image.GetOrigin(), image.GetSpacing(), image.GetDirection()),
+        affine_maps.affine_from_itk_geometry(image.GetOrigin(), image.GetSpacing(), image.GetDirection()),
         affine,
         atol=1e-9,
     )
@@ -78,10 +78,10 @@ def test_sheared_affine_is_refused() -> None:
 @given(st.lists(st.floats(-500, 500, allow_nan=False), min_size=3, max_size=3))
 def test_ras_lps_round_trip(point: list[float]) -> None:
     ras = np.array(point)
-    lps = geometry.ras_to_lps(ras)
+    lps = affine_maps.ras_to_lps(ras)
     np.testing.assert_allclose(lps[:2], -ras[:2])
     np.testing.assert_allclose(lps[2], ras[2])
-    np.testing.assert_allclose(geometry.lps_to_ras(lps), ras)
+    np.testing.assert_allclose(affine_maps.lps_to_ras(lps), ras)
 
 
 def test_transform_world_mm_speaks_ras() -> None:
@@ -201,7 +201,7 @@ def test_to_ants_image_puts_voxels_at_their_ras_positions() -> None:
     assert image.shape == (7, 5, 4)
     assert image.numpy()[voxel] == 1.0
     world_lps = np.array(ants.transform_index_to_physical_point(image, voxel))
-    np.testing.assert_allclose(geometry.lps_to_ras(world_lps), geometry.voxel_to_world(voxel, affine), atol=1e-4)
+    np.testing.assert_allclose(affine_maps.lps_to_ras(world_lps), affine_maps.voxel_to_world(voxel, affine), atol=1e-4)
 
 
 def smooth_bump(world_mm: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from mdgru_keras.errors import InputError, one_line_tf_error
+from mdgru_keras.geometry import affine_maps
 from mdgru_keras.serving import (
     LOCALIZE_OUTPUTS,
     ServingError,
@@ -96,7 +97,7 @@ def make_scan(shape: tuple[int, int, int] = (10, 12, 14), seed: int = 0) -> tupl
     rng = np.random.default_rng(seed)
     volume = rng.permutation(np.prod(shape)).reshape(shape).astype(np.float32) / 7.0
     angle = 0.3
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rotation = affine_maps.rotation_matrix([0.0, 0.0, angle])
     voxel_to_world = np.eye(4)
     voxel_to_world[:3, :3] = rotation @ np.diag([0.9, 1.1, 1.3])
     voxel_to_world[:3, 3] = [-40.5, 12.25, 7.0]

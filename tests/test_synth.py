@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from scipy import ndimage
 
-from mdgru_keras import geometry
 from mdgru_keras.cli import main
+from mdgru_keras.data.deformation import interpolate_at, invert_displacement, rigid_affine
 from mdgru_keras.data.synth import (
     CONTRAST_SEGMENTS,
     FAMILY_SPLIT,
@@ -30,6 +30,8 @@ from mdgru_keras.data.synth import (
     sample_parameters,
     synthesize_population,
 )
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.resampling import resample_axis_aligned
 from mdgru_keras.io import check_landmarks_inside, read_landmarks, read_volume, write_landmarks, write_volume
 
 SHAPE = (40, 40, 40)
@@ -79,7 +81,7 @@ def marker_template() -> Template:
     for voxel in landmarks_voxel.values():
         squared = ((grid - np.asarray(voxel)) ** 2).sum(-1)
         data += (1000.0 * np.exp(-0.5 * squared / MARKER_SIGMA_VOXEL**2)).astype(np.float32)
-    landmarks = {name: geometry.voxel_to_world(np.asarray(v), affine) for name, v in landmarks_voxel.items()}
+    landmarks = {name: affine_maps.voxel_to_world(np.asarray(v), affine) for name, v in landmarks_voxel.items()}
     return Template({"T1w": data}, affine, landmarks, {"T1w": "memory"})
 
 
@@ -99,7 +101,7 @@ def test_landmarks_move_with_the_image(seed: int) -> None:
     subject = make_subject(template, SMALL, np.random.default_rng(seed))
     assert subject.parameters["thick_axis"] is None
     for name, world_mm in subject.landmarks_world_mm.items():
-        expected_voxel = geometry.world_to_voxel(world_mm, subject.voxel_to_world)
+        expected_voxel = affine_maps.world_to_voxel(world_mm, subject.voxel_to_world)
         found_voxel = marker_centroid_voxel(subject.data, expected_voxel)
         error = np.linalg.norm(found_voxel - expected_voxel)
         assert error < 0.35, (name, found_voxel, expected_voxel, subject.parameters)
@@ -113,7 +115,7 @@ def test_landmarks_move_with_the_image_with_thick_slices() -> None:
         spacing = np.asarray(subject.parameters["spacing_mm"])
         assert subject.parameters["thick_axis"] is not None and spacing.max() >= 2.0
         for world_mm in subject.landmarks_world_mm.values():
-            expected_voxel = geometry.world_to_voxel(world_mm, subject.voxel_to_world)
+            expected_voxel = affine_maps.world_to_voxel(world_mm, subject.voxel_to_world)
             found_voxel = marker_centroid_voxel(subject.data, expected_voxel, radius=3)
             assert np.linalg.norm((found_voxel - expected_voxel) * spacing) < 0.6  # mm
 
@@ -140,10 +142,10 @@ def test_invert_displacement_solves_the_forward_map(rng: np.random.Generator) ->
         return 2.0 * np.sin(points_mm[:, [1, 2, 0]] / 7.0)  # Jacobian norm <= 2/7
 
     target = rng.uniform(-50, 50, size=(20, 3))
-    points = geometry.invert_displacement(target, displacement_at)
+    points = invert_displacement(target, displacement_at)
     np.testing.assert_allclose(points + displacement_at(points), target, atol=1e-6)
     with pytest.raises(ValueError, match="did not converge"):
-        geometry.invert_displacement(target, lambda p: -3.0 * p)  # folds space: no fixed point iteration
+        invert_displacement(target, lambda p: -3.0 * p)  # folds space: no fixed point iteration
 
 
 def test_point_interpolation_matches_grid_resampling(rng: np.random.Generator) -> None:
@@ -151,20 +153,20 @@ def test_point_interpolation_matches_grid_resampling(rng: np.random.Generator) -
     new_to_old = np.diag([0.37, 0.41, 0.29, 1.0])
     new_to_old[:3, 3] = [-0.6, 0.2, 0.1]  # also outside the grid: clamped alike
     new_shape = (17, 15, 19)
-    resampled = geometry.resample_axis_aligned(field, new_to_old, new_shape)
+    resampled = resample_axis_aligned(field, new_to_old, new_shape)
     voxel = np.stack(np.meshgrid(*[np.arange(n) for n in new_shape], indexing="ij"), -1).reshape(-1, 3)
-    at_points = geometry.interpolate_at(field, geometry.apply_affine(new_to_old, voxel))
+    at_points = interpolate_at(field, affine_maps.voxel_to_world(voxel, new_to_old))
     np.testing.assert_allclose(at_points, resampled.reshape(-1, 3), atol=1e-12)
 
 
 def test_rotation_and_rigid_affine() -> None:
-    rotation = geometry.rotation_matrix_deg([10.0, -20.0, 30.0])
+    rotation = affine_maps.rotation_matrix(np.deg2rad([10.0, -20.0, 30.0]))
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
     assert np.isclose(np.linalg.det(rotation), 1.0)
-    np.testing.assert_allclose(geometry.rotation_matrix_deg([0, 0, 90]) @ [1, 0, 0], [0, 1, 0], atol=1e-12)
+    np.testing.assert_allclose(affine_maps.rotation_matrix(np.deg2rad([0, 0, 90])) @ [1, 0, 0], [0, 1, 0], atol=1e-12)
     centre = np.array([1.0, 2.0, 3.0])
-    affine = geometry.rigid_affine(rotation, [4.0, 5.0, 6.0], centre)
-    np.testing.assert_allclose(geometry.apply_affine(affine, centre), centre + [4.0, 5.0, 6.0])
+    affine = rigid_affine(rotation, [4.0, 5.0, 6.0], centre)
+    np.testing.assert_allclose(affine_maps.voxel_to_world(centre, affine), centre + [4.0, 5.0, 6.0])
 
 
 def test_fields_of_view_centred_and_lowered() -> None:
@@ -177,8 +179,8 @@ def test_fields_of_view_centred_and_lowered() -> None:
         subject = make_subject(template, options, np.random.default_rng(seed))
         assert subject.parameters["neck"] is bool(neck)
         shape = np.asarray(subject.data.shape)
-        bottom = geometry.voxel_to_world(np.array([0, 0, -0.5]), subject.voxel_to_world)[2]
-        top = geometry.voxel_to_world(np.array([0, 0, shape[2] - 0.5]), subject.voxel_to_world)[2]
+        bottom = affine_maps.voxel_to_world(np.array([0, 0, -0.5]), subject.voxel_to_world)[2]
+        top = affine_maps.voxel_to_world(np.array([0, 0, shape[2] - 0.5]), subject.voxel_to_world)[2]
         if neck:
             assert bottom < low[2] - 0.05 * (high[2] - low[2]) and top - bottom >= high[2] - low[2]
         else:
@@ -213,9 +215,9 @@ def test_landmarks_follow_a_coordinate_ramp(seed: int, coarse: bool) -> None:
     assert (max(first.parameters["spacing_mm"]) > 1.0) is coarse
     template = marker_template()
     for name, world_mm in first.landmarks_world_mm.items():
-        subject_voxel = geometry.world_to_voxel(world_mm, first.voxel_to_world)
+        subject_voxel = affine_maps.world_to_voxel(world_mm, first.voxel_to_world)
         found = [ndimage.map_coordinates(s.data, subject_voxel[:, None], order=1)[0] for s in subjects]
-        expected = geometry.world_to_voxel(template.landmarks_world_mm[name], template.voxel_to_world)
+        expected = affine_maps.world_to_voxel(template.landmarks_world_mm[name], template.voxel_to_world)
         error_voxel = np.abs(np.asarray(found) - expected).max()
         assert error_voxel < (0.1 if coarse else 0.02), (name, found, expected, first.parameters)
 
@@ -271,7 +273,7 @@ def test_default_ranges_on_a_small_template(family: str) -> None:
         spacing = np.asarray(subject.parameters["spacing_mm"])
         shape = np.asarray(subject.data.shape)
         for world_mm in subject.landmarks_world_mm.values():
-            voxel = geometry.world_to_voxel(world_mm, subject.voxel_to_world)
+            voxel = affine_maps.world_to_voxel(world_mm, subject.voxel_to_world)
             inside_mm = np.minimum(voxel + 0.5, shape - 0.5 - voxel) * spacing
             assert inside_mm.min() > 5.0 - 1e-6, (seed, inside_mm, subject.parameters)
         assert np.isfinite(subject.data).all() and subject.data.min() >= 0
@@ -354,7 +356,7 @@ def test_acquisition_blur() -> None:
     identity = np.eye(4)
     np.testing.assert_allclose(acquisition_sigma_voxel(identity, identity, [1, 1, 3], 0.0), [0, 0, np.sqrt(8) / fwhm])
     np.testing.assert_allclose(acquisition_sigma_voxel(identity, identity, [1.5] * 3, 0.0), [np.sqrt(1.25) / fwhm] * 3)
-    quarter_turn = geometry.rigid_affine(geometry.rotation_matrix_deg([0, 0, 90]), [5, 0, 0], [1, 2, 3])
+    quarter_turn = rigid_affine(affine_maps.rotation_matrix(np.deg2rad([0, 0, 90])), [5, 0, 0], [1, 2, 3])
     np.testing.assert_allclose(  # thick subject x slices cut the template's y axis
         acquisition_sigma_voxel(identity, quarter_turn, [3, 1, 1], 0.0), [0, np.sqrt(8) / fwhm, 0], atol=1e-12
     )

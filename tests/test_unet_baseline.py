@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
+from mdgru_keras.baselines.heatmaps import gaussian_heatmap, gaussian_heatmap_tf, heatmap_peak
 from mdgru_keras.baselines.unet import (
     LandmarkChannel,
     UNetConfig,
@@ -24,13 +25,7 @@ from mdgru_keras.baselines.unet import (
 )
 from mdgru_keras.config import load_preset, with_landmarks
 from mdgru_keras.data.records import Subject, write_dataset
-from mdgru_keras.geometry import (
-    crop_with_padding,
-    gaussian_heatmap,
-    gaussian_heatmap_tf,
-    heatmap_peak,
-    window_origin_around,
-)
+from mdgru_keras.geometry.windows import crop_with_padding, window_origin_around
 
 W = 16  # the tiny preset's fine window
 

@@ -22,7 +22,7 @@ where the landmarks are.
 
 Conventions: our arrays are ``[x, y, z]`` with RAS ``voxel_to_world`` affines; ANTs, like ITK, works in LPS and
 its NumPy arrays are in ITK index order ``[i, j, k]`` (not transposed, unlike SimpleITK's). RAS <-> LPS only
-through :mod:`mdgru_keras.geometry`, in :func:`to_ants_image` and :func:`register_landmarks`.
+through :mod:`mdgru_keras.geometry.affine_maps`, in :func:`to_ants_image` and :func:`register_landmarks`.
 
 ANTsPy is an optional dependency (``pip install 'mdgru-keras[ants]'``); :func:`import_ants` says so in one line.
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mdgru_keras import geometry
+from mdgru_keras.geometry import affine_maps
 
 ANTS_TRANSFORMS = ("SyN", "Affine")  # ANTsPy presets: affine then SyN (default), or affine only
 INSTALL_HINT = "pip install 'mdgru-keras[ants]'"
@@ -81,7 +81,7 @@ def to_ants_image(volume: np.ndarray, voxel_to_world: np.ndarray) -> Any:
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"expected a 3D volume [x, y, z], got shape {volume.shape}")
-    origin_lps, spacing_mm, direction_lps = geometry.itk_geometry_from_affine(voxel_to_world)
+    origin_lps, spacing_mm, direction_lps = affine_maps.itk_geometry_from_affine(voxel_to_world)
     return ants.from_numpy(
         np.ascontiguousarray(volume, dtype=np.float32),
         origin=tuple(float(v) for v in origin_lps),
@@ -152,7 +152,7 @@ def register_landmarks(
     template = to_ants_image(template_volume, template_voxel_to_world)
     target = to_ants_image(target_volume, target_voxel_to_world)
     world_mm = np.stack([np.asarray(template_landmarks_world_mm[n], dtype=np.float64) for n in names])
-    points_lps = geometry.ras_to_lps(world_mm)
+    points_lps = affine_maps.ras_to_lps(world_mm)
     with tempfile.TemporaryDirectory(prefix="mdgru-ants-") as work_dir:
         transforms = register(template, target, settings, seed, work_dir)
         moved = ants.apply_transforms_to_points(
@@ -162,5 +162,5 @@ def register_landmarks(
             whichtoinvert=[False] * len(transforms),
         )
         mapped_lps = moved[["x", "y", "z"]].to_numpy(dtype=np.float64)
-    mapped = geometry.lps_to_ras(mapped_lps)
+    mapped = affine_maps.lps_to_ras(mapped_lps)
     return {name: mapped[i] for i, name in enumerate(names)}

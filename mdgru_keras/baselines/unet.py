@@ -31,14 +31,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from mdgru_keras.baselines.heatmaps import gaussian_heatmap_tf, heatmap_peak
 from mdgru_keras.config import Config
 from mdgru_keras.errors import InputError, one_line
-from mdgru_keras.geometry import (
-    crop_with_padding,
-    gaussian_heatmap_tf,
-    heatmap_peak,
-    window_origin_around,
-)
+from mdgru_keras.geometry.windows import crop_with_padding, window_origin_around
 from mdgru_keras.layers import StridedConv3DTranspose, upgrade_strided_convolutions
 from mdgru_keras.preprocessing import preprocess
 
@@ -376,7 +372,7 @@ class UNetLocalizer:
 
     ``localize(volume, coarse_voxel)``: for each landmark ``k``, the ``W^3`` window whose centre voxel is
     nearest to ``coarse_voxel[k]`` (zero-padded outside the volume), the heatmap of landmark ``k`` on it, its
-    sub-voxel peak (:func:`mdgru_keras.geometry.heatmap_peak`), mapped back to volume voxels.
+    sub-voxel peak (:func:`mdgru_keras.baselines.heatmaps.heatmap_peak`), mapped back to volume voxels.
     """
 
     def __init__(self, model: keras.Model, config: Config, batch_size: int = 8) -> None:

@@ -12,8 +12,8 @@ Where each part acts, and why:
   standard deviations. Applied to the raw volume they would be undone exactly by z-normalization; applied
   before cropping they leave the zero padding of the crop at zero, as at inference;
 * geometry (:func:`random_linear_map`): a rotation and an isotropic scaling, used by the pipeline as part of
-  the single affine ``window -> volume`` map of each crop (see :mod:`mdgru_keras.geometry`), so that only the
-  crop is resampled and the landmarks move with the image exactly.
+  the single affine ``window -> volume`` map of each crop (see :mod:`mdgru_keras.geometry.training_crops`), so
+  that only the crop is resampled and the landmarks move with the image exactly.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import math
 
 import tensorflow as tf
 
-from mdgru_keras import geometry
 from mdgru_keras.config import AugmentationConfig
+from mdgru_keras.geometry import affine_maps
 
 
 def split_seed(seed: tf.Tensor, count: int) -> list[tf.Tensor]:
@@ -124,10 +124,11 @@ def augment_normalized_window(window: tf.Tensor, inside: tf.Tensor, seed: tf.Ten
     """:func:`augment_normalized` of the volume followed by an axis-aligned crop, computed on the crop alone.
 
     ``window`` ``[W, W, W, 2]`` is the crop of the unaugmented volume, ``inside`` ``[W, W, W]`` the same crop of
-    a volume of ones (:func:`mdgru_keras.geometry.window_inside_weight_tf`). Scaling commutes with cropping and
-    interpolation; the shift reaches a window voxel in proportion to its inside weight (the zero padding stays
-    zero). Same random numbers as :func:`augment_normalized`, window-sized work instead of whole-volume work
-    (the whole-volume form made the training pipeline, not the network, the bottleneck of a training step).
+    a volume of ones (:func:`~mdgru_keras.geometry.training_crops.window_inside_weight_tf`). Scaling commutes
+    with cropping and interpolation; the shift reaches a window voxel in proportion to its inside weight (the
+    zero padding stays zero). Same random numbers as :func:`augment_normalized`, window-sized work instead of
+    whole-volume work (the whole-volume form made the training pipeline, not the network, the bottleneck of a
+    training step).
     """
     scale_seed, shift_seed = split_seed(seed, 2)
     if config.intensity_scale > 0:
@@ -153,7 +154,7 @@ def random_linear_map(seed: tf.Tensor, config: AugmentationConfig) -> tf.Tensor:
     linear = tf.eye(3, dtype=tf.float32)
     if config.rotation_deg > 0:
         limit = math.radians(config.rotation_deg)
-        linear = geometry.rotation_matrix_tf(uniform(angle_seed, [3], -limit, limit))
+        linear = affine_maps.rotation_matrix_tf(uniform(angle_seed, [3], -limit, limit))
     if config.scaling > 0:
         linear = linear * (1.0 + uniform(scale_seed, [], -config.scaling, config.scaling))
     return linear

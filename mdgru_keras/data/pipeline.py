@@ -14,7 +14,8 @@ volume -> intensity scale/shift -> one crop:
 
 With rotation or scaling on, the crop is resampled through one affine ``window -> volume`` map (sub-voxel
 shift included) and the landmark coordinates are mapped with the same matrix. Labels are coordinate classes
-from :func:`mdgru_keras.geometry.window_voxel_to_class_tf`, the inverse of the decoding used at inference.
+from :func:`~mdgru_keras.geometry.coordinate_classes.window_voxel_to_class_tf`, the inverse of the decoding used
+at inference.
 """
 
 from __future__ import annotations
@@ -25,11 +26,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from mdgru_keras import geometry
 from mdgru_keras.config import Config
 from mdgru_keras.data import augment
 from mdgru_keras.data.records import parse_example, read_description
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry.coordinate_classes import window_voxel_to_class_tf
+from mdgru_keras.geometry.training_crops import (
+    crop_with_shift_tf,
+    mass_centred_window_origin_tf,
+    sample_window_affine_tf,
+    volume_voxel_to_window_voxel_tf,
+    window_inside_weight_tf,
+    window_origin_bounds_tf,
+)
+from mdgru_keras.geometry.windows import centered_window_origin_tf, crop_with_padding_tf
 from mdgru_keras.preprocessing import preprocess
 
 STAGES = ("coarse", "fine")
@@ -82,15 +92,16 @@ def _check_spacing(description: dict, dataset_dir: str | Path, config: Config) -
 
 @functools.cache
 def _compiled_window_sampler(window_size: tuple[int, int, int]):
-    """:func:`geometry.sample_window_affine_tf` compiled with XLA, for large (coarse) windows.
+    """:func:`sample_window_affine_tf` compiled with XLA, for large (coarse) windows.
 
     XLA fuses the index, weight and gather arithmetic of the 8 neighbours: on 2 CPU cores a 256^3 window of
     a 193x229x193x2 volume takes ~0.25-0.95 s instead of ~3.5-6.5 s. XLA compiles once per distinct volume
     shape (~1.5 s each); for 64^3 windows it gains nothing, so the fine stage does not use it.
     """
     return tf.function(
-        lambda volume, linear, offset: geometry.sample_window_affine_tf(volume, linear, offset, window_size,
-                                                                       slab=window_size[0]),
+        lambda volume, linear, offset: sample_window_affine_tf(
+            volume, linear, offset, window_size, slab=window_size[0]
+        ),
         jit_compile=True,
     )
 
@@ -99,8 +110,8 @@ def coarse_centre_origin(inputs: tf.Tensor, config: Config) -> tf.Tensor:
     """The origin ``[3]`` of the coarse region before any offset, as inference places it (``coarse.centre``)."""
     size = config.coarse.padded_size
     if config.coarse.centre == "mass":
-        return geometry.mass_centred_window_origin_tf(inputs[..., 0], size)
-    return geometry.centered_window_origin_tf(tf.shape(inputs)[:3], size)
+        return mass_centred_window_origin_tf(inputs[..., 0], size)
+    return centered_window_origin_tf(tf.shape(inputs)[:3], size)
 
 
 def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
@@ -111,16 +122,16 @@ def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
     size = config.coarse.padded_size
     margin = _coarse_margin(config)
     origin_seed, linear_seed = augment.split_seed(seed, 2)
-    low, high = geometry.window_origin_bounds_tf(
+    low, high = window_origin_bounds_tf(
         tf.shape(inputs)[:3], landmarks_voxel, size, config.coarse.offset_range_voxel, margin,
         centre_origin=coarse_centre_origin(inputs, config),
     )
     origin = augment.uniform_int(origin_seed, low, high)
     if not augment.has_spatial_augmentation(config.augmentation):
         window_voxel = landmarks_voxel - tf.cast(origin, tf.float32)
-        window = geometry.crop_with_padding_tf(inputs, origin, (size,) * 3)
+        window = crop_with_padding_tf(inputs, origin, (size,) * 3)
         if intensity_seed is not None:
-            inside = geometry.window_inside_weight_tf(tf.shape(inputs)[:3], origin, (size,) * 3)
+            inside = window_inside_weight_tf(tf.shape(inputs)[:3], origin, (size,) * 3)
             window = augment.augment_normalized_window(window, inside, intensity_seed, config.augmentation)
         return window, window_voxel
     if intensity_seed is not None:
@@ -129,11 +140,11 @@ def coarse_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, seed: tf.Tensor,
     centre = tf.fill([3], (size - 1) / 2.0)
     linear = augment.random_linear_map(linear_seed, config.augmentation)
     offset = tf.cast(origin, tf.float32) + centre - tf.linalg.matvec(linear, centre)
-    window_voxel = geometry.volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
+    window_voxel = volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
     inside = tf.reduce_all((window_voxel >= margin) & (window_voxel <= size - 1 - margin))
     linear = tf.where(inside, linear, tf.eye(3))
     offset = tf.where(inside, offset, tf.cast(origin, tf.float32))
-    window_voxel = geometry.volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
+    window_voxel = volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
     return _compiled_window_sampler((size,) * 3)(inputs, linear, offset), window_voxel
 
 
@@ -156,20 +167,20 @@ def fine_crop(inputs: tf.Tensor, landmarks_voxel: tf.Tensor, k: tf.Tensor, seed:
     if not augment.has_spatial_augmentation(aug):
         origin = landmark_voxel - window_voxel  # integer-valued without sub-voxel shifts
         if aug.subvoxel_shift:
-            window = geometry.crop_with_shift_tf(inputs, origin, (size,) * 3)
+            window = crop_with_shift_tf(inputs, origin, (size,) * 3)
         else:
             origin = tf.round(origin)
-            window = geometry.crop_with_padding_tf(inputs, tf.cast(origin, tf.int32), (size,) * 3)
+            window = crop_with_padding_tf(inputs, tf.cast(origin, tf.int32), (size,) * 3)
         if intensity_seed is not None:
-            inside = geometry.window_inside_weight_tf(tf.shape(inputs)[:3], origin, (size,) * 3)
+            inside = window_inside_weight_tf(tf.shape(inputs)[:3], origin, (size,) * 3)
             window = augment.augment_normalized_window(window, inside, intensity_seed, aug)
         return window, landmarks_voxel - origin[None, :]
     if intensity_seed is not None:
         inputs = augment.augment_normalized(inputs, intensity_seed, aug)
     linear = augment.random_linear_map(linear_seed, aug)
     offset = landmark_voxel - tf.linalg.matvec(linear, window_voxel)
-    all_window_voxel = geometry.volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
-    return geometry.sample_window_affine_tf(inputs, linear, offset, (size,) * 3), all_window_voxel
+    all_window_voxel = volume_voxel_to_window_voxel_tf(landmarks_voxel, linear, offset)
+    return sample_window_affine_tf(inputs, linear, offset, (size,) * 3), all_window_voxel
 
 
 def fine_landmark_mask(window_voxel: tf.Tensor, window_size: int) -> tf.Tensor:
@@ -181,7 +192,7 @@ def fine_landmark_mask(window_voxel: tf.Tensor, window_size: int) -> tf.Tensor:
 
 
 def _axis_labels(window_voxel: tf.Tensor, size: int, superresolution: int, factor: int) -> dict[str, tf.Tensor]:
-    classes = geometry.window_voxel_to_class_tf(window_voxel, size, superresolution, factor=factor)
+    classes = window_voxel_to_class_tf(window_voxel, size, superresolution, factor=factor)
     return {"x": classes[..., 0], "y": classes[..., 1], "z": classes[..., 2]}
 
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import atomic_path, write_text_atomic
 
 SPLITS = ("train", "val", "test")
@@ -137,7 +137,7 @@ def make_example(subject: Subject, encoded: EncodedVolume | None = None) -> tf.t
     if landmarks_voxel.shape[0] != len(subject.landmark_names):
         raise ValueError(f"{subject.subject}: {landmarks_voxel.shape[0]} landmarks but "
                          f"{len(subject.landmark_names)} names")
-    spacing = subject.spacing_mm or tuple(geometry.voxel_spacing_mm(subject.voxel_to_world))
+    spacing = subject.spacing_mm or tuple(affine_maps.voxel_spacing_mm(subject.voxel_to_world))
     feature = {
         "subject": _bytes([subject.subject.encode("utf-8")]),
         "volume": _bytes([encoded.data]),
@@ -393,7 +393,7 @@ def load_subject_from_files(row: ManifestRow, landmark_names: Sequence[str] | No
     volume = read_volume(row.image, spacing_mm=spacing_mm)
     check_landmarks_inside(volume, landmarks_world_mm, row.landmarks)
     world_mm = np.stack([landmarks_world_mm[name] for name in names])
-    voxel = geometry.world_to_voxel(world_mm, volume.voxel_to_world)
+    voxel = affine_maps.world_to_voxel(world_mm, volume.voxel_to_world)
     return Subject(row.subject, volume.data, volume.voxel_to_world, voxel, names,
                    tuple(float(s) for s in volume.spacing_mm))
 

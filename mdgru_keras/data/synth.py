@@ -8,7 +8,8 @@ neck), with a smooth multiplicative bias field and Rician noise. The landmarks g
 transform exactly; the intensity operations do not move them. What each option draws, and the ``train`` /
 ``heldout`` families for a generalization check, are described in ``docs/SYNTH.md``.
 
-How the transform is built (coordinate math in :mod:`mdgru_keras.geometry`):
+How the transform is built (coordinate math in :mod:`mdgru_keras.data.deformation` and
+:mod:`mdgru_keras.geometry`):
 
 * The forward affine ``A`` (template world -> subject world) scales each template axis about the template
   centre, then rotates about it and translates: ``A(x) = R S (x - c) + c + t``.
@@ -17,11 +18,11 @@ How the transform is built (coordinate math in :mod:`mdgru_keras.geometry`):
   fine and a large-scale one) on one coarse control grid (``elastic_grid_mm``) fixed in subject world,
   interpolated trilinearly.
 * The landmarks take the *forward* map: ``z = A(template_mm)``, then ``y + u(y) = z`` is solved for ``y`` by
-  fixed-point iteration (:func:`~mdgru_keras.geometry.invert_displacement`), with the very same trilinear
+  fixed-point iteration (:func:`~mdgru_keras.data.deformation.invert_displacement`), with the very same trilinear
   ``u`` the image sees, so they agree to 1e-6 mm.
 * Speed: the pull-back is affine plus ``u``, and trilinear interpolation reproduces affine maps exactly, so
   the template-voxel coordinates are computed on the control grid only and upsampled separably to the
-  subject grid (:func:`~mdgru_keras.geometry.resample_axis_aligned`); one ``map_coordinates`` (order 1)
+  subject grid (:func:`~mdgru_keras.geometry.resampling.resample_axis_aligned`); one ``map_coordinates`` (order 1)
   samples the template.
 * Intensities are changed on the template side, before resampling (contrast curve and gamma through one
   lookup table, unsharp masking, then one Gaussian with the subject's acquisition blur mapped to template
@@ -47,8 +48,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from mdgru_keras import geometry
+from mdgru_keras.data.deformation import interpolate_at, invert_displacement, rigid_affine
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.resampling import resample_axis_aligned
 from mdgru_keras.io.atomic import write_text_atomic
 from mdgru_keras.io.landmarks import check_landmarks_inside, read_landmarks, write_landmarks
 from mdgru_keras.io.nifti import read_volume, write_volume
@@ -176,7 +179,7 @@ class Template:
         """Lower and upper world corners of the template grid's outer voxel faces (axis-aligned box)."""
         shape = np.asarray(next(iter(self.images.values())).shape)
         corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1).T
-        world = geometry.voxel_to_world(corners, self.voxel_to_world)
+        world = affine_maps.voxel_to_world(corners, self.voxel_to_world)
         return world.min(axis=0), world.max(axis=0)
 
 
@@ -426,7 +429,7 @@ def remap_intensities(volume: np.ndarray, knots: np.ndarray, values: np.ndarray,
 def sharpen(volume: np.ndarray, amount: float, voxel_to_world: np.ndarray) -> np.ndarray:
     """Unsharp mask: ``volume + amount * (volume - gaussian(volume))`` (sigma ``SHARPEN_SIGMA_MM``), never
     below the volume's minimum."""
-    sigma_voxel = SHARPEN_SIGMA_MM / geometry.voxel_spacing_mm(voxel_to_world)
+    sigma_voxel = SHARPEN_SIGMA_MM / affine_maps.voxel_spacing_mm(voxel_to_world)
     detail = volume - ndimage.gaussian_filter(volume, sigma_voxel, mode="nearest")
     detail *= np.float32(amount)
     detail += volume
@@ -440,7 +443,7 @@ def acquisition_sigma_voxel(
     voxels: along each subject axis FWHM = its spacing (less the template's own voxel size) plus an isotropic
     ``blur_sigma_mm``, a covariance in subject mm mapped through the linear part of the pull-back to template
     voxels, of which the diagonal is kept (an axis-aligned Gaussian)."""
-    native_mm = float(np.mean(geometry.voxel_spacing_mm(voxel_to_world)))
+    native_mm = float(np.mean(affine_maps.voxel_spacing_mm(voxel_to_world)))
     spacing_mm = np.asarray(spacing_mm, dtype=np.float64)
     variance_mm2 = np.maximum(spacing_mm**2 - native_mm**2, 0.0) / _FWHM_PER_SIGMA**2 + blur_sigma_mm**2
     subject_mm_to_voxel = np.linalg.inv(voxel_to_world[:3, :3]) @ np.linalg.inv(forward[:3, :3])
@@ -478,8 +481,8 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     low, high = template.world_bounds_mm()
     centre = 0.5 * (low + high)
     scale = np.asarray(drawn["scale"])
-    linear = geometry.rotation_matrix_deg(drawn["rotation_deg"]) @ np.diag(scale)
-    forward = geometry.rigid_affine(linear, drawn["translation_mm"], centre)  # any linear part about the centre
+    linear = affine_maps.rotation_matrix(np.deg2rad(drawn["rotation_deg"])) @ np.diag(scale)
+    forward = rigid_affine(linear, drawn["translation_mm"], centre)  # any linear part about the centre
     # elastic displacement u (fine + large-scale) on a control grid fixed in subject world
     grid_origin, grid_shape = _control_grid(template, options)
     grid_step = options.elastic_grid_mm
@@ -489,12 +492,12 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     )
 
     def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
-        return geometry.interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
+        return interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
 
     # landmarks: forward map, the displacement inverted at each point
     names = list(template.landmarks_world_mm)
     template_mm = np.stack([template.landmarks_world_mm[n] for n in names])
-    subject_mm = geometry.invert_displacement(geometry.apply_affine(forward, template_mm), displacement_at)
+    subject_mm = invert_displacement(affine_maps.voxel_to_world(template_mm, forward), displacement_at)
 
     grid_box = (grid_origin, grid_origin + (np.asarray(grid_shape) - 1) * grid_step)
     spacing = np.asarray(drawn["spacing_mm"])
@@ -508,12 +511,12 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         np.meshgrid(*[grid_origin[a] + grid_step * np.arange(grid_shape[a]) for a in range(3)], indexing="ij"), -1
     )
     pull_back = np.linalg.inv(template.voxel_to_world) @ np.linalg.inv(forward)
-    node_template_voxel = geometry.apply_affine(pull_back, node_mm + displacement).astype(np.float32)
+    node_template_voxel = affine_maps.voxel_to_world(node_mm + displacement, pull_back).astype(np.float32)
     subject_to_node = np.eye(4)
     subject_to_node[:3, :3] = np.diag(spacing / grid_step)
     subject_to_node[:3, 3] = (first_voxel_mm - grid_origin) / grid_step
     coordinates = np.stack(
-        [geometry.resample_axis_aligned(node_template_voxel[..., a], subject_to_node, shape) for a in range(3)]
+        [resample_axis_aligned(node_template_voxel[..., a], subject_to_node, shape) for a in range(3)]
     )
     source = _appearance(template.images[label], template.voxel_to_world, forward, spacing, drawn)
     data = ndimage.map_coordinates(source, coordinates, order=1, mode="nearest", prefilter=False)
@@ -525,7 +528,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         log_bias = (rng.standard_normal((g, g, g)) * options.bias_std).astype(np.float32)
         subject_to_bias = np.eye(4)
         subject_to_bias[:3, :3] = np.diag([(g - 1) / max(n - 1, 1) for n in shape])
-        data *= np.exp(geometry.resample_axis_aligned(log_bias, subject_to_bias, shape))
+        data *= np.exp(resample_axis_aligned(log_bias, subject_to_bias, shape))
     noise_fraction = drawn["noise_fraction"]
     if noise_fraction > 0:
         sigma = noise_fraction * float(np.percentile(data[::4, ::4, ::4], 99))
@@ -662,4 +665,4 @@ def moved_copy(
     pull = np.linalg.inv(source.affine) @ np.linalg.inv(forward) @ target  # new voxel -> template voxel
     moved = ndimage.affine_transform(data, pull[:3, :3], pull[:3, 3], output_shape=tuple(shape), order=1)
     write_volume(out, moved.astype(np.float32), target)
-    return geometry.apply_affine(forward, np.asarray(landmarks_world_mm, dtype=np.float64))
+    return affine_maps.voxel_to_world(np.asarray(landmarks_world_mm, dtype=np.float64), forward)

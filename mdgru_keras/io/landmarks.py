@@ -239,10 +239,10 @@ def check_landmarks_inside(volume: Volume, landmarks: Mapping[str, np.ndarray], 
 
     Inside means within the grid's outer voxel faces: continuous voxel coordinates in ``[-0.5, n - 0.5]``.
     """
-    from mdgru_keras import geometry  # here, so that reading landmark files does not import TensorFlow
+    from mdgru_keras.geometry import affine_maps  # here, so that reading landmark files does not import TensorFlow
 
     for name, world_mm in landmarks.items():
-        voxel = geometry.world_to_voxel(np.asarray(world_mm, dtype=np.float64), volume.voxel_to_world)
+        voxel = affine_maps.world_to_voxel(np.asarray(world_mm, dtype=np.float64), volume.voxel_to_world)
         shape = np.asarray(volume.shape, dtype=np.float64)
         if np.any(voxel < -0.5) or np.any(voxel > shape - 0.5):
             world_text = ", ".join(f"{v:.1f}" for v in np.asarray(world_mm, dtype=np.float64))

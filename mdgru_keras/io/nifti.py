@@ -13,8 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mdgru_keras import geometry
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.resampling import canonical_resampling_grid, resample_axis_aligned
 from mdgru_keras.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -43,7 +44,7 @@ class Volume:
     @property
     def spacing_mm(self) -> np.ndarray:
         """Voxel edge lengths ``[3]`` of the array in mm."""
-        return geometry.voxel_spacing_mm(self.voxel_to_world)
+        return affine_maps.voxel_spacing_mm(self.voxel_to_world)
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -102,7 +103,7 @@ def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
 
     Reorientation is exact (axes permuted and flipped); resampling (trilinear, only along axes whose spacing
     differs from ``spacing_mm``) covers the file's field of view from its first voxel corner
-    (:func:`mdgru_keras.geometry.canonical_resampling_grid`). ``spacing_mm=None`` keeps the file's spacing.
+    (:func:`~mdgru_keras.geometry.resampling.canonical_resampling_grid`). ``spacing_mm=None`` keeps the file's spacing.
     Raises :class:`~mdgru_keras.errors.InputError` for unreadable, truncated, non-3D, non-finite or constant
     images.
     """
@@ -110,8 +111,8 @@ def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
     file_data, file_affine = _load_3d(path)
     if spacing_mm is not None and not (np.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
-    new_shape, new_affine, new_to_file = geometry.canonical_resampling_grid(file_data.shape, file_affine, spacing_mm)
-    data = geometry.resample_axis_aligned(file_data, new_to_file, new_shape).astype(np.float32, copy=False)
+    new_shape, new_affine, new_to_file = canonical_resampling_grid(file_data.shape, file_affine, spacing_mm)
+    data = resample_axis_aligned(file_data, new_to_file, new_shape).astype(np.float32, copy=False)
     return Volume(
         data=data,
         voxel_to_world=new_affine,

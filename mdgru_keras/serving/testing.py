@@ -24,7 +24,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from mdgru_keras.geometry import voxel_to_world_tf
+from mdgru_keras.geometry import affine_maps
 
 TOY_LANDMARKS: tuple[str, ...] = ("AC", "PC", "infracollicular_sulcus")
 COARSE_STRIDE = 4
@@ -63,9 +63,9 @@ class ToyLocalizer(tf.Module):
         coarse_voxel = tf.floor(voxel / COARSE_STRIDE) * COARSE_STRIDE + (COARSE_STRIDE - 1) / 2
         return {
             "landmark_names": tf.identity(self.landmark_names),
-            "world_mm": voxel_to_world_tf(voxel, voxel_to_world),
+            "world_mm": affine_maps.voxel_to_world_tf(voxel, voxel_to_world),
             "voxel": voxel,
-            "coarse_world_mm": voxel_to_world_tf(coarse_voxel, voxel_to_world),
+            "coarse_world_mm": affine_maps.voxel_to_world_tf(coarse_voxel, voxel_to_world),
             "coarse_voxel": coarse_voxel,
             "confidence": tf.sigmoid(values),
             "flip_disagreement_mm": tf.norm(

@@ -2,8 +2,9 @@
 
 Data come from the prepared dataset through :func:`mdgru_keras.data.pipeline.make_dataset` (the same crops
 inference sees), models from :mod:`mdgru_keras.networks`, and the validation error is measured through the
-real decoding path: per-axis softmax -> :func:`mdgru_keras.geometry.decode_axis_tf` (parabola refinement as in
-the config) -> window voxels -> world millimetres through each validation subject's own ``voxel_to_world``.
+real decoding path: per-axis softmax -> :func:`~mdgru_keras.geometry.coordinate_classes.decode_axis_tf`
+(parabola refinement as in the config) -> window voxels -> world millimetres through each validation subject's
+own ``voxel_to_world``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mdgru_keras import geometry
 from mdgru_keras.config import Config, with_landmarks
 from mdgru_keras.errors import InputError
+from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.coordinate_classes import decode_axis_tf
 from mdgru_keras.training.trainer import StageSetup, Trainer, TrainResult
 
 STAGES = ("coarse", "fine")
@@ -71,7 +73,7 @@ def decode_window_voxel(logits: dict[str, tf.Tensor], config: Config, stage: str
     factor = config.coarse.input_stride if stage == "coarse" else 1
     return tf.stack(
         [
-            geometry.decode_axis_tf(
+            decode_axis_tf(
                 tf.nn.softmax(logits[axis], axis=-1), config.superresolution, factor, parabola=config.parabola
             )
             for axis in ("x", "y", "z")
@@ -91,7 +93,9 @@ def errors_mm(
     for index, subject in enumerate(subjects):
         name = subject.decode() if isinstance(subject, bytes) else str(subject)
         affine = affines[name]
-        difference = geometry.voxel_to_world(predicted[index], affine) - geometry.voxel_to_world(truth[index], affine)
+        difference = affine_maps.voxel_to_world(predicted[index], affine) - affine_maps.voxel_to_world(
+            truth[index], affine
+        )
         distances.append(np.linalg.norm(difference, axis=-1).reshape(-1))
     return np.concatenate(distances) if distances else np.zeros(0)
 
