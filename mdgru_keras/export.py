@@ -6,15 +6,15 @@ The graph takes a scan as its file stores it and does everything else itself (th
 1. validate: a finite volume with at least 2 voxels per axis, a finite, non-singular ``voxel_to_world`` whose
    last row is ``[0, 0, 0, 1]`` (``tf.debugging`` asserts: ``INVALID_ARGUMENT`` with a one-line message);
 2. reorient to the closest RAS-canonical axis order and resample to the model spacing
-   (``geometry.canonical_resampling_grid_tf`` + ``resample_axis_aligned_tf``: the same grid and values as
+   (``resampling.canonical_resampling_grid_tf`` + ``resample_axis_aligned_tf``: the same grid and values as
    ``mdgru_keras.io.read_volume``), keeping only the central ``(P + W)^3`` voxels of that grid (the
-   oversized-input rule, ``geometry.central_grid_crop_tf``);
+   oversized-input rule, ``resampling.central_grid_crop_tf``);
 3. run :class:`mdgru_keras.localizer.TwoStageLocalizer` (preprocessing, coarse, fine windows, decoding);
 4. map the model-grid voxels back to the given array (``new_to_old``) and to RAS millimetres (the given affine).
 
 Signatures (``serving_default``, ``localize_int16``, ``coarse``, ``decodings``) and outputs are listed in
 :data:`OUTPUTS`. ``decodings`` gives every row of the paper's Table 1a that one model can give (:data:`DECODINGS`:
-coarse; fine with ``n = 1`` classes per voxel, pooled from the model's ``n`` (``geometry.pool_classes``), and
+coarse; fine with ``n = 1`` classes per voxel, pooled from the model's ``n`` (``coordinate_classes.pool_classes``), and
 with the model's ``n``; each by argmax and by parabola), for ``mdgru-localize evaluate``.
 ``assets/model_info.json`` records both stages' configs, the landmark names, the training data description
 and the version.
@@ -62,7 +62,7 @@ SHARED_CONFIG_KEYS = ("landmarks", "spacing_mm", "highpass_sigma_mm", "superreso
 
 # The decodings of the ``decodings`` signature (Table 1a's rows): each gives ``{name}_world_mm`` and ``{name}_voxel``.
 # coarse: the coarse stage as used (parabola per the config); fine_n1_*: the fine probabilities pooled to one
-# class per voxel (geometry.pool_classes), as a model trained with n = 1; fine_*: the model's own n classes.
+# class per voxel (coordinate_classes.pool_classes), as a model trained with n = 1; fine_*: the model's own n classes.
 DECODINGS: tuple[str, ...] = ("coarse", "fine_n1_argmax", "fine_n1_parabola", "fine_argmax", "fine_parabola")
 
 # signature -> its outputs (all share the inputs volume [X,Y,Z] and voxel_to_world float64 [4,4])
@@ -78,7 +78,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 
 
 def max_grid_size(config: Config) -> int:
-    """Voxels per axis of the model grid the export looks at: ``P + W`` (see ``geometry.central_grid_crop``)."""
+    """Voxels per axis of the model grid the export looks at: ``P + W`` (see ``resampling.central_grid_crop``)."""
     return config.coarse.padded_size + config.fine.window_size
 
 

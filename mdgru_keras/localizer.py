@@ -5,15 +5,15 @@ already at ``config.spacing_mm``) to the voxel coordinates of the config's K lan
 
 1. preprocess: ``[X, Y, Z, 2]`` (volume and its high-pass, each z-normalized over the whole volume).
 2. coarse: the central ``P^3`` region (``P = config.coarse.padded_size``; zero-padded where the volume is
-   smaller, the central part where it is larger: ``geometry.centered_window_origin``, or centred on the
-   head's intensity centroid with ``coarse.centre: mass``) -> coarse model ->
-   per-axis softmax -> ``geometry.decode_axis_tf`` with ``factor = config.coarse.input_stride`` -> coarse voxel.
-3. fine: one ``W^3`` window per landmark, centred on its coarse voxel (``geometry.window_origin_around_tf``,
+   smaller, the central part where it is larger: ``windows.centered_window_origin``, or centred on the
+   head's intensity centroid with ``coarse.centre: mass``) -> coarse model -> per-axis softmax ->
+   ``coordinate_classes.decode_axis_tf`` with ``factor = config.coarse.input_stride`` -> coarse voxel.
+3. fine: one ``W^3`` window per landmark, centred on its coarse voxel (``windows.window_origin_around_tf``,
    zero-padded outside the volume), all K windows as one batch (in chunks of ``fine_batch_size``) ->
    fine model with ``landmark_index = arange(K)`` -> softmax -> decode (``factor = 1``) -> voxel.
 
    Option ``share_windows_margin_voxel = m``: landmarks whose coarse voxels fit into one window at least ``m``
-   voxels from its faces share that window (``geometry.shared_window_groups_tf``, greedy in landmark order):
+   voxels from its faces share that window (``windows.shared_window_groups_tf``, greedy in landmark order):
    the fine trunk runs once per window, the per-landmark heads once per landmark. The fine network is trained
    with its landmark anywhere in the window (``data.pipeline``: uniform, 2 voxels from the border), so an
    off-centre landmark is within its training distribution as long as ``m`` exceeds the coarse error plus 2.
@@ -33,7 +33,7 @@ rows of the paper's Table 1a. The fine windows are centred on ``coarse_voxel`` (
 passes on the previous pass's ``voxel``, or with ``average_passes`` on the mean of all earlier passes).
 
 Confidence: per axis the probability mass of the peak class and its two neighbours
-(``geometry.peak_mass_tf``), multiplied over the three axes: the network's probability that the landmark lies
+(``coordinate_classes.peak_mass_tf``), multiplied over the three axes: the network's probability that the landmark lies
 within one class of the decoded position on every axis (assuming independent axes). In ``[0, 1]``.
 """
 

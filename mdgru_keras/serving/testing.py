@@ -61,16 +61,16 @@ class ToyLocalizer(tf.Module):
             values, flat_index = tf.math.top_k(tf.reshape(volume, [-1]), k=self.num_landmarks)
         voxel = tf.cast(tf.transpose(tf.unravel_index(flat_index, tf.shape(volume, out_type=tf.int32))), tf.float64)
         coarse_voxel = tf.floor(voxel / COARSE_STRIDE) * COARSE_STRIDE + (COARSE_STRIDE - 1) / 2
+        world_mm = affine_maps.voxel_to_world_tf(voxel, voxel_to_world)
+        coarse_world_mm = affine_maps.voxel_to_world_tf(coarse_voxel, voxel_to_world)
         return {
             "landmark_names": tf.identity(self.landmark_names),
-            "world_mm": affine_maps.voxel_to_world_tf(voxel, voxel_to_world),
+            "world_mm": world_mm,
             "voxel": voxel,
-            "coarse_world_mm": affine_maps.voxel_to_world_tf(coarse_voxel, voxel_to_world),
+            "coarse_world_mm": coarse_world_mm,
             "coarse_voxel": coarse_voxel,
             "confidence": tf.sigmoid(values),
-            "flip_disagreement_mm": tf.norm(
-                voxel_to_world_tf(voxel, voxel_to_world) - voxel_to_world_tf(coarse_voxel, voxel_to_world), axis=-1
-            ),
+            "flip_disagreement_mm": tf.norm(world_mm - coarse_world_mm, axis=-1),
         }
 
     @tf.function(
