@@ -7,11 +7,14 @@ or ``all`` alone. What ``all`` stands for, and which names are valid, is known o
 landmarks of the first subject's file (``prepare``), of the dataset (``train``), of the model (``predict``;
 the 32 AFIDs for the shipped model). :func:`select_landmarks` resolves a value against such a list and refuses
 unknown names in one line that lists the valid ones.
+
+:func:`shipped_model_dir` is what ``predict`` and ``serve`` use when no ``--model`` is given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
@@ -60,3 +63,15 @@ def select_landmarks(requested: Sequence[str], known: Sequence[str], owner: str 
     if problem := unknown_landmarks(requested, known, owner):
         raise click.BadParameter(problem, param_hint="'--landmarks'")
     return tuple(requested)
+
+
+def shipped_model_dir() -> Path:
+    """The SavedModel shipped with the package (the default ``--model``); a missing or damaged one is a
+    :class:`click.ClickException` that says how to give another."""
+    from mdgru_keras.errors import InputError
+    from mdgru_keras.pretrained import DEFAULT_MODEL, pretrained_model_dir
+
+    try:
+        return pretrained_model_dir(DEFAULT_MODEL)
+    except InputError as error:
+        raise click.ClickException(f"{error} (or give --model EXPORT_DIR)") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks
+from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks, shipped_model_dir
 
 FORMATS = ("json", "csv", "fcsv", "mrk.json")
 MARKUPS_FORMATS = ("fcsv", "mrk.json")  # 3D Slicer point lists: one file per scan
@@ -130,13 +130,7 @@ def predict(
     if model_dir is not None and server is not None:
         raise click.UsageError("give at most one of --model EXPORT_DIR and --server HOST:PORT")
     if model_dir is None and server is None:
-        from mdgru_keras.errors import InputError
-        from mdgru_keras.pretrained import DEFAULT_MODEL, pretrained_model_dir
-
-        try:
-            model_dir = pretrained_model_dir(DEFAULT_MODEL)
-        except InputError as error:
-            raise click.ClickException(f"{error} (or give --model EXPORT_DIR)") from None
+        model_dir = shipped_model_dir()
     if fmt in MARKUPS_FORMATS and out is None:
         raise click.UsageError(
             f"--format {fmt} writes files: give --out (a .{fmt} file, or a directory for many scans)"
@@ -162,6 +156,7 @@ def predict(
     client = _open_client(model_dir, server, model_name, timeout_s, requested)
 
     predictions, done, failed = [], [], []  # done: the index in IMAGES of each prediction
+    flagged = 0  # scans with a landmark whose status is not ok
     figure_paths = per_scan_paths(images, figure_dir, ".png") if figure_dir is not None else None
     with client, tqdm(total=len(images), unit="scan", file=sys.stderr, disable=None, desc="predict") as progress:
         for index, image in enumerate(images):
@@ -182,6 +177,7 @@ def predict(
                 done.append(index)
                 if warning := prediction.warning(min_confidence, max_disagreement_mm):
                     progress.write(f"warning: {warning}", file=sys.stderr)
+                    flagged += 1
                 if figure_paths is not None:
                     try:
                         write_prediction_figure(prediction, figure_paths[index])
@@ -202,9 +198,8 @@ def predict(
         written = _write_text(text, out, fmt)
     count = sum(len(p.landmark_names) for p in predictions)
     summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
-    flagged = [p for p in predictions if p.warning(min_confidence, max_disagreement_mm) is not None]
     if flagged:
-        summary += f"; {len(flagged)} scan{'s' if len(flagged) != 1 else ''} with flagged landmarks (see warnings)"
+        summary += f"; {flagged} scan{'s' if flagged != 1 else ''} with flagged landmarks (see warnings)"
     if figure_dir is not None:
         summary += f"; figures in {figure_dir}"
     failed_files = list(dict.fromkeys(path for path, _ in failed))  # in the order given

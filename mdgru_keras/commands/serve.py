@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mdgru_keras.commands._options import shipped_model_dir
+
 DEFAULT_GRPC_PORT = 8500  # TensorFlow Serving's defaults
 DEFAULT_REST_PORT = 8501
 
@@ -67,13 +69,7 @@ def serve(model_dir: Path | None, model_name: str, host: str, grpc_port: int, re
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--host") from None
     if model_dir is None:
-        from mdgru_keras.errors import InputError
-        from mdgru_keras.pretrained import DEFAULT_MODEL, pretrained_model_dir
-
-        try:
-            model_dir = pretrained_model_dir(DEFAULT_MODEL)
-        except InputError as error:
-            raise click.ClickException(f"{error} (or give --model EXPORT_DIR)") from None
+        model_dir = shipped_model_dir()
 
     import signal
     import threading
