@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
 
 from mdgru_keras.serving import DEFAULT_MODEL_NAME, MAX_MESSAGE_BYTES, ServingError
 from mdgru_keras.serving.servable import Servable
-from mdgru_keras.serving.server_common import check_loopback, signature_def_map
+from mdgru_keras.serving.server_common import check_loopback, servable_for, signature_def_map
 
 
 def tensor_proto_to_array(name: str, proto: Any) -> np.ndarray:
@@ -134,11 +134,7 @@ class GrpcServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         servable: Servable | None = None,
     ) -> None:
-        if servable is None:
-            if model_path is None:
-                raise ValueError("give model_path or servable")
-            servable = Servable(model_path, model_name)
-        self.servable = servable
+        self.servable = servable = servable_for(model_path, model_name, servable)
         self.host = check_loopback(host)
         self._requested_port = port
         self.port: int | None = None

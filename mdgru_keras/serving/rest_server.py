@@ -34,7 +34,7 @@ from google.protobuf import json_format
 
 from mdgru_keras.serving import DEFAULT_MODEL_NAME, DEFAULT_SIGNATURE, HTTP_STATUS_BY_CODE, ServingError
 from mdgru_keras.serving.servable import Servable, dtype_name
-from mdgru_keras.serving.server_common import check_loopback, signature_def_map
+from mdgru_keras.serving.server_common import check_loopback, servable_for, signature_def_map
 
 MAX_BODY_BYTES = 2 * 1024**3  # a 256^3 volume as JSON text is ~0.2-0.4 GB
 
@@ -237,11 +237,7 @@ class RestServer:
         max_body_bytes: int = MAX_BODY_BYTES,
         servable: Servable | None = None,
     ) -> None:
-        if servable is None:
-            if model_path is None:
-                raise ValueError("give model_path or servable")
-            servable = Servable(model_path, model_name)
-        self.servable = servable
+        self.servable = servable = servable_for(model_path, model_name, servable)
         self._httpd = _HttpServer((check_loopback(host), port), servable, max_body_bytes)
         self.host = host
         self.port: int = self._httpd.server_address[1]

@@ -1,5 +1,6 @@
 """What the in-process gRPC and REST servers share (both import this module; neither imports the other).
 
+:func:`servable_for`: the servable a server was given, or one loaded from a model folder.
 :func:`check_loopback`: the development servers have no authentication and bind loopback addresses only.
 :func:`signature_def_map`: a servable's SignatureDefs as TF Serving's metadata message (``GetModelMetadata``
 over gRPC, ``GET /v1/models/NAME/metadata`` over REST).
@@ -8,10 +9,20 @@ over gRPC, ``GET /v1/models/NAME/metadata`` over REST).
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from tensorflow_serving.apis import get_model_metadata_pb2
 
 from mdgru_keras.serving.servable import Servable
+
+
+def servable_for(model_path: str | Path | None, model_name: str, servable: Servable | None) -> Servable:
+    """``servable`` if given (servers may share one), else the model at ``model_path`` loaded as ``model_name``."""
+    if servable is not None:
+        return servable
+    if model_path is None:
+        raise ValueError("give model_path or servable")
+    return Servable(model_path, model_name)
 
 
 def check_loopback(host: str) -> str:
