@@ -4,6 +4,8 @@ the presets and the pretrained-model files, and none of the checkout's entry-poi
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,3 +111,64 @@ def test_the_checkout_keeps_configs_as_a_link_to_the_presets() -> None:
     # `--config configs/cpu.yaml` (older commands, shell history) still names the same file
     for preset in PRESETS:
         assert (ROOT / "configs" / preset).resolve() == (ROOT / "mdgru_keras" / "configs" / preset).resolve()
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_the_wheel_trains_exports_and_predicts_from_a_fresh_virtualenv(wheel: Path, tmp_path: Path) -> None:
+    """The packaging smoke test: the wheel goes into a new virtual environment outside the checkout, which
+    borrows this environment's dependencies (TensorFlow and the rest: a path file, no downloads) but not its
+    editable mdgru_keras; its own `mdgru-localize` then prepares a dataset, trains both stages of the tiny
+    preset for one epoch, exports them and predicts."""
+    import site
+    import venv
+
+    from training_helpers import write_raw_population
+
+    fresh = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(fresh)
+    python = fresh / "bin" / "python"
+    # this environment's pip installs into the new one (it has none of its own); dependencies come next
+    _pip("--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel), cwd=tmp_path)
+    (fresh_site,) = (fresh / "lib").glob("python3.*/site-packages")
+    # a plain path line: the borrowed folder's own .pth files (among them the editable install's finder) are
+    # not run, so the only mdgru_keras the new environment sees is the wheel's
+    (fresh_site / "borrowed-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    work = tmp_path / "work"
+    work.mkdir()
+
+    where = _run([str(python), "-c", "import mdgru_keras; print(mdgru_keras.__file__)"], work, env)
+    assert Path(where.strip()).is_relative_to(fresh_site)
+    cli = str(fresh / "bin" / "mdgru-localize")
+    usage = _run([cli, "--help"], work, env)
+    for command in ("prepare", "train", "export", "predict", "serve"):
+        assert command in usage
+
+    manifest = write_raw_population(work / "raw", train=4, val=2, shape=(20, 22, 18), seed=7)
+    _run([cli, "prepare", str(manifest), "--out", "dataset"], work, env)
+    for stage in ("coarse", "fine"):
+        _run([cli, "train", "--stage", stage, "--config", "tiny", "--landmarks", "A", "--data", "dataset",
+              "--out", f"runs/{stage}", "--epochs", "1", "--quiet"], work, env)
+        assert (work / "runs" / stage / "model.keras").is_file()
+    _run([cli, "export", "--coarse", "runs/coarse", "--fine", "runs/fine", "--out", "exports", "--name", "blob"],
+         work, env)
+    assert (work / "exports" / "blob" / "1" / "saved_model.pb").is_file()
+    table = _run([cli, "predict", "raw/val00.nii.gz", "raw/val01.nii.gz", "--model", "exports/blob",
+                  "--format", "csv"], work, env)
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert [(Path(row["file"]).name, row["landmark"]) for row in rows] == [("val00.nii.gz", "A"),
+                                                                           ("val01.nii.gz", "A")]
+    for row in rows:
+        voxel = np.array([float(row[f"voxel_{axis}"]) for axis in "ijk"])
+        # one epoch of a tiny model is not expected to be accurate, and may answer outside the scan: then
+        # (and only then) the row says so
+        assert np.all(np.isfinite(voxel))
+        outside = bool(np.any(voxel < -0.5) or np.any(voxel > np.array([20, 22, 18]) - 0.5))
+        assert ("outside_image" in row["status"].split(";")) == outside

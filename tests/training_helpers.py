@@ -13,7 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_population(
+def write_raw_population(
     directory: Path,
     *,
     train: int = 16,
@@ -22,20 +22,16 @@ def write_population(
     spacing_mm: float = 1.0,
     landmark: str = "A",
     seed: int = 0,
-    shard_size: int = 4,
 ) -> Path:
     """NIfTI scans with one bright blob (the landmark ``landmark``) at a random place on a structured
-    background, their ``.fcsv`` landmark files and a manifest; then ``prepare_dataset``. Returns the dataset
-    directory. The blob is the only thing that marks the landmark, so a network can learn to find it.
-    ``shard_size`` subjects per TFRecord file (one train shard and several take different checkpoint paths).
-    """
-    from mdgru_keras.data.records import prepare_dataset
+    background, their ``.fcsv`` landmark files and a manifest (``subject,image,landmarks,split``) in
+    ``directory``. Returns the manifest. The blob is the only thing that marks the landmark, so a network can
+    learn to find it."""
     from mdgru_keras.io.landmarks import write_landmarks
     from mdgru_keras.io.nifti import write_volume
 
     rng = np.random.default_rng(seed)
-    raw = directory / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
     affine[:3, 3] = [-10.0, 5.0, 2.5]
     grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1).astype(np.float64)
@@ -48,13 +44,36 @@ def write_population(
         background = 200.0 + 30.0 * np.sin(grid[..., 0] / 3.0 + rng.uniform(0, 6)) * np.cos(grid[..., 1] / 4.0)
         blob = 800.0 * np.exp(-0.5 * ((grid - landmark_voxel) ** 2).sum(-1) / 1.5**2)
         volume = background + blob + rng.normal(0.0, 10.0, size=shape)
-        write_volume(raw / f"{name}.nii.gz", volume.astype(np.float32), affine, dtype="int16")
+        write_volume(directory / f"{name}.nii.gz", volume.astype(np.float32), affine, dtype="int16")
         world_mm = landmark_voxel @ affine[:3, :3].T + affine[:3, 3]
-        write_landmarks(raw / f"{name}.fcsv", {landmark: world_mm})
+        write_landmarks(directory / f"{name}.fcsv", {landmark: world_mm})
         lines.append(f"{name},{name}.nii.gz,{name}.fcsv,{split}")
-    (raw / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    manifest = directory / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+def write_population(
+    directory: Path,
+    *,
+    train: int = 16,
+    val: int = 4,
+    shape: tuple[int, int, int] = (24, 26, 22),
+    spacing_mm: float = 1.0,
+    landmark: str = "A",
+    seed: int = 0,
+    shard_size: int = 4,
+) -> Path:
+    """:func:`write_raw_population` in ``directory/raw``, then ``prepare_dataset`` into ``directory/dataset``.
+    Returns the dataset directory. ``shard_size`` subjects per TFRecord file (one train shard and several take
+    different checkpoint paths).
+    """
+    from mdgru_keras.data.records import prepare_dataset
+
+    manifest = write_raw_population(directory / "raw", train=train, val=val, shape=shape, spacing_mm=spacing_mm,
+                                    landmark=landmark, seed=seed)
     out = directory / "dataset"
-    prepare_dataset(raw / "manifest.csv", out, spacing_mm=spacing_mm, val_fraction=0.0, test_fraction=0.0,
+    prepare_dataset(manifest, out, spacing_mm=spacing_mm, val_fraction=0.0, test_fraction=0.0,
                     shard_size=shard_size)
     return out
 
