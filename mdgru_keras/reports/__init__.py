@@ -6,8 +6,8 @@ offline (inline CSS, images as data URIs, no script, a Content-Security-Policy t
   then for each landmark its axial, coronal and sagittal slices with the marker, confidence and flags.
 * :func:`group_report` — one page listing the participants worst first (:class:`ReportEntry`, built with
   :meth:`ReportEntry.from_predictions`), each linking to its page.
-* :func:`report_page_paths`, :func:`model_info_for_report` — file names and model facts, as
-  ``mdgru-localize predict --report`` uses them.
+* :class:`ScanReports` — a page per scan plus the group page, as ``mdgru-localize predict --report DIR`` writes
+  them; :func:`report_page_paths` and :func:`model_info_for_report` give its file names and model facts.
 
 A typical use (a BIDS App writing one page per participant and a group page)::
 
@@ -24,6 +24,7 @@ A typical use (a BIDS App writing one page per participant and a group page)::
 
 from mdgru_keras.reports.group import GROUP_PAGE, group_report, model_info_for_report, report_page_paths
 from mdgru_keras.reports.participant import participant_report
+from mdgru_keras.reports.scans import ScanReports
 from mdgru_keras.reports.status import SEVERITY, STATUS_FAILED, ReportEntry, worst_status
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "SEVERITY",
     "STATUS_FAILED",
     "ReportEntry",
+    "ScanReports",
     "group_report",
     "model_info_for_report",
     "participant_report",

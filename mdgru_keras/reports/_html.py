@@ -39,6 +39,7 @@ dl.meta dt { color: #555; } dl.meta dd { margin: 0; overflow-wrap: anywhere; }
 table { border-collapse: collapse; margin: 6px 0 14px; background: #fff; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-space: nowrap; }
 th { background: #eee; } td.name, th.name, td.text { text-align: left; white-space: normal; }
+td.file { overflow-wrap: normal; }
 tr.flagged.low_confidence td { background: #fff6dc; } tr.flagged.unstable td { background: #ffe9d6; }
 tr.flagged.outside_image td, tr.flagged.failed td { background: #ffdede; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 8px; color: #fff; font-size: 12px;

@@ -60,7 +60,7 @@ def group_report(
         rows.append(
             f'<tr class="{_html.row_classes(entry.worst_status)}"><td>{rank}</td><td class="name">{link}</td>'
             f'<td class="text">{_html.badge(entry.worst_status)}</td>'
-            f"<td>{entry.num_flagged} of {entry.num_landmarks}</td>"
+            + (f"<td>{entry.num_flagged} of {entry.num_landmarks}</td>" if entry.num_landmarks else "<td>&ndash;</td>")
             + "".join(f"<td>{entry.flag_counts.get(flag, 0)}</td>" for flag in FLAGS)
             + f'<td class="text file">{esc(", ".join(entry.scans))}</td>'
             f'<td class="text note">{esc(entry.note)}</td></tr>'
