@@ -44,8 +44,22 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+# Debian's headless Chromium and its WebDriver, for the QC-report test in a real browser (tests/test_reports.py;
+# skipped without them). Installed with apt-get when missing and we are root on a Debian-like system (CI);
+# otherwise a note, and `make test` goes on.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+.PHONY: browser
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver; \
+	else echo "note: no $(CHROMIUM) / $(CHROMEDRIVER) (install chromium and chromium-driver as root);" \
+		"the browser test of the QC reports will be skipped"; fi
 
 # The quick subset: every test but those marked slow (training, SavedModel exports, subprocess pipelines, the
 # demo; see pyproject.toml), under 5 min on 2 cores. CI runs `make test`.
