@@ -34,7 +34,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: model-afids evaluate-pretrained bench-pretrained install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
+	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-reports bench-training bench-accuracy bench-ablation clean-demo
 
 install: $(STAMP)
 
@@ -148,6 +148,11 @@ bench-localize: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python -m bench.bench_predict
+
+# Size and rendering time of a 32-landmark QC page on the demo's 1 mm template (seconds; make demo-data first, else
+# a synthetic head of the same grid). Writes bench/results/bench_reports.json.
+bench-reports: $(STAMP)
+	$(BIN)/python -m bench.bench_reports --demo $(DEMO)
 
 # The shipped model on heads it never saw (unseen, held-out-family, beyond-range and moved-template subjects) next
 # to registration, and its speed; writes bench/results/bench_pretrained.json and docs/MODEL_CARD.md's table.
