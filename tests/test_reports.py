@@ -8,6 +8,7 @@ The structure checks parse the HTML with :mod:`html.parser` and decode every emb
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import io
 import re
@@ -341,13 +342,17 @@ def test_every_panel_is_a_png_of_the_panel_size(head_page: Path) -> None:
 
 def test_a_page_covers_several_scans_and_failed_ones(head: Path, head_prediction, tmp_path: Path) -> None:
     second = head_prediction.select(NAMES[:2])
+    world_mm = second.world_mm.copy()
+    world_mm[1] = np.nan  # a model that lost a landmark altogether: no panels, "n/a", flagged outside_image
+    second = dataclasses.replace(second, world_mm=world_mm, voxel=world_mm.copy())
     page_path = participant_report(
         tmp_path / "p.html", [(head, head_prediction), (head, second)], failed=[("ses-2/bad.nii.gz", "truncated")],
         panel_px=16,
     )  # fmt: skip
     text, page = read_page(page_path)
     assert len(page.rows["summary"]) == 2 * 1 + len(NAMES) + 2
-    assert len(page.images) == 3 * (len(NAMES) + 2)
+    assert len(page.images) == 3 * (len(NAMES) + 1)
+    assert page.rows["summary"][-1][1][2:5] == ["n/a"] * 3 and "No position to show" in text
     assert "bad.nii.gz" in text and "truncated" in text
     assert page.title.startswith("Landmark QC: sub-01 ")  # default title: the first image's file name
     with pytest.raises(ValueError, match="at least one scan"):
