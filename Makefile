@@ -34,7 +34,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: model-afids evaluate-pretrained bench-pretrained install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-training bench-accuracy bench-ablation clean-demo
+	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-reports bench-training bench-accuracy bench-ablation clean-demo
 
 install: $(STAMP)
 
@@ -44,8 +44,22 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+# Debian's headless Chromium and its WebDriver, for the QC-report test in a real browser (tests/test_reports.py;
+# skipped without them). Installed with apt-get when missing and we are root on a Debian-like system (CI);
+# otherwise a note, and `make test` goes on.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+.PHONY: browser
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver; \
+	else echo "note: no $(CHROMIUM) / $(CHROMEDRIVER) (install chromium and chromium-driver as root);" \
+		"the browser test of the QC reports will be skipped"; fi
 
 # The quick subset: every test but those marked slow (training, SavedModel exports, subprocess pipelines, the
 # demo; see pyproject.toml), under 5 min on 2 cores. CI runs `make test`.
@@ -134,6 +148,11 @@ bench-localize: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(BIN)/python -m bench.bench_predict
+
+# Size and rendering time of a 32-landmark QC page on the demo's 1 mm template (seconds; make demo-data first, else
+# a synthetic head of the same grid). Writes bench/results/bench_reports.json.
+bench-reports: $(STAMP)
+	$(BIN)/python -m bench.bench_reports --demo $(DEMO)
 
 # The shipped model on heads it never saw (unseen, held-out-family, beyond-range and moved-template subjects) next
 # to registration, and its speed; writes bench/results/bench_pretrained.json and docs/MODEL_CARD.md's table.

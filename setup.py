@@ -28,6 +28,7 @@ setup(
         "PyYAML>=6,<7",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
+        "Pillow>=10.1,<14",
         "SimpleITK>=2.4,<3",
         "tensorflow-serving-api>=2.21,<2.22",
         "grpcio>=1.60,<2",
@@ -42,6 +43,8 @@ setup(
             "pytest-timeout>=2.3,<3",
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
+            # drives Debian's Chromium in the QC-report test (tests/test_reports.py; `make browser` installs it)
+            "selenium>=4.20,<5",
         ],
     },
     entry_points={"console_scripts": ["mdgru-localize=mdgru_keras.cli:main"]},

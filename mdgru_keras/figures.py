@@ -2,18 +2,22 @@
 (like their Fig. 2). Rendered with matplotlib's Agg backend (no display needed), written atomically as PNG.
 
 Slice orientation follows the radiological convention of 3D Slicer's slice views, for volumes ``[x, y, z]``
-in RAS-canonical voxel order (what :func:`mdgru_keras.io.read_volume` returns):
+in RAS-canonical voxel order (what :func:`mdgru_keras.io.read_volume` returns); :data:`VIEWS` holds it for every
+figure and report that draws slices (:mod:`mdgru_keras.reports` too):
 
 * sagittal (x = const): anterior on the left, superior up;
+* coronal (y = const): the patient's right on the viewer's left, superior up;
 * axial (z = const): the patient's right on the viewer's left, anterior up.
 
-Pixels have the voxels' physical aspect ratio (a 1 x 1 x 3 mm scan is not squashed), and every panel is
-marked with its orientation letters (R/L, A/P, S/I) in yellow.
+Every view thus puts the larger RAS coordinate of its horizontal axis on the left and that of its vertical axis
+at the top. Pixels have the voxels' physical aspect ratio (a 1 x 1 x 3 mm scan is not squashed), and every panel
+is marked with its orientation letters (R/L, A/P, S/I) in yellow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +38,42 @@ HEADER_PX = 64  # title and legend above the panels
 DPI = 100
 
 
+@dataclass(frozen=True)
+class SliceView:
+    """How one view shows a RAS-canonical volume ``[x, y, z]``: the slice is ``fixed_axis = const``; the screen's
+    horizontal runs along ``horizontal_axis`` with the larger coordinate on the left, its vertical along
+    ``vertical_axis`` with the larger coordinate at the top. ``letters``: the orientation letters at the
+    left, right, top and bottom edges."""
+
+    name: str
+    fixed_axis: int
+    horizontal_axis: int
+    vertical_axis: int
+    letters: tuple[str, str, str, str]
+
+
+VIEWS: dict[str, SliceView] = {
+    "sagittal": SliceView("sagittal", 0, 1, 2, ("A", "P", "S", "I")),
+    "coronal": SliceView("coronal", 1, 0, 2, ("R", "L", "S", "I")),
+    "axial": SliceView("axial", 2, 0, 1, ("R", "L", "A", "P")),
+}
+AXIS_NAMES = ("x", "y", "z")
+
+
 def landmark_figure_size_px(num_landmarks: int, panel_px: int = 320) -> tuple[int, int]:
     """``(width, height)`` in pixels of a :func:`landmark_figure` with ``num_landmarks`` rows."""
     return 2 * panel_px, num_landmarks * panel_px + HEADER_PX
 
 
-def _check_ras_canonical(voxel_to_world: np.ndarray) -> None:
+def check_ras_canonical(voxel_to_world: np.ndarray, owner: str = "landmark_figure") -> None:
+    """A ``ValueError`` unless the affine's voxel axes run closest to R, A and S, in that order."""
     world_axis, flip = closest_canonical_orientation(voxel_to_world)
     if list(world_axis) != [0, 1, 2] or flip.any():
-        raise ValueError("landmark_figure expects a volume [x, y, z] in RAS-canonical order (as read_volume gives)")
+        raise ValueError(f"{owner} expects a volume [x, y, z] in RAS-canonical order (as read_volume gives)")
 
 
-def _intensity_window(volume: np.ndarray) -> tuple[float, float]:
+def percentile_window(volume: np.ndarray) -> tuple[float, float]:
+    """``(black, white)`` intensities of a volume: its 0.5th and 99.5th percentiles (its range if they agree)."""
     step = max(1, int(round((volume.size / 2e6) ** (1 / 3))))  # percentiles of ~2M voxels are plenty
     sample = volume[::step, ::step, ::step]
     sample = sample[np.isfinite(sample)]
@@ -107,7 +135,7 @@ def landmark_figure(
     if volume.ndim != 3:
         raise ValueError(f"expected a 3D volume [x, y, z], got shape {volume.shape}")
     voxel_to_world = np.asarray(voxel_to_world, dtype=np.float64)
-    _check_ras_canonical(voxel_to_world)
+    check_ras_canonical(voxel_to_world)
     labels = list(points)
     if not labels:
         raise ValueError("no points to draw")
@@ -117,7 +145,7 @@ def landmark_figure(
     colors = {label: (colors or {}).get(label, LABEL_COLORS[i % len(LABEL_COLORS)]) for i, label in enumerate(labels)}
     markers = {label: LABEL_MARKERS[i % len(LABEL_MARKERS)] for i, label in enumerate(labels)}
     spacing = affine_maps.voxel_spacing_mm(voxel_to_world)
-    vmin, vmax = intensity_window if intensity_window is not None else _intensity_window(volume)
+    vmin, vmax = intensity_window if intensity_window is not None else percentile_window(volume)
     shape = volume.shape
 
     width_px, height_px = landmark_figure_size_px(len(names), panel_px)
@@ -147,7 +175,7 @@ def landmark_figure(
                 distances.append(f"{label} {np.linalg.norm(label_mm - reference_mm):.1f} mm")
         suffix = f"  ({', '.join(distances)})" if distances else ""
         cell_bottom = height_px - HEADER_PX - (row + 1) * panel_px
-        for column, view in enumerate(("sagittal", "axial")):
+        for column, view in enumerate((VIEWS["sagittal"], VIEWS["axial"])):
             rect = (
                 (column * panel_px + left) / width_px,
                 (cell_bottom + bottom) / height_px,
@@ -155,26 +183,21 @@ def landmark_figure(
                 (panel_px - bottom - top) / height_px,
             )
             ax = figure.add_axes(rect)
-            if view == "sagittal":
-                # horizontal: y (anterior on the left, so y decreases to the right); vertical: z (superior up)
-                image = volume[slice_voxel[0], :, :].T
-                h_axis, v_axis = 1, 2
-                _style_axes(ax, "y (voxel)", "z (voxel)", f"{name}{suffix}\nsagittal x = {slice_voxel[0]}")
-                letters = ("A", "P", "S", "I")
-            else:
-                # horizontal: x (patient's right on the left, so x decreases to the right); vertical: y (anterior up)
-                image = volume[:, :, slice_voxel[2]].T
-                h_axis, v_axis = 0, 1
-                _style_axes(ax, "x (voxel)", "y (voxel)", f"axial z = {slice_voxel[2]}")
-                letters = ("R", "L", "A", "P")
+            h_axis, v_axis, fixed = view.horizontal_axis, view.vertical_axis, view.fixed_axis
+            # the two remaining axes in order (h_axis < v_axis in every view), transposed: rows along v_axis
+            image = np.take(volume, slice_voxel[fixed], axis=fixed).T
+            heading = f"{view.name} {AXIS_NAMES[fixed]} = {slice_voxel[fixed]}"
+            if column == 0:
+                heading = f"{name}{suffix}\n{heading}"
+            _style_axes(ax, f"{AXIS_NAMES[h_axis]} (voxel)", f"{AXIS_NAMES[v_axis]} (voxel)", heading)
             ax.imshow(
                 image, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest",
                 aspect=spacing[v_axis] / spacing[h_axis],
                 extent=(-0.5, shape[h_axis] - 0.5, -0.5, shape[v_axis] - 0.5),
             )  # fmt: skip
-            ax.set_xlim(shape[h_axis] - 0.5, -0.5)  # both views run their horizontal axis backwards
+            ax.set_xlim(shape[h_axis] - 0.5, -0.5)  # every view runs its horizontal axis backwards
             ax.set_ylim(-0.5, shape[v_axis] - 0.5)
-            _orientation_letters(ax, *letters)
+            _orientation_letters(ax, *view.letters)
             for label in labels:
                 if name not in points[label]:
                     continue

@@ -88,6 +88,15 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     default=None,
     help="Also write SCAN.png per scan into this directory: sagittal and axial slices through each landmark.",
 )
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write visual QC reports into this directory: SCAN.html per scan (self-contained, opens offline: "
+    "axial, coronal and sagittal slices through each landmark with its marker, confidence and status) and "
+    "index.html listing the scans worst first.",
+)
 def predict(
     images: tuple[Path, ...],
     model_dir: Path | None,
@@ -100,6 +109,7 @@ def predict(
     min_confidence: float,
     max_disagreement_mm: float,
     figure_dir: Path | None,
+    report_dir: Path | None,
 ) -> None:
     """Find the landmarks in NIfTI scans (IMAGES: .nii or .nii.gz, any orientation and spacing).
 
@@ -125,6 +135,7 @@ def predict(
       mdgru-localize predict sub-01_T1w.nii.gz --format fcsv --out sub-01_afids.fcsv
       mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
       mdgru-localize predict scans/*.nii.gz --model export/mdgru --out landmarks.json --figure figures/
+      mdgru-localize predict scans/*.nii.gz --out landmarks.json --report qc/   # then open qc/index.html
       mdgru-localize predict scans/*.nii.gz --server 127.0.0.1:8500 --format csv --out landmarks.csv
     """
     if model_dir is not None and server is not None:
@@ -158,6 +169,14 @@ def predict(
     predictions, done, failed = [], [], []  # done: the index in IMAGES of each prediction
     flagged = 0  # scans with a landmark whose status is not ok
     figure_paths = per_scan_paths(images, figure_dir, ".png") if figure_dir is not None else None
+    report = None
+    if report_dir is not None:
+        from mdgru_keras.reports import ScanReports, model_info_for_report
+
+        report = ScanReports(
+            report_dir, images, model_info=model_info_for_report(client, model_name if server is not None else None),
+            min_confidence=min_confidence, max_disagreement_mm=max_disagreement_mm,
+        )  # fmt: skip
     with client, tqdm(total=len(images), unit="scan", file=sys.stderr, disable=None, desc="predict") as progress:
         for index, image in enumerate(images):
             try:
@@ -184,6 +203,12 @@ def predict(
                     except (InputError, ValueError, OSError) as error:
                         _show_traceback(error, progress)
                         failed.append((str(image), f"figure: {error}"))
+                if report is not None:
+                    try:
+                        report.add(index, prediction)
+                    except (InputError, ValueError, OSError) as error:
+                        _show_traceback(error, progress)
+                        failed.append((str(image), f"report: {error}"))
             if failed and failed[-1][0] == str(image):
                 progress.write(f"error: {image}: {failed[-1][1]}", file=sys.stderr)
             progress.update(1)
@@ -202,6 +227,8 @@ def predict(
         summary += f"; {flagged} scan{'s' if flagged != 1 else ''} with flagged landmarks (see warnings)"
     if figure_dir is not None:
         summary += f"; figures in {figure_dir}"
+    if report is not None:
+        summary += f"; QC report {report.finish(failed)}"
     failed_files = list(dict.fromkeys(path for path, _ in failed))  # in the order given
     if failed_files:
         summary += f"; {len(failed_files)} failed: {', '.join(failed_files)}"
