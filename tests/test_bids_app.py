@@ -264,7 +264,7 @@ def test_group_level_collects_every_participant(participant_run, dataset: Path, 
     # a subset, and model options refused at the group level
     subset = run(dataset, out, "group", "--participant-label", "01")
     assert subset.exit_code == 0, subset.output
-    assert subset.stdout.strip().endswith("(1 participants, 1 scans, 3 landmarks)")
+    assert subset.stdout.strip().endswith("(1 participant, 1 scan, 3 landmarks)")
     refused = run(dataset, out, "group", "--model", model, "--min-confidence", "0.5")
     assert refused.exit_code == 2
     assert refused.stderr.strip().splitlines()[-1] == (
@@ -349,6 +349,15 @@ def test_reruns_finish_only_what_is_missing(participant_run, dataset: Path, mode
     after = mtimes(out)
     assert all(after[name] != before[name] for name in before)
     assert json.loads(fcsv.with_suffix(".json").read_text())["Settings"]["MinConfidence"] == 0.5
+    # a scan that fails now loses its earlier outputs: the group level reports it instead of stale landmarks
+    (study / SCANS["sub-01 T1w"][0].relpath).write_bytes(b"")
+    result = run(study, out, "participant", "--model", model, "--participant-label", "01", "--min-confidence", "0.5",
+                 "--overwrite")  # fmt: skip
+    assert result.exit_code == 1 and len(error_lines(result)) == 1
+    assert not fcsv.exists() and not fcsv.with_suffix(".json").exists()
+    group = run(study, out, "group")
+    assert group.exit_code == 1
+    assert json.loads((out / "group_summary.json").read_text())["failed_participants"] == ["sub-01"]
 
 
 def test_several_values_after_one_flag() -> None:

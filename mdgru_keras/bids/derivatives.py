@@ -23,7 +23,8 @@ last. A scan's outputs are complete (:func:`read_complete`) when its sidecar is 
 holds exactly the sidecar's landmarks. A run killed at any moment leaves complete outputs, no outputs, or an
 .fcsv without its sidecar (incomplete: written again by the next run), plus possibly hidden temporary files
 ``.NAME.XXXX.tmp`` (removed when the scan is written again). Before writing a scan its old sidecar is removed,
-so an interrupted rewrite is never taken for complete.
+so an interrupted rewrite is never taken for complete; a scan that fails loses its old outputs and gets an
+error log instead, which its next successful run removes.
 """
 
 from __future__ import annotations
@@ -343,7 +344,10 @@ def read_complete(outputs: ScanOutputs) -> dict | None:
 
 
 def record_failure(outputs: ScanOutputs, problem: str) -> None:
-    """Keep a failed scan's one-line problem for the group summary (``logs/STEM_error.json``)."""
+    """Keep a failed scan's one-line problem for the group summary (``logs/STEM_error.json``), and remove its
+    outputs of an earlier run (``--overwrite``): a scan that failed has none."""
+    outputs.sidecar.unlink(missing_ok=True)
+    outputs.landmarks.unlink(missing_ok=True)
     document = {
         "Image": outputs.scan.relpath,
         "Error": problem,

@@ -271,12 +271,16 @@ def _participant(
 
     summary = [f"{skipped} already complete"] if skipped else []
     if flagged:
-        summary.append(f"{flagged} scan{'s' if flagged != 1 else ''} with flagged landmarks (see warnings)")
+        summary.append(f"{_count(flagged, 'scan')} with flagged landmarks (see warnings)")
     if failed:
         summary.append(f"{len(failed)} failed: {', '.join(path for path, _ in failed)}")
     click.echo(f"Wrote {written} of {total} scans to {output_dir}" + (f" ({'; '.join(summary)})" if summary else ""))
     if failed:
         sys.exit(1)
+
+
+def _count(number: int, what: str) -> str:
+    return f"{number} {what}{'s' if number != 1 else ''}"
 
 
 def _check_landmarks(model_dir: Path, requested: tuple[str, ...] | None) -> None:
@@ -309,7 +313,10 @@ def _group(
         click.echo(f"error: {scan.path}: {problem}", err=True)
     table, summary = derivatives.write_group(output_dir, result)
     scans = len(selection.scans) - len(result.failed)
-    counts = f"{len(result.statuses)} participants, {scans} scans, {len(result.rows)} landmarks"
+    counts = ", ".join(
+        _count(number, what)
+        for number, what in ((len(result.statuses), "participant"), (scans, "scan"), (len(result.rows), "landmark"))
+    )
     if result.failed:
         counts += f"; {len(result.failed_participants)} failed: {', '.join(result.failed_participants)}"
     click.echo(f"Wrote {table} and {summary} ({counts})")
