@@ -23,7 +23,8 @@ import pytest
 from bids.layout import BIDSLayout, parse_file_entities
 from click.testing import CliRunner, Result
 
-from mdgru_keras.bids.derivatives import GROUP_COLUMNS, package_version
+from mdgru_keras.bids.derivatives import GROUP_COLUMNS, derivative_stem, package_version, plan_outputs
+from mdgru_keras.bids.layout import BidsScan
 from mdgru_keras.cli import main as cli
 from mdgru_keras.commands.bids import spread_values
 from mdgru_keras.geometry import affine_maps
@@ -393,3 +394,22 @@ def test_help_is_quick_and_has_an_example() -> None:
     help_text = " ".join(CliRunner().invoke(cli, ["bids", "--help"]).output.split())
     assert "mdgru-localize bids /data/study /data/study/derivatives/mdgru participant" in help_text
     assert "--landmarks A,B,...|all" in help_text and "[default: 0.01;" in help_text
+
+
+def test_output_names_keep_every_entity_and_refuse_a_shared_name(tmp_path: Path) -> None:
+    def scan(relpath: str, suffix: str = "T1w") -> BidsScan:
+        name = Path(relpath).name.split(".")[0]
+        entities = tuple(tuple(token.split("-", 1)) for token in name.split("_")[:-1])
+        return BidsScan(tmp_path / relpath, relpath, entities[0][1], None, suffix, entities)
+
+    echo = scan("sub-01/anat/sub-01_acq-mp2_ce-gad_rec-norm_run-3_echo-1_part-mag_T1w.nii.gz")
+    assert derivative_stem(echo) == "sub-01_acq-mp2_ce-gad_rec-norm_run-3_echo-1_part-mag_space-T1w_desc-mdgru_afids"
+    assert parse_file_entities(derivative_stem(echo) + ".fcsv")["reconstruction"] == "norm"
+    planned, conflicts = plan_outputs(tmp_path, [scan("sub-01/anat/sub-01_T1w.nii.gz"),
+                                                 scan("sub-01/anat/sub-01_T1w.nii"),
+                                                 scan("sub-01/anat/sub-01_T2w.nii", "T2w")])  # fmt: skip
+    assert [outputs.landmarks.name for outputs in planned] == [
+        "sub-01_space-T1w_desc-mdgru_afids.fcsv", "sub-01_space-T2w_desc-mdgru_afids.fcsv"]
+    assert [(conflict.relpath, problem) for conflict, problem in conflicts] == [(
+        "sub-01/anat/sub-01_T1w.nii",
+        "has the same output name as sub-01/anat/sub-01_T1w.nii.gz (sub-01_space-T1w_desc-mdgru_afids.fcsv); skipped")]
