@@ -30,7 +30,7 @@ LABEL = re.compile(r"[A-Za-z0-9]+")  # a BIDS label: letters and digits only
 class BidsScan:
     """One anatomical scan of the dataset.
 
-    ``relpath``: the path below BIDS_DIR with ``/``; ``subject`` and ``session``: labels without ``sub-`` and
+    ``path``: BIDS_DIR (as given) / ``relpath``; ``relpath``: the path below BIDS_DIR with ``/``; ``subject`` and ``session``: labels without ``sub-`` and
     ``ses-`` (``session`` None in a dataset without sessions); ``suffix``: ``T1w`` or ``T2w``; ``entities``: the
     ``key-value`` pairs of the file name in order, ``sub`` (and ``ses``) first, e.g.
     ``(("sub", "01"), ("ses", "2"), ("acq", "mprage"), ("run", "1"))``.
@@ -177,7 +177,8 @@ def find_scans(
         query["session"] = list(sessions)
     scans = []
     for found in layout.get(**query):
-        path = Path(found.path)
+        relpath = Path(found.path).relative_to(Path(layout.root)).as_posix()
+        path = bids_dir / relpath  # as BIDS_DIR was given (relative or not), for the messages
         entities = found.get_entities()
         subject, session = str(entities["subject"]), entities.get("session")
         session = None if session is None else str(session)
@@ -186,7 +187,7 @@ def find_scans(
         scans.append(
             BidsScan(
                 path=path,
-                relpath=path.relative_to(Path(layout.root)).as_posix(),
+                relpath=relpath,
                 subject=subject,
                 session=session,
                 suffix=str(entities["suffix"]),

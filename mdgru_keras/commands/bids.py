@@ -141,9 +141,10 @@ def bids(
     min_confidence: float,
     max_disagreement_mm: float,
 ) -> None:
-    """Landmarks of a BIDS dataset, as a BIDS App: BIDS_DIR is the dataset (the folder with
-    dataset_description.json and the sub-* folders), OUTPUT_DIR the derivatives dataset to write (e.g.
-    BIDS_DIR/derivatives/mdgru), ANALYSIS_LEVEL participant or group.
+    """Localize the landmarks of a whole BIDS dataset, as a BIDS App.
+
+    BIDS_DIR is the dataset (the folder with dataset_description.json and the sub-* folders), OUTPUT_DIR the
+    derivatives dataset to write (e.g. BIDS_DIR/derivatives/mdgru), ANALYSIS_LEVEL participant or group.
 
     participant: every sub-*/[ses-*/]anat/*_T1w.nii[.gz] (--suffix: also or only T2w) of the selected
     participants gets, in OUTPUT_DIR/sub-*/[ses-*/]anat/, a 3D Slicer point list NAME_space-T1w_desc-mdgru_afids.fcsv
