@@ -30,9 +30,10 @@ LABEL = re.compile(r"[A-Za-z0-9]+")  # a BIDS label: letters and digits only
 class BidsScan:
     """One anatomical scan of the dataset.
 
-    ``path``: BIDS_DIR (as given) / ``relpath``; ``relpath``: the path below BIDS_DIR with ``/``; ``subject`` and ``session``: labels without ``sub-`` and
-    ``ses-`` (``session`` None in a dataset without sessions); ``suffix``: ``T1w`` or ``T2w``; ``entities``: the
-    ``key-value`` pairs of the file name in order, ``sub`` (and ``ses``) first, e.g.
+    ``path``: BIDS_DIR (as given) / ``relpath``; ``relpath``: the path below BIDS_DIR with ``/``; ``subject``
+    and ``session``: labels without ``sub-`` and ``ses-`` (``session`` None in a dataset without sessions);
+    ``suffix``: ``T1w`` or ``T2w``; ``entities``: the ``key-value`` pairs of the file name in order, ``sub``
+    (and ``ses``) first, e.g.
     ``(("sub", "01"), ("ses", "2"), ("acq", "mprage"), ("run", "1"))``.
     """
 
