@@ -33,6 +33,8 @@ setup(
         "tensorflow-serving-api>=2.21,<2.22",
         "grpcio>=1.60,<2",
         "requests>=2.31,<3",
+        # the BIDS app (`mdgru-localize bids`) finds a dataset's scans with it; imported only by that command
+        "pybids>=0.22,<0.23",
     ],
     extras_require={
         # the deformable atlas-registration baseline (`evaluate --baseline ants`); antspyx 0.6 pins numpy < 2.4

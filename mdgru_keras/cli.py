@@ -22,10 +22,11 @@ import click
 # The exit statuses, shown at the end of `mdgru-localize --help` (docs/ERRORS.md has the same list).
 EXIT_STATUSES = """\b
 Exit status:
-  0  success, also when predict flags landmarks ("warning: SCAN: ..." on standard error)
+  0  success, also when predict or bids flags landmarks ("warning: SCAN: ..." on standard error)
   1  an expected failure: one line "Error: PATH: problem" on standard error (bad input, config or
-     model, a file that cannot be read or written, out of memory); predict and evaluate also exit 1
-     when they skipped scans that failed ("error: SCAN: problem" lines) and wrote the others
+     model, a file that cannot be read or written, out of memory); predict, evaluate and bids also
+     exit 1 when they skipped scans that failed ("error: SCAN: problem" lines) and wrote the others
+     (bids group: when scans have no outputs)
   2  a usage error: a missing or invalid option or argument, e.g. a --landmarks name the model lacks
 A bug shows its traceback (exit status 1). --debug (or MDGRU_DEBUG=1) shows the traceback of an
 expected failure too. Each kind of bad input and what it prints: docs/ERRORS.md.
@@ -44,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "predict": "mdgru_keras.commands.predict:predict",
     "serve": "mdgru_keras.commands.serve:serve",
     "evaluate": "mdgru_keras.commands.evaluate:evaluate",
+    "bids": "mdgru_keras.commands.bids:bids",
     "train-unet": "mdgru_keras.commands.train_unet:train_unet",
 }
 
@@ -97,7 +99,8 @@ def main(debug: bool) -> None:
     A typical session: `prepare` a dataset from NIfTI scans and landmark files, `train` the coarse and the
     fine stage, `export` both as one SavedModel, then `predict` on new scans (locally or through TensorFlow
     Serving; `serve` is a development server for that) and `evaluate` against ground truth. `demo-data` and
-    `synth` make a labelled demo population. Run any command with --help for its options.
+    `synth` make a labelled demo population; `bids` runs on a whole BIDS dataset as a BIDS App. Run any
+    command with --help for its options.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

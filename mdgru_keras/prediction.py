@@ -59,6 +59,9 @@ STATUS_OK = "ok"
 STATUS_OUTSIDE = "outside_image"
 STATUS_LOW_CONFIDENCE = "low_confidence"
 STATUS_UNSTABLE = "unstable"
+# The statuses from the least to the most severe (worst_status): a landmark outside the image is not in the scan
+# at all, a low confidence means the model did not find it, an unstable one was found at two places.
+STATUS_SEVERITY = (STATUS_OK, STATUS_UNSTABLE, STATUS_LOW_CONFIDENCE, STATUS_OUTSIDE)
 CSV_COLUMNS = (
     "file",
     "landmark",
@@ -194,6 +197,18 @@ class ScanPrediction:
             parts.append(f"mirror-image estimates over {max_disagreement_mm:g} mm apart: {', '.join(unstable)}")
         return f"{self.path}: {'; '.join(parts)}" if parts else None
 
+    def point_descriptions(
+        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+    ) -> dict[str, str]:
+        """Per landmark one line with its QC values, for the description of a 3D Slicer point (.fcsv,
+        .mrk.json): ``status ok; confidence 0.97; flip disagreement 1.2 mm``."""
+        statuses = self.statuses(min_confidence, max_disagreement_mm)
+        return {
+            name: f"status {statuses[k]}; confidence {float(self.confidence[k]):.3g}; "
+            f"flip disagreement {float(self.flip_disagreement_mm[k]):.1f} mm"
+            for k, name in enumerate(self.landmark_names)
+        }
+
     def world_mm_by_name(self) -> dict[str, np.ndarray]:
         return {name: self.world_mm[k] for k, name in enumerate(self.landmark_names)}
 
@@ -216,6 +231,14 @@ class ScanPrediction:
                 for k, name in enumerate(self.landmark_names)
             },
         }
+
+
+def worst_status(statuses: Iterable[str]) -> str:
+    """The most severe flag among ``statuses`` (each ``ok`` or flags joined by ``;``), by
+    :data:`STATUS_SEVERITY`: ``outside_image`` before ``low_confidence`` before ``unstable`` before ``ok``
+    (``ok`` also for no statuses at all)."""
+    flags = [flag for status in statuses for flag in status.split(";")]
+    return max(flags, key=STATUS_SEVERITY.index, default=STATUS_OK)
 
 
 def check_scan_size(path: str | Path, shape: Sequence[int], voxel_to_world: np.ndarray) -> None:

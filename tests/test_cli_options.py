@@ -70,7 +70,7 @@ def test_every_landmark_list_option_uses_the_one_type() -> None:
     options = landmark_options()
     # synth's --landmarks is the template's landmark file, not a list of names
     assert isinstance(options.pop("synth").type, click.Path)
-    assert sorted(options) == ["predict", "prepare", "train"]
+    assert sorted(options) == ["bids", "predict", "prepare", "train"]
     for name, param in options.items():
         assert isinstance(param.type, LandmarkList), name
         help_text = " ".join(CliRunner().invoke(cli, [name, "--help"]).output.split())

@@ -280,12 +280,7 @@ def _write_markups(
         out.mkdir(parents=True, exist_ok=True)
         targets = per_scan_paths(images, out, f".{fmt}")
     for prediction, index in zip(predictions, done):
-        statuses = prediction.statuses(min_confidence, max_disagreement_mm)
-        descriptions = {
-            name: f"status {statuses[k]}; confidence {float(prediction.confidence[k]):.3g}; "
-            f"flip disagreement {float(prediction.flip_disagreement_mm[k]):.1f} mm"
-            for k, name in enumerate(prediction.landmark_names)
-        }
+        descriptions = prediction.point_descriptions(min_confidence, max_disagreement_mm)
         write_landmarks(targets[index], prediction.world_mm_by_name(), fmt=fmt, descriptions=descriptions)
     return f"{len(predictions)} .{fmt} file{'s' if len(predictions) != 1 else ''} to {out}"
 
