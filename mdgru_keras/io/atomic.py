@@ -1,6 +1,9 @@
 """Atomic file writes: write to a temporary file in the target's directory, then ``os.replace`` it.
 
 Readers never see a half-written file, and an interrupted write leaves the old file (or none) in place.
+``durable=True`` also survives a crash of the machine (not only of the process): the file's data is flushed to
+disk (``fsync``) before the rename and the folder's entry after it. That costs a disk flush per write; the
+training run's checkpoints and run files use it, outputs that a rerun recreates do not.
 """
 
 from __future__ import annotations
@@ -30,6 +33,26 @@ def _make_parent(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
+def fsync_directory(path: str | Path) -> None:
+    """Flush ``path``'s entries (a rename or a new file in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush the data of the file at ``path`` to disk."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _about(error: OSError, path: Path) -> OSError:
     """``error`` naming ``path`` instead of the temporary file (which the user never asked for)."""
     if error.errno is None:
@@ -38,11 +61,12 @@ def _about(error: OSError, path: Path) -> OSError:
 
 
 @contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp", *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
 
     ``suffix`` lets writers that look at the extension (e.g. ``.nii.gz``) see the right one. An
     :class:`OSError` from creating the temporary file or from moving it into place names ``path``.
+    ``durable``: fsync the file before and its folder after the rename (module docstring).
     """
     path = Path(path)
     _make_parent(path)
@@ -55,23 +79,27 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield temporary
         os.chmod(temporary, _file_mode())
+        if durable:
+            fsync_file(temporary)
         try:
             os.replace(temporary, path)
         except OSError as error:  # e.g. IsADirectoryError: path is an existing folder
             raise _about(error, path) from None
+        if durable:
+            fsync_directory(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
-    with atomic_path(path) as temporary:
+def write_text_atomic(path: str | Path, text: str, *, durable: bool = False) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically (``durable``: :func:`atomic_path`)."""
+    with atomic_path(path, durable=durable) as temporary:
         temporary.write_text(text, encoding="utf-8", newline="")
     return Path(path)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as temporary:
+def write_bytes_atomic(path: str | Path, data: bytes, *, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (``durable``: :func:`atomic_path`)."""
+    with atomic_path(path, durable=durable) as temporary:
         temporary.write_bytes(data)
     return Path(path)
