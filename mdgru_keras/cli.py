@@ -26,7 +26,8 @@ Exit status:
   1  an expected failure: one line "Error: PATH: problem" on standard error (bad input, config or
      model, a file that cannot be read or written, out of memory); predict and evaluate also exit 1
      when they skipped scans that failed ("error: SCAN: problem" lines) and wrote the others
-  2  a usage error: a missing or invalid option or argument, e.g. a --landmarks name the model lacks
+  2  a usage error: a missing or invalid option or argument, e.g. a --landmarks name that the
+     model (predict), the dataset (train) or the first landmark file (prepare) lacks
 A bug shows its traceback (exit status 1). --debug (or MDGRU_DEBUG=1) shows the traceback of an
 expected failure too. Each kind of bad input and what it prints: docs/ERRORS.md.
 """
