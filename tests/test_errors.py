@@ -18,7 +18,7 @@ from mdgru_keras import cli as cli_module
 from mdgru_keras.cli import main as cli
 from mdgru_keras.config import ConfigError, load_preset
 from mdgru_keras.errors import InputError, describe_failure, one_line
-from mdgru_keras.io import atomic_path, write_bytes_atomic, write_text_atomic
+from mdgru_keras.io import atomic_path, check_writable, write_bytes_atomic, write_text_atomic
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -109,6 +109,20 @@ def test_atomic_writes_replace_whole_files_or_nothing(tmp_path: Path, durable: b
     assert target.read_text() == "old\n"
     write_bytes_atomic(target, b"new", durable=durable)
     assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["run.json"]
+
+
+def test_check_writable_passes_where_writing_works_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "existing").mkdir()
+    for target, directory in ((tmp_path / "new" / "deeper" / "out.json", False), (tmp_path / "figures", True),
+                              (tmp_path / "existing", True), (tmp_path / "existing" / "out.csv", False)):
+        check_writable(target, directory=directory)
+    assert [p.name for p in tmp_path.iterdir()] == ["existing"] and not any((tmp_path / "existing").iterdir())
+    regular = tmp_path / "existing" / "regular"
+    regular.write_text("x")
+    with pytest.raises(NotADirectoryError) as caught:
+        check_writable(regular / "a" / "out.json")
+    expected = f"{regular / 'a' / 'out.json'}: cannot write here: {regular} is not a directory"
+    assert describe_failure(caught.value) == expected
 
 
 def test_checkpoints_write_through_the_one_atomic_writer() -> None:

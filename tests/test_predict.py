@@ -449,6 +449,38 @@ def test_an_unwritable_out_is_one_line(model_base: Path, scans: dict, tmp_path: 
     assert list(folder.iterdir()) == []
 
 
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path: Path) -> None:
+    # (as root, a read-only folder does not stop writing: a regular file in the way, or /proc, which root
+    # cannot write either). A folder that is not a model and a scan that does not exist: an error about
+    # either would show that the work had begun before the outputs were checked.
+    regular = tmp_path / "regular"
+    regular.write_text("not a folder")
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    before = sorted(tmp_path.iterdir())
+    scan = str(tmp_path / "missing.nii.gz")
+    in_the_way = f"cannot write here: {regular} is not a directory"
+    cases = {
+        "json under a file": (["--out", str(regular / "out.json")], f"{regular / 'out.json'}: {in_the_way}"),
+        "csv in a new folder under a file": (["--format", "csv", "--out", str(regular / "new" / "out.csv")],
+                                             f"{regular / 'new' / 'out.csv'}: {in_the_way}"),
+        "json onto a folder": (["--out", str(tmp_path)], f"{tmp_path}: Is a directory"),
+        "fcsv folder under a file": (["--format", "fcsv", "--out", str(regular / "points")],
+                                     f"{regular / 'points'}: {in_the_way}"),
+        "mrk.json file under a file": (["--format", "mrk.json", "--out", str(regular / "scan.mrk.json")],
+                                       f"{regular / 'scan.mrk.json'}: {in_the_way}"),
+        "figures under a file": (["--figure", str(regular / "figures")], f"{regular / 'figures'}: {in_the_way}"),
+        "under a file in /proc": (["--out", "/proc/version/out.json"],
+                                  "/proc/version/out.json: cannot write here: /proc/version is not a directory"),
+        "in /proc": (["--format", "csv", "--out", "/proc/out.csv"], "/proc/out.csv: cannot write in /proc: "),
+    }
+    for case, (options, expected) in cases.items():
+        result = run(scan, "--model", str(not_a_model), *options)
+        assert last_error_line(result).startswith(f"Error: {expected}"), case
+        assert "predict" not in result.stderr  # no progress bar: not one scan was tried
+    assert sorted(tmp_path.iterdir()) == before  # the checks leave nothing behind
+
+
 @pytest.mark.slow
 def test_a_corrupt_saved_model_is_one_line(model_base: Path, scans: dict, tmp_path: Path) -> None:
     pb_damaged = tmp_path / "pb" / "1"

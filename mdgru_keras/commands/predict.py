@@ -140,6 +140,14 @@ def predict(
             f"--out {out}: with {len(images)} scans, --out must be a directory (one .{fmt} per scan)"
         )
     requested = None if landmarks in (None, ALL_LANDMARKS) else landmarks
+    from mdgru_keras.io.atomic import check_writable
+
+    # Outputs that cannot be written are refused now, not after every scan was localized.
+    if out is not None:
+        one_file = fmt not in MARKUPS_FORMATS or (len(images) == 1 and out.name.lower().endswith(f".{fmt}"))
+        check_writable(out, directory=not one_file)
+    if figure_dir is not None:
+        check_writable(figure_dir, directory=True)
 
     from tqdm import tqdm
 

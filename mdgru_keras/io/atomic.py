@@ -23,14 +23,57 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _make_parent(path: Path) -> None:
-    """Create ``path``'s folder; a regular file where a folder should be is named as such."""
-    for ancestor in (path.parent, *path.parent.parents):
+def _missing_folders(folder: Path, path: Path) -> list[Path]:
+    """The folders that creating ``folder`` would make, deepest first; a regular file where a folder should be
+    is a :class:`NotADirectoryError` naming ``path`` (the file the user asked for) and the file in the way."""
+    missing = []
+    for ancestor in (folder, *folder.parents):
         if ancestor.exists():
             if not ancestor.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, f"cannot write here: {ancestor} is not a directory", str(path))
             break
+        missing.append(ancestor)
+    return missing
+
+
+def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a regular file where a folder should be is named as such."""
+    _missing_folders(path.parent, path)
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def check_writable(path: str | Path, *, directory: bool = False) -> None:
+    """Fail now if ``path`` (a file; ``directory=True``: a folder to write files into) cannot be written.
+
+    For commands that write their results at the end of long work: the user learns in one line, before the
+    work, that the output cannot go there. Creates the missing folders, writes and removes a temporary file in
+    the target's folder, and removes the folders it made, so nothing is left behind. Raises an
+    :class:`OSError` that names ``path``: :class:`NotADirectoryError` for a regular file where a folder should
+    be, :class:`IsADirectoryError` for a file target that is a folder, else the error of the test write (e.g.
+    :class:`PermissionError`). Passing is no promise (the disk may still fill up), only an early answer.
+    """
+    path = Path(path)
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if directory and path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write here: {path} is not a directory", str(path))
+    made = _missing_folders(folder, path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".write-test", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, f"cannot write in {folder}: {error.strerror}", str(path)) from None
+    finally:
+        for made_folder in made:  # deepest first; a folder someone else filled meanwhile stays
+            try:
+                made_folder.rmdir()
+            except OSError:
+                break
 
 
 def fsync_directory(path: str | Path) -> None:
