@@ -15,6 +15,11 @@ Run: ``python -m bench.bench_pretrained`` (``make bench-pretrained``). Every acc
 Speed: ``predict``'s code path on a 1 mm whole head, the model loaded once, median of repeats, with the same
 run's 2048^2 float32 matmul GFLOP/s and the process CPU time.
 
+Quality flags: how well each of ``predict``'s flags (``unstable``, ``low_confidence``, ``coarse_fine_disagree``)
+picks out large errors on the unseen and heldout-family heads, per threshold: the calibration of their defaults.
+The model's per-landmark values are kept in ``OUT/quality_estimates.npz``; ``--quality-only`` redoes just these
+tables (and runs the model only when that file is missing).
+
 Writes ``bench/results/bench_pretrained.json`` and the section between the markers in ``docs/MODEL_CARD.md``.
 """
 
@@ -124,14 +129,19 @@ def speed(model_dir: Path, scan: Path, repeats: int) -> dict:
     }
 
 
-FLAG_THRESHOLDS_MM = (2.0, 3.0, 4.0, 6.0, 8.0)
 LARGE_ERROR_MM = 5.0
+QUALITY_CONDITIONS = ("unseen", "heldout-family")
+# The thresholds tabulated for each of predict's quality flags: (value, flagged when above or below, thresholds).
+QUALITY_FLAGS = {
+    "unstable": ("flip_disagreement_mm", "above", (2.0, 3.0, 4.0, 6.0, 8.0, 10.0)),
+    "low_confidence": ("confidence", "below", (0.0001, 0.00015, 0.0002, 0.0003, 0.001, 0.01)),
+    "coarse_fine_disagree": ("coarse_shift_mm", "above", (10.0, 12.0, 14.0, 15.0, 16.0, 18.0, 20.0)),
+}
 
 
-def quality_flags(model_dir: Path, manifests: dict[str, Path]) -> dict:
-    """How well ``flip_disagreement_mm`` (the distance of the estimates in a scan and in its mirror image)
-    picks out large errors, per threshold, on the synthetic conditions: the calibration of predict's
-    ``unstable`` status."""
+def quality_estimates(model_dir: Path, manifests: dict[str, Path]) -> dict[str, np.ndarray]:
+    """Run the model on the heads of :data:`QUALITY_CONDITIONS` (``predict``'s code path); per landmark
+    estimate: the error (mm), and the values predict's quality flags look at."""
     import csv
 
     from mdgru_keras.io.landmarks import read_landmarks
@@ -139,36 +149,65 @@ def quality_flags(model_dir: Path, manifests: dict[str, Path]) -> dict:
     from mdgru_keras.serving.servable import LocalLocalizationClient
 
     client = LocalLocalizationClient(model_dir)
-    errors, disagreements = [], []
-    for name in ("unseen", "heldout-family"):
+    columns: dict[str, list] = {"error_mm": [], "flip_disagreement_mm": [], "confidence": [], "coarse_shift_mm": []}
+    for name in QUALITY_CONDITIONS:
         folder = manifests[name].parent
         with open(manifests[name], newline="") as handle:
             for row in csv.DictReader(handle):
                 prediction = predict_scan(client, folder / row["image"])
                 truth = read_landmarks(folder / row["landmarks"])
                 expected = np.stack([truth[n] for n in prediction.landmark_names])
-                errors.append(np.linalg.norm(prediction.world_mm - expected, axis=-1))
-                disagreements.append(prediction.flip_disagreement_mm)
-    error, disagreement = np.concatenate(errors), np.concatenate(disagreements)
+                columns["error_mm"].append(np.linalg.norm(prediction.world_mm - expected, axis=-1))
+                columns["flip_disagreement_mm"].append(prediction.flip_disagreement_mm)
+                columns["confidence"].append(prediction.confidence.astype(np.float64))
+                columns["coarse_shift_mm"].append(prediction.coarse_shift_mm())
+    return {key: np.concatenate(values) for key, values in columns.items()}
+
+
+def quality_flags(estimates: dict[str, np.ndarray]) -> dict:
+    """How well each of predict's quality flags picks out large errors, per threshold, on the synthetic
+    conditions (from :func:`quality_estimates`): the calibration of the ``unstable``, ``low_confidence`` and
+    ``coarse_fine_disagree`` statuses. Per threshold: the fraction flagged, the mean error of the flagged and of
+    the other estimates, and the fraction of the errors over :data:`LARGE_ERROR_MM` that are flagged."""
+    error = estimates["error_mm"]
     large = error > LARGE_ERROR_MM
-    table = []
-    for threshold in FLAG_THRESHOLDS_MM:
-        flagged = disagreement > threshold
-        table.append({
-            "threshold_mm": threshold,
-            "flagged_fraction": float(flagged.mean()),
-            "flagged_mean_error_mm": float(error[flagged].mean()) if flagged.any() else None,
-            "unflagged_mean_error_mm": float(error[~flagged].mean()) if (~flagged).any() else None,
-            "large_errors_flagged_fraction": float(flagged[large].mean()) if large.any() else None,
-        })
+    flags = {}
+    for flag, (value_name, side, thresholds) in QUALITY_FLAGS.items():
+        value = estimates[value_name]
+        table = []
+        for threshold in thresholds:
+            flagged = ~(value <= threshold) if side == "above" else ~(value >= threshold)  # NaN is flagged
+            table.append({
+                "threshold": threshold,
+                "flagged_fraction": float(flagged.mean()),
+                "flagged_mean_error_mm": float(error[flagged].mean()) if flagged.any() else None,
+                "unflagged_mean_error_mm": float(error[~flagged].mean()) if (~flagged).any() else None,
+                "large_errors_flagged_fraction": float(flagged[large].mean()) if large.any() else None,
+            })
+        flags[flag] = {
+            "value": value_name,
+            "flagged_when": side,
+            "correlation": float(np.corrcoef(error, value)[0, 1]),
+            "thresholds": table,
+        }
     return {
-        "conditions": ["unseen", "heldout-family"],
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "conditions": list(QUALITY_CONDITIONS),
         "landmarks": int(error.size),
         "large_error_mm": LARGE_ERROR_MM,
         "large_error_fraction": float(large.mean()),
-        "correlation": float(np.corrcoef(error, disagreement)[0, 1]),
-        "thresholds": table,
+        "flags": flags,
     }
+
+
+def cached_quality_estimates(model_dir: Path, manifests: dict[str, Path], cache: Path) -> dict[str, np.ndarray]:
+    """:func:`quality_estimates`, kept in ``cache`` (.npz): the model runs once, the tables can be redone."""
+    if not cache.is_file():
+        estimates = quality_estimates(model_dir, manifests)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **estimates)
+    with np.load(cache) as data:
+        return {key: data[key] for key in data.files}
 
 
 def markdown(result: dict) -> str:
@@ -213,26 +252,53 @@ def markdown(result: dict) -> str:
     ]
     flags = result.get("quality_flags")
     if flags:
+        lines += ["", *quality_markdown(flags)]
+    return "\n".join(lines)
+
+
+QUALITY_TITLES = {
+    "unstable": "`unstable` (`flip_disagreement_mm` above a threshold)",
+    "low_confidence": "`low_confidence` (`confidence` below a threshold)",
+    "coarse_fine_disagree": "`coarse_fine_disagree` (`coarse_shift_mm`, the distance of the fine estimate from the "
+    "coarse one, above a threshold)",
+}
+
+
+def quality_markdown(flags: dict) -> list[str]:
+    """A table per quality flag (rows: thresholds)."""
+
+    def cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
+        return "-" if value is None else f"{scale * value:.{digits}f}"
+
+    large = f"{flags['large_error_mm']:g}"
+    lines = [
+        f"Quality flags{' (tables of ' + flags['date'] + ')' if 'date' in flags else ''}, on the {flags['landmarks']} "
+        f"landmark estimates of the {' and '.join(flags['conditions'])} subjects; "
+        f"{100 * flags['large_error_fraction']:.1f} % of them are over {large} mm off:",
+    ]
+    for name, flag in flags["flags"].items():
+        unit = " mm" if flag["value"].endswith("_mm") else ""
         lines += [
             "",
-            f"Quality flag `unstable` (`flip_disagreement_mm` above a threshold), on the {flags['landmarks']} "
-            f"landmark estimates of the {' and '.join(flags['conditions'])} subjects; "
-            f"{100 * flags['large_error_fraction']:.1f} % of them are over {flags['large_error_mm']:g} mm off; "
-            f"correlation of disagreement and error {flags['correlation']:.2f}:",
+            f"{QUALITY_TITLES.get(name, name)}; correlation of `{flag['value']}` and error {flag['correlation']:.2f}:",
             "",
-            "| threshold mm | flagged | mean error flagged mm | mean error not flagged mm | "
-            f"errors > {flags['large_error_mm']:g} mm flagged |",
+            f"| threshold{unit} | flagged | mean error flagged mm | mean error not flagged mm | "
+            f"errors > {large} mm flagged |",
             "| ---: | ---: | ---: | ---: | ---: |",
         ]
-        for row in flags["thresholds"]:
-            def cell(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
-                return "-" if value is None else f"{scale * value:.{digits}f}"
+        for row in flag["thresholds"]:
             lines.append(
-                f"| {row['threshold_mm']:g} | {cell(row['flagged_fraction'], 100, 1)} % | "
+                f"| {row['threshold']:g} | {cell(row['flagged_fraction'], 100, 1)} % | "
                 f"{cell(row['flagged_mean_error_mm'])} | {cell(row['unflagged_mean_error_mm'])} | "
                 f"{cell(row['large_errors_flagged_fraction'], 100, 1)} % |"
             )
-    return "\n".join(lines)
+    return lines
+
+
+def write_model_card(result: dict) -> None:
+    text = MODEL_CARD.read_text()
+    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
+    MODEL_CARD.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,9 +308,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=8, help="test subjects per synthetic condition")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="redo only the quality-flag tables (the JSON's quality_flags and the Markdown) from the "
+                             "unseen and heldout-family heads in --out; the model runs unless --estimates exists")
+    parser.add_argument("--estimates", type=Path, default=None,
+                        help="cache of the per-landmark values behind the quality flags (.npz; default: "
+                             "OUT/quality_estimates.npz)")
     args = parser.parse_args(argv)
+    estimates_path = args.estimates or args.out / "quality_estimates.npz"
     if args.render_only:
         result = json.loads(RESULTS_JSON.read_text())
+    elif args.quality_only:
+        from mdgru_keras.pretrained import pretrained_model_dir
+
+        manifests = {name: args.out.resolve() / name / "manifest.csv" for name in QUALITY_CONDITIONS}
+        result = json.loads(RESULTS_JSON.read_text())
+        estimates = cached_quality_estimates(pretrained_model_dir(), manifests, estimates_path)
+        result["quality_flags"] = quality_flags(estimates)
+        RESULTS_JSON.write_text(json.dumps(result, indent=1) + "\n")
     else:
         from mdgru_keras.pretrained import pretrained_model_dir
 
@@ -275,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         scan = out / "template" / "speed_T1w.nii.gz"
         image = nib.load(demo / T1)
         nib.save(image, scan)
-        flags_json = out / "quality_flags.json"
-        if not flags_json.is_file():
-            flags_json.write_text(json.dumps(quality_flags(model_dir, manifests), indent=1) + "\n")
+        flags = quality_flags(cached_quality_estimates(model_dir, manifests, estimates_path))
         timing = speed(model_dir, scan, args.repeats)
         timing.update(matmul_gflops=matmul_gflops(), scan_shape="x".join(str(n) for n in image.shape))
         result = {
@@ -290,13 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             },
             "evaluate_seconds": seconds,
             "speed": timing,
-            "quality_flags": json.loads(flags_json.read_text()),
+            "quality_flags": flags,
         }
         RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_JSON.write_text(json.dumps(result, indent=1) + "\n")
-    text = MODEL_CARD.read_text()
-    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-    MODEL_CARD.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
+    write_model_card(result)
     print(markdown(result))
     return 0
 

@@ -27,7 +27,8 @@ Exit status:
      model, a file that cannot be read or written, out of memory); predict, evaluate and bids also
      exit 1 when they skipped scans that failed ("error: SCAN: problem" lines) and wrote the others
      (bids group: when scans have no outputs)
-  2  a usage error: a missing or invalid option or argument, e.g. a --landmarks name the model lacks
+  2  a usage error: a missing or invalid option or argument, e.g. a --landmarks name that the
+     model (predict, bids), the dataset (train) or the first landmark file (prepare) lacks
 A bug shows its traceback (exit status 1). --debug (or MDGRU_DEBUG=1) shows the traceback of an
 expected failure too. Each kind of bad input and what it prints: docs/ERRORS.md.
 """

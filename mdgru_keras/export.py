@@ -40,6 +40,7 @@ from mdgru_keras.config import Config, ConfigError, config_from_dict
 from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.geometry.resampling import canonical_resampling_grid_tf, central_grid_crop_tf, resample_axis_aligned_tf
+from mdgru_keras.io.atomic import check_writable
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.serving import (
     COARSE_SIGNATURE,
@@ -409,6 +410,16 @@ def _make_readable(path: Path) -> None:
             os.chmod(Path(root) / name, 0o666 & ~umask)
 
 
+def check_export_dir(base_dir: str | Path, name: str) -> Path:
+    """``BASE/NAME`` after checking, before any work, that ``name`` is a plain folder name and that versions can
+    be written there (:func:`mdgru_keras.io.atomic.check_writable`; nothing is left behind)."""
+    if not name or name.isdigit() or "/" in name or name.startswith("."):
+        raise InputError(None, f"model name must be a plain, non-numeric folder name, got {name!r}")
+    model_dir = Path(base_dir) / name
+    check_writable(model_dir, directory=True)
+    return model_dir
+
+
 def export_localizer(
     localizer: TwoStageLocalizer,
     base_dir: str | Path,
@@ -424,9 +435,7 @@ def export_localizer(
     ``model_info`` (JSON-able) is stored as ``assets/model_info.json`` with ``version``, ``name``,
     ``landmarks``, ``config`` and ``signatures`` added.
     """
-    if not name or name.isdigit() or "/" in name or name.startswith("."):
-        raise InputError(None, f"model name must be a plain, non-numeric folder name, got {name!r}")
-    model_dir = Path(base_dir) / name
+    model_dir = check_export_dir(base_dir, name)
     model_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(model_dir) if version is None else int(version)
     if version < 1:
@@ -479,6 +488,7 @@ def export_runs(
     """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel
     (``fine_passes``, ``flip_average``, ``average_passes``: see :class:`mdgru_keras.localizer.TwoStageLocalizer`;
     recorded in ``model_info.json`` under ``inference``)."""
+    check_export_dir(base_dir, name)  # before loading the runs
     coarse = load_run(coarse_run, "coarse")
     fine = load_run(fine_run, "fine")
     config = combine_configs(coarse.config, fine.config, str(coarse.path), str(fine.path))

@@ -5,8 +5,8 @@ voxel->world affine); the model reorients, resamples and localizes, and answers 
 the file's voxel indices. This module turns the answers into :class:`ScanPrediction` objects and writes them:
 
 * JSON: ``{"scans": [{"file", "landmarks": {name: {"world_mm", "voxel", "coarse_world_mm", "coarse_voxel",
-  "confidence", "flip_disagreement_mm", "status"}}}], "failed": [{"file", "error"}], "min_confidence",
-  "max_flip_disagreement_mm", ...}``;
+  "confidence", "flip_disagreement_mm", "coarse_shift_mm", "status"}}}], "failed": [{"file", "error"}],
+  "min_confidence", "max_flip_disagreement_mm", "max_coarse_shift_mm", ...}``;
 * CSV: one row per scan and landmark (:data:`CSV_COLUMNS`);
 * 3D Slicer ``.fcsv`` (RAS), one file per scan (:func:`mdgru_keras.io.write_landmarks`);
 * a PNG per scan with sagittal and axial slices through each landmark (:func:`mdgru_keras.figures.landmark_figure`).
@@ -17,9 +17,10 @@ Answers that cannot be right are not passed off as good ones:
   reaches the model (:class:`~mdgru_keras.errors.InputError`), by the model's own rule;
 * every landmark gets a ``status``: ``ok``, or ``outside_image`` (its voxel lies more than half a voxel beyond
   the array on some axis: the landmark is not in the scan, or the model is lost), ``low_confidence``
-  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default) and/or ``unstable`` (a model exported
+  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), ``unstable`` (a model exported
   with flip averaging found it at places more than :data:`MAX_FLIP_DISAGREEMENT_MM` apart in the scan and in
-  its mirror image), joined by ``;``.
+  its mirror image) and/or ``coarse_fine_disagree`` (the fine estimate lies more than
+  :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``.
 """
 
 from __future__ import annotations
@@ -45,23 +46,34 @@ PREDICTIONS_FORMAT = "mdgru-keras predictions 1"
 # Small scans above it are localized (the model pads them); their answers get a status (outside_image, ...).
 MIN_SCAN_VOXELS = 2
 # Default confidence threshold of the ``low_confidence`` status. The confidence is the product over the three
-# axes of the probability within one class of the answer: 0.01 is about 0.22 per axis, far above the chance
-# level 27 / C^3 of C classes per axis (tiny: 8e-4; cpu and afids: 1.3e-5), and below what a model that found
-# its landmark gives. Not calibrated on real scans (docs/MODEL_CARD.md): --min-confidence changes it.
-MIN_CONFIDENCE = 0.01
+# axes of the probability within one class of the answer (chance level 27 / C^3 for C classes per axis: tiny
+# 8e-4; cpu and afids 1.3e-5). Calibrated on held-out synthetic heads of the shipped model (docs/MODEL_CARD.md,
+# bench-pretrained, 2026-12-01): below 1.5e-4, 8.2 % of the 512 landmarks of unseen and held-out-family heads
+# were flagged, with 11.5 mm mean error against 3.7 mm for the others, and 23 % of the errors over 5 mm among
+# them (the former default 0.01 flagged 99.8 %). Models of other configs need their own: --min-confidence.
+# Not calibrated on real scans.
+MIN_CONFIDENCE = 0.00015
 # Default threshold of the ``unstable`` status: the distance between the fine estimates in the scan and in its
 # left-right mirror image (``flip_disagreement_mm``, models exported with --flip-average). Calibrated on held-out
 # synthetic heads of the shipped model (docs/MODEL_CARD.md, bench-pretrained): above 8 mm, 17 % of the landmarks
 # of unseen and held-out-family heads were flagged, with 9.2 mm mean error against 3.4 mm for the others, and
 # half of the errors over 5 mm among them. Not calibrated on real scans.
 MAX_FLIP_DISAGREEMENT_MM = 8.0
+# Default threshold of the ``coarse_fine_disagree`` status: the distance of the fine estimate from the coarse one
+# (``coarse_shift_mm``). Calibrated like the others (docs/MODEL_CARD.md, bench-pretrained, 2026-12-01): above
+# 15 mm, 8.6 % of the landmarks were flagged, with 8.8 mm mean error against 4.0 mm for the others, and 19 % of
+# the errors over 5 mm among them. Not calibrated on real scans.
+MAX_COARSE_SHIFT_MM = 15.0
 STATUS_OK = "ok"
 STATUS_OUTSIDE = "outside_image"
 STATUS_LOW_CONFIDENCE = "low_confidence"
 STATUS_UNSTABLE = "unstable"
+STATUS_COARSE_FINE_DISAGREE = "coarse_fine_disagree"
 # The statuses from the least to the most severe (worst_status): a landmark outside the image is not in the scan
-# at all, a low confidence means the model did not find it, an unstable one was found at two places.
-STATUS_SEVERITY = (STATUS_OK, STATUS_UNSTABLE, STATUS_LOW_CONFIDENCE, STATUS_OUTSIDE)
+# at all, a low confidence means the model did not find it, an unstable one was found at two places, and one
+# far from its coarse estimate moved a long way. The order of the middle three is that of the mean errors of
+# the landmarks each flags on held-out heads (docs/MODEL_CARD.md: 11.5, 9.2 and 8.8 mm).
+STATUS_SEVERITY = (STATUS_OK, STATUS_COARSE_FINE_DISAGREE, STATUS_UNSTABLE, STATUS_LOW_CONFIDENCE, STATUS_OUTSIDE)
 CSV_COLUMNS = (
     "file",
     "landmark",
@@ -76,6 +88,7 @@ CSV_COLUMNS = (
     "coarse_z_mm",
     "confidence",
     "flip_disagreement_mm",
+    "coarse_shift_mm",
     "status",
 )
 
@@ -157,15 +170,30 @@ class ScanPrediction:
         apart (NaN counts as unstable)."""
         return ~(self.flip_disagreement_mm <= max_disagreement_mm)
 
+    def coarse_shift_mm(self) -> np.ndarray:
+        """float64 ``[K]``: how far the fine estimate lies from the coarse one (mm)."""
+        return np.linalg.norm(self.world_mm - self.coarse_world_mm, axis=-1)
+
+    def coarse_fine_disagree(self, max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM) -> np.ndarray:
+        """bool ``[K]``: the fine estimate lies more than ``max_coarse_shift_mm`` from the coarse one (NaN counts
+        as disagreeing); ``0`` or ``None`` switches the flag off."""
+        if not max_coarse_shift_mm:
+            return np.zeros(len(self.landmark_names), dtype=bool)
+        return ~(self.coarse_shift_mm() <= max_coarse_shift_mm)
+
     def statuses(
-        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+        self,
+        min_confidence: float = MIN_CONFIDENCE,
+        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
     ) -> list[str]:
-        """Per landmark ``ok``, or ``outside_image``, ``low_confidence`` and/or ``unstable`` joined by ``;``
-        (module docstring)."""
+        """Per landmark ``ok``, or ``outside_image``, ``low_confidence``, ``unstable`` and/or
+        ``coarse_fine_disagree`` joined by ``;`` (module docstring)."""
         flags = (
             (STATUS_OUTSIDE, self.outside()),
             (STATUS_LOW_CONFIDENCE, self.low_confidence(min_confidence)),
             (STATUS_UNSTABLE, self.unstable(max_disagreement_mm)),
+            (STATUS_COARSE_FINE_DISAGREE, self.coarse_fine_disagree(max_coarse_shift_mm)),
         )
         return [
             ";".join(status for status, flagged in flags if flagged[k]) or STATUS_OK
@@ -173,7 +201,10 @@ class ScanPrediction:
         ]
 
     def warning(
-        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+        self,
+        min_confidence: float = MIN_CONFIDENCE,
+        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
     ) -> str | None:
         """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error."""
         names = self.landmark_names
@@ -188,6 +219,13 @@ class ScanPrediction:
             for name, value, flagged in zip(names, self.flip_disagreement_mm, self.unstable(max_disagreement_mm))
             if flagged
         ]
+        shifted = [
+            f"{name} ({float(value):.1f} mm)"
+            for name, value, flagged in zip(
+                names, self.coarse_shift_mm(), self.coarse_fine_disagree(max_coarse_shift_mm)
+            )
+            if flagged
+        ]
         parts = []
         if outside:
             parts.append(f"outside the image: {', '.join(outside)}")
@@ -195,17 +233,24 @@ class ScanPrediction:
             parts.append(f"confidence below {min_confidence:g}: {', '.join(low)}")
         if unstable:
             parts.append(f"mirror-image estimates over {max_disagreement_mm:g} mm apart: {', '.join(unstable)}")
+        if shifted:
+            parts.append(f"fine estimate over {max_coarse_shift_mm:g} mm from the coarse one: {', '.join(shifted)}")
         return f"{self.path}: {'; '.join(parts)}" if parts else None
 
     def point_descriptions(
-        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+        self,
+        min_confidence: float = MIN_CONFIDENCE,
+        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
     ) -> dict[str, str]:
         """Per landmark one line with its QC values, for the description of a 3D Slicer point (.fcsv,
-        .mrk.json): ``status ok; confidence 0.97; flip disagreement 1.2 mm``."""
-        statuses = self.statuses(min_confidence, max_disagreement_mm)
+        .mrk.json): ``status ok; confidence 0.97; flip disagreement 1.2 mm; coarse shift 3.4 mm``."""
+        statuses = self.statuses(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+        coarse_shift_mm = self.coarse_shift_mm()
         return {
             name: f"status {statuses[k]}; confidence {float(self.confidence[k]):.3g}; "
-            f"flip disagreement {float(self.flip_disagreement_mm[k]):.1f} mm"
+            f"flip disagreement {float(self.flip_disagreement_mm[k]):.1f} mm; "
+            f"coarse shift {float(coarse_shift_mm[k]):.1f} mm"
             for k, name in enumerate(self.landmark_names)
         }
 
@@ -213,9 +258,13 @@ class ScanPrediction:
         return {name: self.world_mm[k] for k, name in enumerate(self.landmark_names)}
 
     def to_json(
-        self, min_confidence: float = MIN_CONFIDENCE, max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+        self,
+        min_confidence: float = MIN_CONFIDENCE,
+        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
     ) -> dict:
-        statuses = self.statuses(min_confidence, max_disagreement_mm)
+        statuses = self.statuses(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+        coarse_shift_mm = self.coarse_shift_mm()
         return {
             "file": self.path,
             "landmarks": {
@@ -226,6 +275,7 @@ class ScanPrediction:
                     "coarse_voxel": self.coarse_voxel[k].tolist(),
                     "confidence": float(self.confidence[k]),
                     "flip_disagreement_mm": float(self.flip_disagreement_mm[k]),
+                    "coarse_shift_mm": float(coarse_shift_mm[k]),
                     "status": statuses[k],
                 }
                 for k, name in enumerate(self.landmark_names)
@@ -310,6 +360,7 @@ def predictions_json(
     model: str,
     min_confidence: float = MIN_CONFIDENCE,
     max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+    max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
 ) -> str:
     """The JSON document (see the module docstring); ``failed`` holds ``(file, one-line error)`` pairs."""
     document = {
@@ -318,7 +369,10 @@ def predictions_json(
         "coordinates": "world_mm: RAS millimetres; voxel: 0-based continuous indices of the file's own array",
         "min_confidence": min_confidence,
         "max_flip_disagreement_mm": max_disagreement_mm,
-        "scans": [prediction.to_json(min_confidence, max_disagreement_mm) for prediction in predictions],
+        "max_coarse_shift_mm": max_coarse_shift_mm or None,  # null: the flag is off
+        "scans": [
+            prediction.to_json(min_confidence, max_disagreement_mm, max_coarse_shift_mm) for prediction in predictions
+        ],
         "failed": [{"file": path, "error": error} for path, error in failed],
     }
     return json.dumps(document, indent=2) + "\n"
@@ -328,20 +382,23 @@ def predictions_csv(
     predictions: Sequence[ScanPrediction],
     min_confidence: float = MIN_CONFIDENCE,
     max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+    max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
 ) -> str:
     """One row per scan and landmark (columns :data:`CSV_COLUMNS`; float64 values written exactly)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for prediction in predictions:
-        statuses = prediction.statuses(min_confidence, max_disagreement_mm)
+        statuses = prediction.statuses(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+        coarse_shift_mm = prediction.coarse_shift_mm()
         for k, name in enumerate(prediction.landmark_names):
             writer.writerow(
                 [prediction.path, name]
                 + [repr(float(v)) for v in prediction.world_mm[k]]
                 + [repr(float(v)) for v in prediction.voxel[k]]
                 + [repr(float(v)) for v in prediction.coarse_world_mm[k]]
-                + [repr(float(prediction.confidence[k])), repr(float(prediction.flip_disagreement_mm[k])), statuses[k]]
+                + [repr(float(prediction.confidence[k])), repr(float(prediction.flip_disagreement_mm[k]))]
+                + [repr(float(coarse_shift_mm[k])), statuses[k]]
             )
     return out.getvalue()
 

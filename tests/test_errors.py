@@ -18,7 +18,7 @@ from mdgru_keras import cli as cli_module
 from mdgru_keras.cli import main as cli
 from mdgru_keras.config import ConfigError, load_preset
 from mdgru_keras.errors import InputError, describe_failure, one_line
-from mdgru_keras.io import write_text_atomic
+from mdgru_keras.io import atomic_path, check_writable, write_bytes_atomic, write_text_atomic
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -94,6 +94,43 @@ def test_atomic_write_errors_name_the_requested_file(tmp_path: Path) -> None:
         write_text_atomic(folder, "{}")
     assert describe_failure(caught.value) == f"{folder}: Is a directory"
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder", "regular"]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_atomic_writes_replace_whole_files_or_nothing(tmp_path: Path, durable: bool) -> None:
+    target = tmp_path / "sub" / "run.json"
+    write_text_atomic(target, "old\n", durable=durable)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.read_text() == "old\n" and target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError), atomic_path(target, durable=durable) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("killed while writing")
+    assert target.read_text() == "old\n"
+    write_bytes_atomic(target, b"new", durable=durable)
+    assert target.read_bytes() == b"new" and os.listdir(target.parent) == ["run.json"]
+
+
+def test_check_writable_passes_where_writing_works_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "existing").mkdir()
+    for target, directory in ((tmp_path / "new" / "deeper" / "out.json", False), (tmp_path / "figures", True),
+                              (tmp_path / "existing", True), (tmp_path / "existing" / "out.csv", False)):
+        check_writable(target, directory=directory)
+    assert [p.name for p in tmp_path.iterdir()] == ["existing"] and not any((tmp_path / "existing").iterdir())
+    regular = tmp_path / "existing" / "regular"
+    regular.write_text("x")
+    with pytest.raises(NotADirectoryError) as caught:
+        check_writable(regular / "a" / "out.json")
+    expected = f"{regular / 'a' / 'out.json'}: cannot write here: {regular} is not a directory"
+    assert describe_failure(caught.value) == expected
+
+
+def test_checkpoints_write_through_the_one_atomic_writer() -> None:
+    from mdgru_keras.training import callbacks, checkpoints, trainer
+
+    for module in (checkpoints, callbacks, trainer):
+        assert not hasattr(module, "atomic_write_text")
+    assert checkpoints.write_text_atomic is write_text_atomic
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -404,6 +404,21 @@ def test_bad_files_are_reported_on_one_line_and_the_others_go_on(registration_ru
     assert result.stderr.strip().splitlines()[-1].endswith(f"4 failed: {', '.join(map(str, expected.values()))})")
 
 
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path: Path) -> None:
+    regular = tmp_path / "regular"  # a regular file where a folder should be (root is not stopped by modes)
+    regular.write_text("not a folder")
+    not_a_model = tmp_path / "not_a_model"  # an error about it would show that the work had begun
+    not_a_model.mkdir()
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("subject,image,landmarks\n")
+    for option, target in (("--json", regular / "eval.json"), ("--figures", regular / "figures")):
+        result = run("evaluate", "--model", str(not_a_model), "--manifest", str(manifest), option, str(target))
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"Error: {target}: cannot write here: {regular} is not a directory"
+        )
+
+
 @pytest.mark.slow
 def test_usage_errors_stop_before_loading_anything(model_base: Path, data: dict, tmp_path: Path) -> None:
     manifest = str(data["manifest"])

@@ -359,6 +359,16 @@ def test_export_refuses_runs_that_do_not_fit(runs: tuple[Path, Path], tmp_path: 
     )
     assert not_a_run.exit_code == 1 and "config.json is missing" in not_a_run.output
     assert not any(tmp_path.glob("mdgru/*"))
+    # an --out that cannot be written is refused before the runs are loaded (not_a_run would fail first)
+    regular = tmp_path / "regular"
+    regular.write_text("not a folder")
+    unwritable = runner.invoke(
+        cli, ["export", "--coarse", str(tmp_path), "--fine", str(runs[1]), "--out", str(regular / "export")]
+    )
+    assert unwritable.exit_code == 1
+    assert unwritable.output.strip().splitlines()[-1] == (
+        f"Error: {regular / 'export' / 'mdgru'}: cannot write here: {regular} is not a directory"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,15 @@ from mdgru_keras.export import export_runs
 from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io import read_landmarks
-from mdgru_keras.prediction import MAX_FLIP_DISAGREEMENT_MM, MIN_CONFIDENCE, MIN_SCAN_VOXELS, ScanPrediction
+from mdgru_keras.prediction import (
+    MAX_COARSE_SHIFT_MM,
+    MAX_FLIP_DISAGREEMENT_MM,
+    MIN_CONFIDENCE,
+    MIN_SCAN_VOXELS,
+    ScanPrediction,
+    predictions_csv,
+    predictions_json,
+)
 from mdgru_keras.serving.grpc_server import GrpcServer
 from mdgru_keras.serving.rest_server import RestServer
 from mdgru_keras.serving.servable import Servable
@@ -125,10 +133,16 @@ def assert_same_landmarks(actual: dict, expected: dict, atol: float = 1e-9) -> N
             assert actual[path][name]["status"] == values["status"]
 
 
-def expected_status(voxel: list[float], confidence: float, shape: tuple[int, ...], min_confidence: float) -> str:
-    """The status predict should give, computed here from the file's shape."""
-    outside = any(v < -0.5 or v > n - 0.5 for v, n in zip(voxel, shape))
-    problems = ["outside_image"] * outside + ["low_confidence"] * (confidence < min_confidence)
+def expected_status(
+    values: dict, shape: tuple[int, ...], min_confidence: float, max_coarse_shift_mm: float = MAX_COARSE_SHIFT_MM
+) -> str:
+    """The status predict should give to a landmark (its JSON ``values``), computed here from the file's shape
+    (models exported without flip averaging, as here, are never unstable)."""
+    outside = any(v < -0.5 or v > n - 0.5 for v, n in zip(values["voxel"], shape))
+    shift_mm = np.linalg.norm(np.subtract(values["world_mm"], values["coarse_world_mm"]))
+    assert values["coarse_shift_mm"] == pytest.approx(shift_mm, abs=1e-9)
+    problems = (["outside_image"] * outside + ["low_confidence"] * (values["confidence"] < min_confidence)
+                + ["coarse_fine_disagree"] * bool(max_coarse_shift_mm and shift_mm > max_coarse_shift_mm))
     return ";".join(problems) or "ok"
 
 
@@ -146,8 +160,9 @@ def test_local_json_reports_every_landmark_in_world_mm_and_file_voxels(local_jso
             np.testing.assert_allclose(values["world_mm"], world_mm, atol=1e-6)
             assert 0.0 <= values["confidence"] <= 1.0
             shape = nib.load(path).shape
-            assert values["status"] == expected_status(values["voxel"], values["confidence"], shape, MIN_CONFIDENCE)
+            assert values["status"] == expected_status(values, shape, MIN_CONFIDENCE)
     assert local_json["min_confidence"] == MIN_CONFIDENCE
+    assert local_json["max_coarse_shift_mm"] == MAX_COARSE_SHIFT_MM
 
 
 @pytest.mark.slow
@@ -297,7 +312,8 @@ def test_scans_too_small_for_the_model_are_refused(
 def test_landmarks_are_flagged_by_position_and_confidence(model_base: Path, scans: dict, local_json: dict):
     images = [str(path) for path in scans.values()]
     for min_confidence in (0.0, 1.0):
-        result = run(*images, "--model", str(model_base), "--min-confidence", str(min_confidence))
+        result = run(*images, "--model", str(model_base), "--min-confidence", str(min_confidence),
+                     "--max-coarse-shift", "0")  # the coarse-fine flag off: tested on its own below
         assert result.exit_code == 0, result.output  # flagged landmarks are written, the exit status stays 0
         document = json.loads(result.stdout)
         assert document["min_confidence"] == min_confidence
@@ -307,7 +323,7 @@ def test_landmarks_are_flagged_by_position_and_confidence(model_base: Path, scan
             shape = nib.load(path).shape
             statuses = {}
             for name, values in landmarks.items():
-                status = expected_status(values["voxel"], values["confidence"], shape, min_confidence)
+                status = expected_status(values, shape, min_confidence, 0.0)
                 assert values["status"] == status
                 statuses[name] = status
             outside = [name for name, status in statuses.items() if "outside_image" in status]
@@ -351,10 +367,13 @@ def test_status_of_a_prediction() -> None:
         shape=shape,
     )
     assert prediction.outside().tolist() == [False, True, True, True, False]
-    assert prediction.statuses(0.01) == ["ok", "outside_image", "outside_image;low_confidence", "outside_image",
-                                         "low_confidence"]  # fmt: skip
-    assert prediction.statuses(0.0) == ["ok", "outside_image", "outside_image", "outside_image", "low_confidence"]
-    assert prediction.warning(0.01) == (
+    # D's NaN position is also no distance from its coarse estimate: coarse_fine_disagree
+    assert prediction.statuses(0.01) == ["ok", "outside_image", "outside_image;low_confidence",
+                                         "outside_image;coarse_fine_disagree", "low_confidence"]  # fmt: skip
+    assert prediction.statuses(0.0, max_coarse_shift_mm=0.0) == [
+        "ok", "outside_image", "outside_image", "outside_image", "low_confidence"
+    ]  # fmt: skip
+    assert prediction.warning(0.01, max_coarse_shift_mm=0.0) == (
         "scan.nii.gz: outside the image: B, C, D; confidence below 0.01: C (0.001), E (nan)"
     )
     subset = prediction.select(["A", "E"])
@@ -384,6 +403,57 @@ def test_unstable_landmarks_are_flagged_by_their_flip_disagreement() -> None:
     assert ScanPrediction.from_outputs("old.nii", outputs).statuses() == ["ok"]
 
 
+def test_landmarks_far_from_their_coarse_estimate_are_flagged() -> None:
+    world_mm = np.zeros((3, 3))
+    coarse_world_mm = np.array([[3.0, 4.0, 0.0], [0.0, 12.0, 0.0], [np.nan, 0.0, 0.0]])
+    prediction = ScanPrediction(
+        path="scan.nii.gz", landmark_names=("A", "B", "C"), world_mm=world_mm, voxel=world_mm,
+        coarse_world_mm=coarse_world_mm, coarse_voxel=coarse_world_mm, confidence=np.full(3, 0.5, np.float32),
+        shape=(10, 10, 10), flip_disagreement_mm=np.array([0.0, 9.0, 0.0]),
+    )  # fmt: skip
+    assert prediction.coarse_shift_mm()[:2].tolist() == [5.0, 12.0]
+    assert prediction.statuses(0.01, 8.0, 10.0) == ["ok", "unstable;coarse_fine_disagree", "coarse_fine_disagree"]
+    assert prediction.statuses(0.01, 10.0, 12.0) == ["ok", "ok", "coarse_fine_disagree"]  # NaN: flagged
+    for off in (0.0, None):
+        assert prediction.statuses(0.01, 10.0, off) == ["ok", "ok", "ok"]
+    assert prediction.warning(0.01, 10.0, 4.0) == (
+        "scan.nii.gz: fine estimate over 4 mm from the coarse one: A (5.0 mm), B (12.0 mm), C (nan mm)"
+    )
+    row = prediction.to_json(0.01, 10.0, 10.0)["landmarks"]["B"]
+    assert row["coarse_shift_mm"] == 12.0 and row["status"] == "coarse_fine_disagree"
+    rows = list(csv.DictReader(io.StringIO(predictions_csv([prediction], 0.01, 10.0, 10.0))))
+    assert [(r["coarse_shift_mm"], r["status"]) for r in rows[:2]] == [("5.0", "ok"), ("12.0", "coarse_fine_disagree")]
+    document = json.loads(predictions_json([prediction], [], "model", 0.01, 10.0, 0.0))
+    assert document["max_coarse_shift_mm"] is None  # switched off
+    assert {v["status"] for v in document["scans"][0]["landmarks"].values()} == {"ok"}
+
+
+@pytest.mark.slow
+def test_coarse_fine_disagreement_through_predict(model_base: Path, scans: dict, tmp_path: Path) -> None:
+    images = [str(path) for path in scans.values()]
+    threshold = 1e-6  # the fine stage moves every landmark off its coarse estimate: all are flagged
+    result = run(*images, "--model", str(model_base), "--max-coarse-shift", str(threshold), "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == len(images) * len(LANDMARKS)
+    for row in rows:
+        shift_mm = np.linalg.norm([float(row[f"{axis}_mm"]) - float(row[f"coarse_{axis}_mm"]) for axis in "xyz"])
+        assert float(row["coarse_shift_mm"]) == pytest.approx(shift_mm) and shift_mm > threshold
+        assert "coarse_fine_disagree" in row["status"].split(";")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == len(images)
+    assert all(f"fine estimate over {threshold:g} mm from the coarse one: A (" in line for line in warnings)
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.endswith(f"; {len(images)} scans with flagged landmarks (see warnings))")
+    out = tmp_path / "scan.fcsv"
+    result = run(images[0], "--model", str(model_base), "--max-coarse-shift", str(threshold), "--format", "fcsv",
+                 "--out", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    descriptions = [line.split(",")[12] for line in out.read_text().splitlines() if not line.startswith("#")]
+    assert all(d.startswith("status ") and "coarse_fine_disagree" in d and " mm; coarse shift " in d
+               for d in descriptions)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_slicer_point_lists_carry_each_landmark_status(model_base: Path, scans: dict, local_json: dict, tmp_path):
     import json as json_module
@@ -409,6 +479,7 @@ def test_slicer_point_lists_carry_each_landmark_status(model_base: Path, scans: 
 def test_the_help_states_the_library_thresholds() -> None:
     assert predict_command.MIN_CONFIDENCE == MIN_CONFIDENCE
     assert predict_command.MAX_FLIP_DISAGREEMENT_MM == MAX_FLIP_DISAGREEMENT_MM
+    assert predict_command.MAX_COARSE_SHIFT_MM == MAX_COARSE_SHIFT_MM
     help_text = " ".join(CliRunner().invoke(cli, ["predict", "--help"]).output.split())
     assert f"smaller than {MIN_SCAN_VOXELS} voxels along an axis" in help_text
     assert f"[default: {MIN_CONFIDENCE:g};" in help_text
@@ -447,6 +518,38 @@ def test_an_unwritable_out_is_one_line(model_base: Path, scans: dict, tmp_path: 
     result = run(str(scans["oblique"]), "--model", str(model_base), "--format", "csv", "--out", str(folder))
     assert last_error_line(result) == f"Error: {folder}: Is a directory"
     assert list(folder.iterdir()) == []
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path: Path) -> None:
+    # (as root, a read-only folder does not stop writing: a regular file in the way, or /proc, which root
+    # cannot write either). A folder that is not a model and a scan that does not exist: an error about
+    # either would show that the work had begun before the outputs were checked.
+    regular = tmp_path / "regular"
+    regular.write_text("not a folder")
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    before = sorted(tmp_path.iterdir())
+    scan = str(tmp_path / "missing.nii.gz")
+    in_the_way = f"cannot write here: {regular} is not a directory"
+    cases = {
+        "json under a file": (["--out", str(regular / "out.json")], f"{regular / 'out.json'}: {in_the_way}"),
+        "csv in a new folder under a file": (["--format", "csv", "--out", str(regular / "new" / "out.csv")],
+                                             f"{regular / 'new' / 'out.csv'}: {in_the_way}"),
+        "json onto a folder": (["--out", str(tmp_path)], f"{tmp_path}: Is a directory"),
+        "fcsv folder under a file": (["--format", "fcsv", "--out", str(regular / "points")],
+                                     f"{regular / 'points'}: {in_the_way}"),
+        "mrk.json file under a file": (["--format", "mrk.json", "--out", str(regular / "scan.mrk.json")],
+                                       f"{regular / 'scan.mrk.json'}: {in_the_way}"),
+        "figures under a file": (["--figure", str(regular / "figures")], f"{regular / 'figures'}: {in_the_way}"),
+        "under a file in /proc": (["--out", "/proc/version/out.json"],
+                                  "/proc/version/out.json: cannot write here: /proc/version is not a directory"),
+        "in /proc": (["--format", "csv", "--out", "/proc/out.csv"], "/proc/out.csv: cannot write in /proc: "),
+    }
+    for case, (options, expected) in cases.items():
+        result = run(scan, "--model", str(not_a_model), *options)
+        assert last_error_line(result).startswith(f"Error: {expected}"), case
+        assert "predict" not in result.stderr  # no progress bar: not one scan was tried
+    assert sorted(tmp_path.iterdir()) == before  # the checks leave nothing behind
 
 
 @pytest.mark.slow

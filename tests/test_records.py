@@ -295,14 +295,17 @@ def test_prepare_command(tmp_path, prepare_dataset):
     description = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert description["landmarks"] == ["A"] and description["counts"]["val"] == 1
 
-    result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds2"), "--landmarks", "Z"])
-    assert result.exit_code == 1
+    # a name the first subject's file lacks: a usage error (exit status 2) before any scan is read
+    result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds2"), "--landmarks", "A,Z",
+                                  "--val-fraction", "0.34", "--test-fraction", "0", "--seed", "1"])
+    assert result.exit_code == 2
     error_line = result.stderr.strip().splitlines()[-1]
-    assert error_line.startswith("Error: ") and ".fcsv: missing landmark 'Z' (the file has " in error_line
+    assert error_line.startswith("Error: Invalid value for '--landmarks': unknown landmark Z; the first subject's "
+                                 f"file {tmp_path / 'scans'}")
     assert not (tmp_path / "ds2").exists()
     result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds3"), "--landmarks", "all",
                                   "--val-fraction", "0.34", "--test-fraction", "0", "--seed", "1"])
     assert result.exit_code == 0, result.output
     every = json.loads((tmp_path / "ds3" / "dataset.json").read_text())["landmarks"]
-    assert len(every) > 1 and every[0] == "A" and f"(the file has {len(every)}: {', '.join(every)})" in error_line
+    assert len(every) > 1 and every[0] == "A" and error_line.endswith(f".fcsv knows {len(every)}: {', '.join(every)}")
     assert "manifest" in runner.invoke(main, ["prepare", "--help"]).output.lower()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from mdgru_keras.errors import InputError, one_line_tf_error
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.serving import (
     LOCALIZE_OUTPUTS,
+    MAX_ATTEMPTS_LIMIT,
+    RetryPolicy,
     ServingError,
     connect,
     decode_strings,
@@ -262,10 +266,12 @@ def test_malformed_grpc_request_is_invalid_argument(endpoints: Endpoints, case: 
 def test_client_errors_are_one_clear_line(endpoints: Endpoints, case: str) -> None:
     signature, inputs, mentions = MALFORMED[case]
     for server in (endpoints.grpc_address, endpoints.rest_url):
-        with connect(server, MODEL, timeout_s=30) as client:
+        # not retried: with retries, the first pause alone would take 4 s or more
+        with connect(server, MODEL, timeout_s=30, max_attempts=3, backoff_s=5.0) as client:
+            tic = time.monotonic()
             with pytest.raises(ServingError) as caught:
                 client.predict(inputs, signature)
-            assert client.last_attempts == 1  # not retried
+            assert time.monotonic() - tic < 4.0
         error = caught.value
         assert error.code == "INVALID_ARGUMENT" and error.http_status == 400
         assert str(error).startswith("INVALID_ARGUMENT: ") and "\n" not in str(error)
@@ -328,26 +334,135 @@ def test_closed_port_fails_after_bounded_retries_within_the_timeout(protocol: st
     with client, pytest.raises(ServingError) as caught:
         client.localize(VOLUME, AFFINE)
     elapsed = time.monotonic() - tic
-    assert client.last_attempts == 3
     assert caught.value.code == "UNAVAILABLE"
     message = str(caught.value)
-    assert message.startswith("UNAVAILABLE: ") and "after 3 attempts" in message and "\n" not in message
-    assert 0.1 + 0.2 <= elapsed < 10.0  # the two backoff pauses were taken, and it gave up in time
+    assert message.startswith(f"UNAVAILABLE: {server} unavailable for ") and "after 3 attempts in " in message
+    assert "\n" not in message and ("refused" in message.lower() or "failed to connect" in message.lower())
+    # the two pauses, 0.1 s and 0.2 s (gRPC: +-20 % jitter), were taken, and it gave up long before the timeout
+    assert 0.8 * (0.1 + 0.2) <= elapsed < 5.0
 
 
-def test_grpc_client_retries_until_the_server_is_up(in_process: Endpoints) -> None:
-    port = free_port()
-    late_server = GrpcServer(servable=in_process.servable, port=port)
-    starter = threading.Timer(0.5, late_server.start)
-    starter.start()
+def test_retry_policy_limits_and_pauses() -> None:
+    policy = RetryPolicy(max_attempts=4, backoff_s=0.25)
+    assert [policy.pause_s(retry) for retry in (1, 2, 3)] == [0.25, 0.5, 1.0] and policy.max_pause_s == 1.0
+    for bad in ({"max_attempts": 0}, {"max_attempts": MAX_ATTEMPTS_LIMIT + 1}, {"backoff_s": 0.0}):
+        with pytest.raises(ValueError, match="max_attempts|backoff_s"):
+            RetryPolicy(**bad)
+    for server in ("127.0.0.1:1", "http://127.0.0.1:1"):  # refused by both clients alike
+        with pytest.raises(ValueError, match="gRPC's limit"):
+            connect(server, MODEL, max_attempts=8)
+
+
+def reset_connection(connection: socket.socket) -> None:
+    """Drop a connection with a reset, as a port whose server is going down or not listening yet."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+
+
+def answer_503(connection: socket.socket) -> None:
+    """Read one HTTP request and answer 503 Service Unavailable, as a proxy before its server is up."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(1 << 16)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                   if line.startswith(b"content-length:")), 0)  # fmt: skip
+    while len(body) < length:
+        body += connection.recv(1 << 20)
+    answer = b'{"error": "not up yet"}'
+    connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer))
+    connection.close()
+
+
+class LateServer:
+    """A port whose first connection gets ``first_answer`` (the server is not up yet), after which
+    ``make_server(port)`` starts the real server on it: a client gets its answer only by trying again."""
+
+    def __init__(
+        self, make_server: Callable[[int], GrpcServer | RestServer], first_answer: Callable[[socket.socket], None]
+    ) -> None:
+        self.make_server, self.first_answer = make_server, first_answer
+        self.server: GrpcServer | RestServer | None = None
+        self.first_attempt = threading.Event()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen()
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._answer_first_then_serve, daemon=True)
+
+    def _answer_first_then_serve(self) -> None:
+        connection, _ = self._listener.accept()
+        self.first_answer(connection)
+        self._listener.close()
+        self.first_attempt.set()
+        self.server = self.make_server(self.port).start()
+
+    def __enter__(self) -> LateServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._thread.join(timeout=30)
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_client_retries_until_a_late_server_is_up(in_process: Endpoints, protocol: str) -> None:
+    """gRPC: the first connection is reset; REST: the first request gets 503 (a connection reset after the
+    request was sent is not retried over REST, as it could have been a timeout)."""
+    servable = in_process.servable
+    if protocol == "grpc":
+        server_class, scheme, first_answer = GrpcServer, "", reset_connection
+    else:
+        server_class, scheme, first_answer = RestServer, "http://", answer_503
+    # 1 MiB: more than gRPC's default retry buffer (256 KiB), beyond which a call would not be retried
+    volume = np.zeros((64, 64, 64), np.float32)
+    volume[5, 6, 7] = 3.0
+    with LateServer(lambda port: server_class(servable=servable, port=port), first_answer) as late:
+        with connect(f"{scheme}127.0.0.1:{late.port}", MODEL, timeout_s=20.0, max_attempts=5, backoff_s=0.1) as client:
+            result = client.localize(volume, AFFINE)
+        assert late.first_attempt.is_set()  # the first attempt was turned away: a retry got the answer
+    np.testing.assert_array_equal(result["voxel"][0], [5, 6, 7])
+
+
+def test_rest_client_gives_up_on_503_after_the_attempts() -> None:
+    attempts = []
+
+    def always_503(connection: socket.socket) -> None:
+        attempts.append(1)
+        answer_503(connection)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            always_503(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
     try:
-        with connect(f"127.0.0.1:{port}", MODEL, timeout_s=20.0, max_attempts=8, backoff_s=0.1) as client:
-            result = client.localize(VOLUME, AFFINE)
-        assert client.last_attempts > 1
-        assert result["world_mm"].shape == (len(TOY_LANDMARKS), 3)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with connect(url, MODEL, timeout_s=10.0, max_attempts=3, backoff_s=0.1) as client:
+            with pytest.raises(ServingError) as caught:
+                client.localize(VOLUME, AFFINE)
     finally:
-        starter.join()
-        late_server.stop()
+        stop.set()
+        thread.join()
+        listener.close()
+    assert len(attempts) == 3
+    assert str(caught.value).startswith(f"UNAVAILABLE: {url} unavailable for predict(")
+    assert "after 3 attempts in " in str(caught.value) and str(caught.value).endswith(": HTTP 503: not up yet")
 
 
 def test_a_whole_256_cubed_scan_fits_in_one_grpc_message(in_process: Endpoints, direct: tf.Module) -> None:

@@ -147,8 +147,20 @@ def test_resume_with_another_config_is_refused(runs, config, population, tmp_pat
 
 def test_landmarks_missing_from_the_dataset_are_refused(population, config, tmp_path):
     run_dir = tmp_path / "run"
+    # --landmarks with a name the dataset lacks: a usage error (exit status 2), as in prepare and predict
     result = _train("--stage", "coarse", "--config", str(config), "--landmarks", "A,B", "--data", str(population),
                     "--out", str(run_dir))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: Invalid value for '--landmarks': unknown landmark B; the dataset {population} knows 1: A"
+    )
+    assert not run_dir.exists()
+    # the same names from the config file: the config does not fit the data (exit status 1, the file named)
+    data = yaml.safe_load(config.read_text())
+    data["landmarks"] = ["A", "B"]
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    result = _train("--stage", "coarse", "--config", str(other), "--data", str(population), "--out", str(run_dir))
     assert result.exit_code == 1
     assert result.output.strip() == (
         f"Error: {population / 'dataset.json'}: has no landmark(s) B of config 'tiny' (the dataset has A)"

@@ -109,6 +109,13 @@ def evaluate(
             import_ants()
         except ImportError as error:
             raise click.ClickException(str(error)) from None
+    from mdgru_keras.io.atomic import check_writable
+
+    # Outputs that cannot be written are refused now, not after every subject was evaluated.
+    if json_path is not None:
+        check_writable(json_path)
+    if figure_dir is not None:
+        check_writable(figure_dir, directory=True)
 
     from tqdm import tqdm
 

@@ -13,8 +13,9 @@ FORMATS = ("json", "csv", "fcsv", "mrk.json")
 MARKUPS_FORMATS = ("fcsv", "mrk.json")  # 3D Slicer point lists: one file per scan
 # As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
 # its MIN_SCAN_VOXELS. tests/test_predict.py checks that they agree.
-MIN_CONFIDENCE = 0.01
+MIN_CONFIDENCE = 0.00015
 MAX_FLIP_DISAGREEMENT_MM = 8.0  # as mdgru_keras.prediction.MAX_FLIP_DISAGREEMENT_MM
+MAX_COARSE_SHIFT_MM = 15.0  # as mdgru_keras.prediction.MAX_COARSE_SHIFT_MM
 # Errors after which every further scan would fail the same way: stop instead of trying each.
 FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "PERMISSION_DENIED")
 
@@ -53,8 +54,8 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     default="json",
     show_default=True,
     help="json: all scans in one document; csv: one row per scan and landmark; fcsv or mrk.json: a 3D "
-    "Slicer point list per scan (each point's description holds its status, confidence and "
-    "flip disagreement).",
+    "Slicer point list per scan (each point's description holds its status, confidence, flip disagreement "
+    "and coarse shift).",
 )
 @click.option(
     "--out",
@@ -68,8 +69,9 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     type=click.FloatRange(0.0, 1.0),
     default=MIN_CONFIDENCE,
     show_default=True,
-    help="Landmarks with a lower confidence get status low_confidence (not calibrated on real scans; "
-    "0 switches the flag off).",
+    help="Landmarks with a lower confidence get status low_confidence (calibrated for the shipped model on "
+    "held-out synthetic heads, docs/MODEL_CARD.md; models of other configs need their own; 0 switches the "
+    "flag off).",
 )
 @click.option(
     "--max-disagreement",
@@ -80,6 +82,15 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     help="Landmarks whose estimates in the scan and in its left-right mirror image lie more than this many mm "
     "apart get status unstable (models exported with --flip-average, such as the shipped one; calibrated on "
     "held-out synthetic heads, docs/MODEL_CARD.md).",
+)
+@click.option(
+    "--max-coarse-shift",
+    "max_coarse_shift_mm",
+    type=click.FloatRange(min=0.0),
+    default=MAX_COARSE_SHIFT_MM,
+    show_default=True,
+    help="Landmarks whose fine estimate lies more than this many mm from the coarse stage's estimate get status "
+    "coarse_fine_disagree (calibrated on held-out synthetic heads, docs/MODEL_CARD.md; 0 switches the flag off).",
 )
 @click.option(
     "--figure",
@@ -108,6 +119,7 @@ def predict(
     out: Path | None,
     min_confidence: float,
     max_disagreement_mm: float,
+    max_coarse_shift_mm: float,
     figure_dir: Path | None,
     report_dir: Path | None,
 ) -> None:
@@ -124,9 +136,10 @@ def predict(
 
     Every landmark has a confidence in [0, 1] and a status (JSON: "status", CSV: column status): ok, or
     outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost),
-    low_confidence (below --min-confidence) and/or unstable (flip disagreement above --max-disagreement),
-    joined by ";". A scan with such landmarks gets one line "warning: SCAN: ..." on standard error naming
-    them, and the final line counts such scans; they are still written (.fcsv and .mrk.json: in each point's
+    low_confidence (below --min-confidence), unstable (flip disagreement above --max-disagreement) and/or
+    coarse_fine_disagree (fine estimate farther than --max-coarse-shift from the coarse one), joined by ";".
+    A scan with such landmarks gets one line "warning: SCAN: ..." on standard error naming them, and the
+    final line counts such scans; they are still written (.fcsv and .mrk.json: in each point's
     description), and they do not change the exit status.
 
     Examples:
@@ -151,6 +164,14 @@ def predict(
             f"--out {out}: with {len(images)} scans, --out must be a directory (one .{fmt} per scan)"
         )
     requested = None if landmarks in (None, ALL_LANDMARKS) else landmarks
+    from mdgru_keras.io.atomic import check_writable
+
+    # Outputs that cannot be written are refused now, not after every scan was localized.
+    if out is not None:
+        one_file = fmt not in MARKUPS_FORMATS or (len(images) == 1 and out.name.lower().endswith(f".{fmt}"))
+        check_writable(out, directory=not one_file)
+    if figure_dir is not None:
+        check_writable(figure_dir, directory=True)
 
     from tqdm import tqdm
 
@@ -194,7 +215,7 @@ def predict(
                     prediction = prediction.select(select_landmarks(requested, prediction.landmark_names))
                 predictions.append(prediction)
                 done.append(index)
-                if warning := prediction.warning(min_confidence, max_disagreement_mm):
+                if warning := prediction.warning(min_confidence, max_disagreement_mm, max_coarse_shift_mm):
                     progress.write(f"warning: {warning}", file=sys.stderr)
                     flagged += 1
                 if figure_paths is not None:
@@ -214,12 +235,14 @@ def predict(
             progress.update(1)
 
     if fmt in MARKUPS_FORMATS:
-        written = _write_markups(predictions, done, images, out, fmt, min_confidence, max_disagreement_mm)
+        written = _write_markups(predictions, done, images, out, fmt, (min_confidence, max_disagreement_mm,
+                                                                       max_coarse_shift_mm))
     else:
         if fmt == "json":
-            text = predictions_json(predictions, failed, str(client.server), min_confidence, max_disagreement_mm)
+            text = predictions_json(predictions, failed, str(client.server), min_confidence, max_disagreement_mm,
+                                    max_coarse_shift_mm)
         else:
-            text = predictions_csv(predictions, min_confidence, max_disagreement_mm)
+            text = predictions_csv(predictions, min_confidence, max_disagreement_mm, max_coarse_shift_mm)
         written = _write_text(text, out, fmt)
     count = sum(len(p.landmark_names) for p in predictions)
     summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
@@ -266,11 +289,11 @@ def _open_client(
 
 
 def _write_markups(
-    predictions, done: list[int], images: tuple[Path, ...], out: Path, fmt: str, min_confidence: float,
-    max_disagreement_mm: float,
+    predictions, done: list[int], images: tuple[Path, ...], out: Path, fmt: str, thresholds: tuple[float, ...]
 ) -> str:
     """One Slicer point list (``fmt``: fcsv or mrk.json) per scan: ``out`` itself for a single scan named
-    ``*.fcsv`` / ``*.mrk.json``, else ``out/SCAN.fcsv``; each point's description holds its QC values."""
+    ``*.fcsv`` / ``*.mrk.json``, else ``out/SCAN.fcsv``; each point's description holds its QC values
+    (``thresholds``: those of :meth:`mdgru_keras.prediction.ScanPrediction.statuses`)."""
     from mdgru_keras.io import write_landmarks
     from mdgru_keras.prediction import per_scan_paths
 
@@ -280,7 +303,7 @@ def _write_markups(
         out.mkdir(parents=True, exist_ok=True)
         targets = per_scan_paths(images, out, f".{fmt}")
     for prediction, index in zip(predictions, done):
-        descriptions = prediction.point_descriptions(min_confidence, max_disagreement_mm)
+        descriptions = prediction.point_descriptions(*thresholds)
         write_landmarks(targets[index], prediction.world_mm_by_name(), fmt=fmt, descriptions=descriptions)
     return f"{len(predictions)} .{fmt} file{'s' if len(predictions) != 1 else ''} to {out}"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST
+from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks
 
 
 @click.command("prepare")
@@ -15,7 +15,8 @@ from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST
               help="Directory for the dataset (created; must not exist or be empty unless --overwrite).")
 @click.option("--landmarks", type=LANDMARK_LIST, default=None,
               help="Comma-separated landmark names to keep, in this order, or 'all' (the default): every "
-                   "landmark of the first subject's file. Every subject must have all of them.")
+                   "landmark of the first subject's file (a name it lacks is a usage error). Every subject "
+                   "must have all of them.")
 @click.option("--spacing", "spacing_mm", type=click.FloatRange(min=0.0, min_open=True), default=1.0,
               show_default=True, help="Resample every scan to this isotropic voxel size (mm); the model "
                                       "config's spacing_mm must match.")
@@ -48,12 +49,15 @@ def prepare(manifest: Path, out_dir: Path, landmarks: tuple[str, ...] | None, sp
 
     Next step: train on OUT with `mdgru-localize train` (see its --help).
     """
-    from mdgru_keras.data.records import prepare_dataset
+    from mdgru_keras.data.records import first_subject_landmarks, prepare_dataset
 
     if val_fraction + test_fraction > 1.0:
         raise click.BadParameter("--val-fraction plus --test-fraction must be at most 1")
     if landmarks == ALL_LANDMARKS:
         landmarks = None
+    if landmarks is not None:  # names the first subject's file lacks: a usage error, before any scan is read
+        path, known = first_subject_landmarks(manifest, val_fraction, test_fraction, seed)
+        select_landmarks(landmarks, known, owner=f"the first subject's file {path}")
     description = prepare_dataset(manifest, out_dir, landmarks=landmarks, spacing_mm=spacing_mm,
                                   val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                                   shard_size=shard_size, overwrite=overwrite, progress=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mdgru_keras.commands._options import LANDMARK_LIST
+from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks
 
 
 @click.command("train")
@@ -19,8 +19,8 @@ from mdgru_keras.commands._options import LANDMARK_LIST
 @click.option("--out", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory: config, checkpoints, logs, and at the end model.keras and loss.png.")
 @click.option("--landmarks", type=LANDMARK_LIST, default=None,
-              help="Comma-separated landmark names to train (all must be in the dataset), or 'all' for every "
-                   "landmark of the dataset. Default: the config's landmarks.")
+              help="Comma-separated landmark names to train (all must be in the dataset: a name it lacks is a "
+                   "usage error), or 'all' for every landmark of the dataset. Default: the config's landmarks.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its newest valid checkpoint (exactly where it stopped: "
                    "same optimizer state, step and data position). Starts fresh if --out holds no run.")
@@ -55,9 +55,12 @@ def train(stage: str, config_name: str, dataset_dir: Path, run_dir: Path, landma
     from mdgru_keras.config import load_config
 
     config = load_config(config_name)
+    if landmarks is not None and landmarks != ALL_LANDMARKS:  # ("all",) is every landmark of the dataset
+        from mdgru_keras.data.records import read_description
+
+        select_landmarks(landmarks, read_description(dataset_dir)["landmarks"], owner=f"the dataset {dataset_dir}")
     from mdgru_keras.training.stages import train_stage
 
-    # ("all",) is every landmark of the dataset; names the dataset lacks are refused there, listing its names
     result = train_stage(stage, config, dataset_dir, run_dir, resume=resume, epochs=epochs, landmarks=landmarks,
                          max_seconds=max_seconds, deterministic=deterministic, verbose=0 if quiet else 1)
     if result.model_path is None:  # a non-chief worker of a multi-worker run writes nothing

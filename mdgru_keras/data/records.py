@@ -378,6 +378,23 @@ def assign_splits(rows: Sequence[ManifestRow], val_fraction: float, test_fractio
     return {name: subjects for name, subjects in splits.items() if subjects}
 
 
+def _first_subject_landmarks(rows: Sequence[ManifestRow], splits: dict[str, list[str]]) -> tuple[Path, tuple[str, ...]]:
+    from mdgru_keras.io.landmarks import read_landmarks
+
+    first = next(iter(next(iter(splits.values()))))
+    path = next(row.landmarks for row in rows if row.subject == first)
+    return path, tuple(read_landmarks(path))
+
+
+def first_subject_landmarks(
+    manifest_csv: str | Path, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[Path, tuple[str, ...]]:
+    """The landmark file of the subject that :func:`prepare_dataset` (with the same split arguments) reads first,
+    and its landmark names in file order: what ``landmarks=None`` (``prepare --landmarks all``) takes."""
+    rows = read_manifest(manifest_csv)
+    return _first_subject_landmarks(rows, assign_splits(rows, val_fraction, test_fraction, seed))
+
+
 def load_subject_from_files(row: ManifestRow, landmark_names: Sequence[str] | None,
                             spacing_mm: float) -> Subject:
     """Read one manifest row with :mod:`mdgru_keras.io`, check its landmarks and convert them to voxels.
@@ -439,10 +456,7 @@ def prepare_dataset(
 
     # The landmark list is needed before the first shard is closed; read the first subject's file early.
     if not names:
-        from mdgru_keras.io.landmarks import read_landmarks
-
-        first = by_subject[next(iter(next(iter(splits.values()))))]
-        names.append(tuple(read_landmarks(first.landmarks)))
+        names.append(_first_subject_landmarks(rows, splits)[1])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -20,6 +20,7 @@ _EXPORTS = {
     "require_landmarks": "landmarks",
     "write_landmarks": "landmarks",
     "atomic_path": "atomic",
+    "check_writable": "atomic",
     "write_bytes_atomic": "atomic",
     "write_text_atomic": "atomic",
 }
@@ -28,6 +29,7 @@ __all__ = [
     "Volume",
     "atomic_path",
     "check_landmarks_inside",
+    "check_writable",
     "is_nifti_path",
     "landmark_format",
     "read_landmarks",
@@ -42,7 +44,7 @@ __all__ = [
 assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from mdgru_keras.io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+    from mdgru_keras.io.atomic import atomic_path, check_writable, write_bytes_atomic, write_text_atomic
     from mdgru_keras.io.landmarks import (
         check_landmarks_inside,
         landmark_format,

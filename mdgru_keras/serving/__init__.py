@@ -24,6 +24,7 @@ protos need) load on use.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,56 @@ class ServingError(RuntimeError):
     @property
     def http_status(self) -> int:
         return HTTP_STATUS_BY_CODE.get(self.code, 500)
+
+
+# gRPC clamps a retry policy's maxAttempts to 5 (its MAX_MAX_RETRY_ATTEMPTS); both clients keep to that limit.
+MAX_ATTEMPTS_LIMIT = 5
+BACKOFF_MULTIPLIER = 2  # each pause between retries is this many times the one before
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When the clients try a request again, and how they say that they gave up; shared by both clients.
+
+    A server that cannot be reached (not up yet, restarting, wrong port) or that answers ``UNAVAILABLE`` (HTTP
+    502 or 503) is tried up to ``max_attempts`` times in all (at most :data:`MAX_ATTEMPTS_LIMIT`), pausing
+    ``backoff_s`` before the first retry and :data:`BACKOFF_MULTIPLIER` times longer before each further one
+    (:meth:`pause_s`). Nothing else is retried. The transports do the retrying: gRPC's retry policy in the
+    channel's service config (:mod:`~mdgru_keras.serving.grpc_client`; gRPC adds +-20 % jitter to each pause)
+    and urllib3's ``Retry`` on the ``requests`` session (:mod:`~mdgru_keras.serving.rest_client`).
+    """
+
+    max_attempts: int = 3
+    backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(
+                f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT} (gRPC's limit), got {self.max_attempts}"
+            )
+        if not self.backoff_s > 0:
+            raise ValueError(f"backoff_s must be > 0, got {self.backoff_s}")
+
+    @property
+    def retries(self) -> int:
+        return self.max_attempts - 1
+
+    def pause_s(self, retry: int) -> float:
+        """The pause before retry number ``retry`` (1: the first retry, after the first attempt failed)."""
+        return self.backoff_s * BACKOFF_MULTIPLIER ** (retry - 1)
+
+    @property
+    def max_pause_s(self) -> float:
+        """The longest pause (before the last retry)."""
+        return self.pause_s(max(self.retries, 1))
+
+    def gave_up(self, server: str, what: str, attempts: int, elapsed_s: float, problem: str) -> ServingError:
+        """The one-line ``UNAVAILABLE`` error after ``attempts`` tries that found the server unavailable."""
+        return ServingError(
+            "UNAVAILABLE",
+            f"{server} unavailable for {what} after {attempts} attempt{'s' * (attempts != 1)} in {elapsed_s:.1f} s: "
+            f"{problem}",
+        )
 
 
 def is_lossless_int16(volume: np.ndarray) -> bool:
@@ -178,7 +229,7 @@ def connect(server: str, model_name: str = DEFAULT_MODEL_NAME, **options: Any) -
 
     ``options`` go to :class:`mdgru_keras.serving.grpc_client.GrpcLocalizationClient` or
     :class:`mdgru_keras.serving.rest_client.RestLocalizationClient` (``timeout_s``, ``max_attempts``,
-    ``backoff_s``, ...).
+    ``backoff_s`` (:class:`RetryPolicy`), ...).
     """
     if server.startswith(("http://", "https://")):
         from mdgru_keras.serving.rest_client import RestLocalizationClient

@@ -8,12 +8,15 @@ Servers: ``tensorflow_model_server``, or :mod:`mdgru_keras.serving.grpc_server` 
     result = client.localize(volume, voxel_to_world)   # dict of NumPy arrays, see LocalizationClient.localize
 
 Each call has one overall ``timeout_s``; a call that finds the server ``UNAVAILABLE`` (not up yet, restarting,
-wrong port) is retried up to ``max_attempts`` times in all with exponential backoff, within that timeout. Other
-errors are not retried. Every failure is a :class:`mdgru_keras.serving.ServingError` (one line ``"CODE: message"``).
+wrong port) is retried up to ``max_attempts`` times in all with exponential backoff, within that timeout
+(:class:`mdgru_keras.serving.RetryPolicy`). Other errors are not retried. gRPC itself retries, by the retry
+policy in the channel's service config (:func:`service_config`). Every failure is a
+:class:`mdgru_keras.serving.ServingError` (one line ``"CODE: message"``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,10 +27,12 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from mdgru_keras.serving import (
+    BACKOFF_MULTIPLIER,
     DEFAULT_MODEL_NAME,
     DEFAULT_SIGNATURE,
     MAX_MESSAGE_BYTES,
     LocalizationClient,
+    RetryPolicy,
     ServingError,
 )
 from mdgru_keras.serving import decode_strings as _decode_strings
@@ -51,13 +56,35 @@ def describe_signatures(signature_defs: Any) -> dict[str, dict[str, dict[str, tu
     }
 
 
+SERVICE = "tensorflow.serving.PredictionService"
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf Duration in JSON, e.g. ``"0.5s"``."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def service_config(retry: RetryPolicy) -> str:
+    """The channel's service config (JSON): retry calls of TF Serving's services on ``UNAVAILABLE`` by ``retry``."""
+    if retry.retries == 0:
+        return json.dumps({})
+    policy = {
+        "maxAttempts": retry.max_attempts,
+        "initialBackoff": _duration(retry.pause_s(1)),
+        "maxBackoff": _duration(retry.max_pause_s),
+        "backoffMultiplier": BACKOFF_MULTIPLIER,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps({"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}]})
+
+
 class GrpcLocalizationClient(LocalizationClient):
     """Talks to ``server`` (``HOST:PORT``, TF Serving's gRPC port, 8500 by default) about model ``model_name``.
 
     Args:
         timeout_s: overall deadline of one call, retries included.
-        max_attempts: tries in all when the server is UNAVAILABLE (1: no retry).
-        backoff_s: pause before the first retry; doubled for each further one.
+        max_attempts: tries in all when the server is UNAVAILABLE (1: no retry; at most 5, gRPC's limit).
+        backoff_s: pause before the first retry; doubled for each further one (:class:`RetryPolicy`).
         max_message_bytes: send/receive limit (gRPC's default of 4 MiB is too small for a scan).
         version: a model version to pin; ``None`` lets the server pick its newest.
     """
@@ -73,8 +100,7 @@ class GrpcLocalizationClient(LocalizationClient):
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         version: int | None = None,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.retry = RetryPolicy(max_attempts, backoff_s)
         self.server = server
         self.model_name = model_name
         self.timeout_s = timeout_s
@@ -87,14 +113,19 @@ class GrpcLocalizationClient(LocalizationClient):
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
-                # gRPC's own reconnect backoff (1 s and up) would make our early retries fail without trying.
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", service_config(self.retry)),
+                ("grpc.service_config_disable_resolution", 1),  # no service config from DNS overrides ours
+                # A request larger than this buffer (256 KiB by default, a 64^3 float32 scan is 1 MiB) would be
+                # sent once and never retried.
+                ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+                # gRPC's own reconnect backoff (1 s and up) would make early retries fail without trying.
                 ("grpc.initial_reconnect_backoff_ms", backoff_ms),
                 ("grpc.min_reconnect_backoff_ms", backoff_ms),
                 ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 4000)),
             ],
         )
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self.last_attempts = 0  # tries the last call took
 
     def close(self) -> None:
         self._channel.close()
@@ -107,31 +138,18 @@ class GrpcLocalizationClient(LocalizationClient):
             spec.version.value = self.version
 
     def _call(self, method: Callable[..., Any], request: Any, what: str) -> Any:
-        """``method(request)`` with the overall timeout and retries on UNAVAILABLE; ServingError on failure."""
+        """``method(request)`` within the overall timeout (gRPC retries it on UNAVAILABLE); ServingError on failure."""
         start = time.monotonic()
-        deadline = start + self.timeout_s
-        attempt = 0
-        while True:
-            attempt += 1
-            self.last_attempts = attempt
-            try:
-                return method(request, timeout=max(deadline - time.monotonic(), 0.001))
-            except grpc.RpcError as error:
-                code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
-                details = (error.details() if callable(getattr(error, "details", None)) else None) or str(error)
-            elapsed = time.monotonic() - start
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise ServingError(code.name, f"{self.server}: no answer to {what} within {self.timeout_s:g} s")
-            if code != grpc.StatusCode.UNAVAILABLE:
-                raise ServingError(code.name, details)
-            pause = self.backoff_s * 2 ** (attempt - 1)
-            if attempt >= self.max_attempts or time.monotonic() + pause >= deadline:
-                raise ServingError(
-                    code.name,
-                    f"{self.server} unavailable for {what} after {attempt} attempt{'s' * (attempt > 1)} "
-                    f"in {elapsed:.1f} s: {details}",
-                )
-            time.sleep(pause)
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+            details = (error.details() if callable(getattr(error, "details", None)) else None) or str(error)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise ServingError(code.name, f"{self.server}: no answer to {what} within {self.timeout_s:g} s")
+        if code == grpc.StatusCode.UNAVAILABLE:  # gRPC gave up after the policy's attempts
+            raise self.retry.gave_up(self.server, what, self.retry.max_attempts, time.monotonic() - start, details)
+        raise ServingError(code.name, details)
 
     def predict(
         self,

@@ -6,7 +6,9 @@ Servers: ``tensorflow_model_server --rest_api_port``, or :mod:`mdgru_keras.servi
 Same API and results as :class:`mdgru_keras.serving.grpc_client.GrpcLocalizationClient` (within float printing
 precision), over ``POST /v1/models/NAME:predict`` with the columnar JSON format. Output dtypes come from the
 model's metadata (``GET /v1/models/NAME/metadata``, fetched once). A server that cannot be reached (or answers
-503) is retried up to ``max_attempts`` times with exponential backoff; errors are
+502 or 503) is retried up to ``max_attempts`` times with exponential backoff (:class:`mdgru_keras.serving.RetryPolicy`),
+by urllib3's ``Retry`` mounted on the ``requests`` session (:func:`retrying_session`); a connection lost after the
+request was sent, and a timeout waiting for the answer, are not retried. Errors are
 :class:`mdgru_keras.serving.ServingError` with the gRPC code name that matches the HTTP status
 (400 -> ``INVALID_ARGUMENT``).
 """
@@ -20,12 +22,16 @@ from typing import Any
 
 import numpy as np
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
 
 from mdgru_keras.serving import (
     CODE_BY_HTTP_STATUS,
     DEFAULT_MODEL_NAME,
     DEFAULT_SIGNATURE,
     LocalizationClient,
+    RetryPolicy,
     ServingError,
     decode_strings,
 )
@@ -82,6 +88,58 @@ def _shape(info: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(int(dim.get("size", -1)) for dim in shape.get("dim", []))
 
 
+# The HTTP statuses that mean UNAVAILABLE (502, 503): retried like gRPC's UNAVAILABLE.
+RETRY_STATUSES = frozenset(status for status, code in CODE_BY_HTTP_STATUS.items() if code == "UNAVAILABLE")
+
+
+class _Retry(Retry):
+    """urllib3's ``Retry`` with the pauses of :meth:`RetryPolicy.pause_s` (urllib3's own schedule retries the
+    first time at once): ``backoff_factor`` is the first pause, each further one twice the one before."""
+
+    def get_backoff_time(self) -> float:
+        retry = len(self.history)  # failed attempts so far: the coming attempt is retry number `retry`
+        if retry == 0 or self.backoff_factor <= 0:
+            return 0.0
+        return min(self.backoff_max, RetryPolicy(backoff_s=self.backoff_factor).pause_s(retry))
+
+
+def retrying_session(retry: RetryPolicy) -> requests.Session:
+    """A ``requests`` session that retries by ``retry``: connection failures and 502/503 answers, GET and POST
+    (the model's signatures are pure functions, so a repeated predict is harmless); not read errors (a timeout
+    waiting for the answer, a connection lost mid-answer) and no redirects. After the last attempt the last
+    502/503 answer is returned, or ``requests.ConnectionError`` (from urllib3's ``MaxRetryError``) raised."""
+    retries = _Retry(
+        total=retry.retries,
+        connect=retry.retries,
+        read=False,
+        status=retry.retries,
+        other=0,
+        redirect=0,
+        allowed_methods=frozenset({"GET", "POST"}),
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=retry.backoff_s,
+        backoff_max=retry.max_pause_s,
+        raise_on_status=False,
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retries)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _connection_problem(error: requests.ConnectionError) -> tuple[str, bool]:
+    """``(one-line problem, whether urllib3 used up the retries)`` of a failed connection."""
+    reason = error.args[0] if error.args else error
+    exhausted = isinstance(reason, MaxRetryError)
+    if exhausted:
+        reason = reason.reason
+    text = str(reason)
+    if "Failed to establish a new connection: " in text:  # urllib3's NewConnectionError: keep the OS's reason
+        text = text.split("Failed to establish a new connection: ", 1)[1]
+    return f"cannot connect: {text}", exhausted
+
+
 class RestLocalizationClient(LocalizationClient):
     """Talks to ``server`` (``http://HOST:PORT``, TF Serving's REST port, 8501 by default).
 
@@ -98,8 +156,7 @@ class RestLocalizationClient(LocalizationClient):
         backoff_s: float = 0.5,
         version: int | None = None,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.retry = RetryPolicy(max_attempts, backoff_s)
         if "://" not in server:
             server = f"http://{server}"
         self.server = server.rstrip("/")
@@ -108,9 +165,8 @@ class RestLocalizationClient(LocalizationClient):
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.version = version
-        self._session = requests.Session()
+        self._session = retrying_session(self.retry)
         self._signatures: dict[str, Any] | None = None
-        self.last_attempts = 0
 
     @property
     def model_url(self) -> str:
@@ -121,53 +177,44 @@ class RestLocalizationClient(LocalizationClient):
         self._session.close()
 
     def _request(self, method: str, url: str, what: str, body: bytes | None = None) -> Any:
-        """One HTTP exchange with retries on connection failures and 503; the decoded JSON answer."""
+        """One HTTP exchange (the session retries connection failures and 502/503); the decoded JSON answer."""
         start = time.monotonic()
-        deadline = start + self.timeout_s
-        attempt = 0
-        while True:
-            attempt += 1
-            self.last_attempts = attempt
-            remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            response = self._session.request(
+                method,
+                url,
+                data=body,
+                timeout=(min(self.timeout_s, 10.0), self.timeout_s),
+                headers={"Content-Type": "application/json"} if body is not None else None,
+            )
+        except requests.ConnectionError as error:  # before Timeout: a connect timeout is both, and was retried
+            problem, exhausted = _connection_problem(error)
+            if exhausted:
+                raise self.retry.gave_up(
+                    self.server, what, self.retry.max_attempts, time.monotonic() - start, problem
+                ) from None
+            raise ServingError("UNAVAILABLE", f"{self.server}: {what}: {problem}") from None
+        except requests.Timeout as error:
+            raise ServingError(
+                "DEADLINE_EXCEEDED", f"{self.server}: no answer to {what} within {self.timeout_s:g} s"
+            ) from error
+        if response.status_code == 200:
             try:
-                response = self._session.request(
-                    method,
-                    url,
-                    data=body,
-                    timeout=(min(remaining, 10.0), remaining),
-                    headers={"Content-Type": "application/json"} if body is not None else None,
-                )
-            except requests.Timeout as error:
-                raise ServingError(
-                    "DEADLINE_EXCEEDED", f"{self.server}: no answer to {what} within {self.timeout_s:g} s"
-                ) from error
-            except requests.ConnectionError as error:
-                failure = ServingError("UNAVAILABLE", f"cannot connect: {type(error).__name__}")
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError as error:
-                        raise ServingError("INTERNAL", f"{what}: the answer is not JSON: {error}") from error
-                try:
-                    message = response.json().get("error") or response.text
-                except ValueError:
-                    message = response.text or response.reason
-                failure = ServingError(
-                    CODE_BY_HTTP_STATUS.get(response.status_code, "UNKNOWN"), f"HTTP {response.status_code}: {message}"
-                )
-                if failure.code != "UNAVAILABLE":
-                    raise failure
-            pause = self.backoff_s * 2 ** (attempt - 1)
-            if attempt >= self.max_attempts or time.monotonic() + pause >= deadline:
-                elapsed = time.monotonic() - start
-                raise ServingError(
-                    "UNAVAILABLE",
-                    f"{self.server} unavailable for {what} after {attempt} "
-                    f"attempt{'s' * (attempt > 1)} in {elapsed:.1f} s: "
-                    f"{failure.message}",
-                )
-            time.sleep(pause)
+                return response.json()
+            except ValueError as error:
+                raise ServingError("INTERNAL", f"{what}: the answer is not JSON: {error}") from error
+        try:
+            message = response.json().get("error") or response.text
+        except ValueError:
+            message = response.text or response.reason
+        failure = ServingError(
+            CODE_BY_HTTP_STATUS.get(response.status_code, "UNKNOWN"), f"HTTP {response.status_code}: {message}"
+        )
+        if response.status_code in RETRY_STATUSES:  # the retries are used up
+            retries = getattr(response.raw, "retries", None)
+            attempts = 1 + (len(retries.history) if retries is not None else self.retry.retries)
+            raise self.retry.gave_up(self.server, what, attempts, time.monotonic() - start, failure.message)
+        raise failure
 
     def _signature_defs(self) -> dict[str, Any]:
         if self._signatures is None:

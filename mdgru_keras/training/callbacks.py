@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mdgru_keras.training.checkpoints import atomic_write_text
+from mdgru_keras.io.atomic import write_text_atomic
 
 STEP_FIELDS = ("step", "epoch", "loss")
 EPOCH_FIELDS = (
@@ -90,7 +90,7 @@ class RunLog:
         if new:
             self._steps_file.write(",".join(STEP_FIELDS) + "\n")
         if not self.epochs_path.exists():
-            atomic_write_text(self.epochs_path, ",".join(EPOCH_FIELDS) + "\n")
+            write_text_atomic(self.epochs_path, ",".join(EPOCH_FIELDS) + "\n", durable=True)
 
     def close(self) -> None:
         if self._steps_file is not None:
@@ -109,7 +109,7 @@ class RunLog:
         for path, fields in ((self.steps_path, STEP_FIELDS), (self.epochs_path, EPOCH_FIELDS)):
             rows = [row for row in read_csv(path) if row["step"] <= step]
             lines = [",".join(fields)] + [",".join(_format_field(f, row[f]) for f in fields) for row in rows]
-            atomic_write_text(path, "\n".join(lines) + "\n")
+            write_text_atomic(path, "\n".join(lines) + "\n", durable=True)
 
     def step(self, step: int, loss: float) -> None:
         """Record the loss of training step ``step`` (1-based: the number of steps done)."""

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from mdgru_keras.io.atomic import fsync_directory, fsync_file, write_text_atomic
+
 PREFIX = "ckpt"
 MANIFEST = "manifest.json"
 BEST = "best.json"
@@ -56,31 +58,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointStore:
@@ -181,8 +158,7 @@ class CheckpointStore:
         self.checkpoint.write(str(tmp / PREFIX))
         files = {}
         for path in sorted(tmp.iterdir()):
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(path)
             files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
         manifest = {
             "step": int(step),
@@ -191,19 +167,19 @@ class CheckpointStore:
             "files": files,
             "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2), durable=True)
         if final.exists():  # the same step saved again (e.g. the end of an epoch that is also a step interval)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_directory(self.directory)
         info = CheckpointInfo(final, step, epoch, validation_error_mm)
         if validation_error_mm is not None:
             best = self.best()
             if best is None or validation_error_mm < best[1]:
-                atomic_write_text(
+                write_text_atomic(
                     self.directory / BEST,
                     json.dumps({"step": int(step), "validation_error_mm": float(validation_error_mm)}),
+                    durable=True,
                 )
         self._prune()
         return info
@@ -258,9 +234,10 @@ class CheckpointStore:
             scored = [info for info in self.all() if info.validation_error_mm is not None]
             if scored:
                 winner = min(scored, key=lambda info: info.validation_error_mm)
-                atomic_write_text(
+                write_text_atomic(
                     self.directory / BEST,
                     json.dumps({"step": winner.step, "validation_error_mm": winner.validation_error_mm}),
+                    durable=True,
                 )
             else:
                 (self.directory / BEST).unlink(missing_ok=True)

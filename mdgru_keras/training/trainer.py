@@ -34,9 +34,9 @@ import tensorflow as tf
 
 from mdgru_keras.config import Config, TrainingConfig, config_from_dict
 from mdgru_keras.errors import InputError
-from mdgru_keras.io.atomic import atomic_path
+from mdgru_keras.io.atomic import atomic_path, write_text_atomic
 from mdgru_keras.training.callbacks import RunLog, read_csv
-from mdgru_keras.training.checkpoints import CheckpointStore, atomic_write_text
+from mdgru_keras.training.checkpoints import CheckpointStore
 from mdgru_keras.training.strategy import is_chief, num_workers, set_mixed_precision, split_global_batch, worker_index
 
 # Settings that only say how long to train: a resumed run may change them.
@@ -394,7 +394,7 @@ class Trainer:
     def _write_run_description(self) -> None:
         if not self.chief:
             return
-        atomic_write_text(self.run_dir / "config.json", self.config.to_json() + "\n")
+        write_text_atomic(self.run_dir / "config.json", self.config.to_json() + "\n", durable=True)
         info = {
             "stage": self.setup.stage,
             "dataset": self.setup.description,
@@ -403,7 +403,7 @@ class Trainer:
             "replicas": self.strategy.num_replicas_in_sync,
             "workers": self.workers,
         }
-        atomic_write_text(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+        write_text_atomic(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n", durable=True)
 
     # ------------------------------------------------------------------ the run: the recipe
     @property
@@ -681,4 +681,4 @@ class Trainer:
             return
         summary = dataclasses.asdict(result)
         summary = {key: (str(value) if isinstance(value, Path) else value) for key, value in summary.items()}
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", durable=True)
