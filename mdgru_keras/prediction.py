@@ -74,6 +74,10 @@ STATUS_COARSE_FINE_DISAGREE = "coarse_fine_disagree"
 # far from its coarse estimate moved a long way. The order of the middle three is that of the mean errors of
 # the landmarks each flags on held-out heads (docs/MODEL_CARD.md: 11.5, 9.2 and 8.8 mm).
 STATUS_SEVERITY = (STATUS_OK, STATUS_COARSE_FINE_DISAGREE, STATUS_UNSTABLE, STATUS_LOW_CONFIDENCE, STATUS_OUTSIDE)
+# A scan's status when it could not be localized at all (predict's "error:" lines, the BIDS app's error logs):
+# worse than any landmark's.
+STATUS_FAILED = "failed"
+SEVERITY: dict[str, int] = {status: rank for rank, status in enumerate((*STATUS_SEVERITY, STATUS_FAILED))}
 CSV_COLUMNS = (
     "file",
     "landmark",
@@ -91,6 +95,39 @@ CSV_COLUMNS = (
     "coarse_shift_mm",
     "status",
 )
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """When a landmark gets a flag (module docstring): ``low_confidence`` below ``min_confidence``, ``unstable``
+    when its mirror-image estimates lie more than ``max_flip_disagreement_mm`` apart, ``coarse_fine_disagree``
+    when the fine estimate lies more than ``max_coarse_shift_mm`` from the coarse one (``0`` or ``None``: off).
+    The defaults are calibrated for the shipped model (docs/MODEL_CARD.md); predict's and bids' options set them.
+    """
+
+    min_confidence: float = MIN_CONFIDENCE
+    max_flip_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM
+    max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM
+
+    def to_json(self) -> dict:
+        return {
+            "min_confidence": self.min_confidence,
+            "max_flip_disagreement_mm": self.max_flip_disagreement_mm,
+            "max_coarse_shift_mm": self.max_coarse_shift_mm or None,  # null: the flag is off
+        }
+
+    def describe(self) -> str:
+        """One line for people: ``low_confidence below 0.00015; unstable above 8 mm flip disagreement; ...``."""
+        parts = [
+            f"{STATUS_LOW_CONFIDENCE} below {self.min_confidence:g}",
+            f"{STATUS_UNSTABLE} above {self.max_flip_disagreement_mm:g} mm flip disagreement",
+        ]
+        if self.max_coarse_shift_mm:
+            parts.append(f"{STATUS_COARSE_FINE_DISAGREE} above {self.max_coarse_shift_mm:g} mm coarse shift")
+        return "; ".join(parts)
+
+
+DEFAULT_THRESHOLDS = QualityThresholds()
 
 
 @dataclass(frozen=True)
@@ -181,33 +218,26 @@ class ScanPrediction:
             return np.zeros(len(self.landmark_names), dtype=bool)
         return ~(self.coarse_shift_mm() <= max_coarse_shift_mm)
 
-    def statuses(
-        self,
-        min_confidence: float = MIN_CONFIDENCE,
-        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
-        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
-    ) -> list[str]:
+    def statuses(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> list[str]:
         """Per landmark ``ok``, or ``outside_image``, ``low_confidence``, ``unstable`` and/or
         ``coarse_fine_disagree`` joined by ``;`` (module docstring)."""
         flags = (
             (STATUS_OUTSIDE, self.outside()),
-            (STATUS_LOW_CONFIDENCE, self.low_confidence(min_confidence)),
-            (STATUS_UNSTABLE, self.unstable(max_disagreement_mm)),
-            (STATUS_COARSE_FINE_DISAGREE, self.coarse_fine_disagree(max_coarse_shift_mm)),
+            (STATUS_LOW_CONFIDENCE, self.low_confidence(thresholds.min_confidence)),
+            (STATUS_UNSTABLE, self.unstable(thresholds.max_flip_disagreement_mm)),
+            (STATUS_COARSE_FINE_DISAGREE, self.coarse_fine_disagree(thresholds.max_coarse_shift_mm)),
         )
         return [
             ";".join(status for status, flagged in flags if flagged[k]) or STATUS_OK
             for k in range(len(self.landmark_names))
         ]
 
-    def warning(
-        self,
-        min_confidence: float = MIN_CONFIDENCE,
-        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
-        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
-    ) -> str | None:
+    def warning(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
         """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error."""
         names = self.landmark_names
+        min_confidence = thresholds.min_confidence
+        max_disagreement_mm = thresholds.max_flip_disagreement_mm
+        max_coarse_shift_mm = thresholds.max_coarse_shift_mm
         outside = [name for name, out in zip(names, self.outside()) if out]
         low = [
             f"{name} ({float(value):.2g})"
@@ -237,15 +267,10 @@ class ScanPrediction:
             parts.append(f"fine estimate over {max_coarse_shift_mm:g} mm from the coarse one: {', '.join(shifted)}")
         return f"{self.path}: {'; '.join(parts)}" if parts else None
 
-    def point_descriptions(
-        self,
-        min_confidence: float = MIN_CONFIDENCE,
-        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
-        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
-    ) -> dict[str, str]:
+    def point_descriptions(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> dict[str, str]:
         """Per landmark one line with its QC values, for the description of a 3D Slicer point (.fcsv,
         .mrk.json): ``status ok; confidence 0.97; flip disagreement 1.2 mm; coarse shift 3.4 mm``."""
-        statuses = self.statuses(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+        statuses = self.statuses(thresholds)
         coarse_shift_mm = self.coarse_shift_mm()
         return {
             name: f"status {statuses[k]}; confidence {float(self.confidence[k]):.3g}; "
@@ -257,13 +282,8 @@ class ScanPrediction:
     def world_mm_by_name(self) -> dict[str, np.ndarray]:
         return {name: self.world_mm[k] for k, name in enumerate(self.landmark_names)}
 
-    def to_json(
-        self,
-        min_confidence: float = MIN_CONFIDENCE,
-        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
-        max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
-    ) -> dict:
-        statuses = self.statuses(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+    def to_json(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> dict:
+        statuses = self.statuses(thresholds)
         coarse_shift_mm = self.coarse_shift_mm()
         return {
             "file": self.path,
@@ -283,12 +303,21 @@ class ScanPrediction:
         }
 
 
+def status_flags(status: str) -> list[str]:
+    """The flags of a landmark status (``"low_confidence;unstable"`` -> both; ``"ok"`` -> none); a flag that is
+    not one of :data:`SEVERITY` is a ``ValueError``."""
+    flags = [flag for flag in status.split(";") if flag and flag != STATUS_OK]
+    unknown = [flag for flag in flags if flag not in SEVERITY]
+    if unknown:
+        raise ValueError(f"unknown status {status!r}; expected ok or flags among {', '.join(SEVERITY)} joined by ';'")
+    return flags
+
+
 def worst_status(statuses: Iterable[str]) -> str:
-    """The most severe flag among ``statuses`` (each ``ok`` or flags joined by ``;``), by
-    :data:`STATUS_SEVERITY`: ``outside_image`` before ``low_confidence`` before ``unstable`` before ``ok``
-    (``ok`` also for no statuses at all)."""
-    flags = [flag for status in statuses for flag in status.split(";")]
-    return max(flags, key=STATUS_SEVERITY.index, default=STATUS_OK)
+    """The most severe flag among ``statuses`` (each ``ok`` or flags joined by ``;``; ``failed`` for a scan),
+    by :data:`SEVERITY` (``ok`` also for no statuses at all)."""
+    flags = [flag for status in statuses for flag in status_flags(status)]
+    return max(flags, key=SEVERITY.__getitem__, default=STATUS_OK)
 
 
 def check_scan_size(path: str | Path, shape: Sequence[int], voxel_to_world: np.ndarray) -> None:
@@ -358,38 +387,29 @@ def predictions_json(
     predictions: Sequence[ScanPrediction],
     failed: Sequence[tuple[str, str]],
     model: str,
-    min_confidence: float = MIN_CONFIDENCE,
-    max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
-    max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
+    thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
 ) -> str:
     """The JSON document (see the module docstring); ``failed`` holds ``(file, one-line error)`` pairs."""
     document = {
         "format": PREDICTIONS_FORMAT,
         "model": model,
         "coordinates": "world_mm: RAS millimetres; voxel: 0-based continuous indices of the file's own array",
-        "min_confidence": min_confidence,
-        "max_flip_disagreement_mm": max_disagreement_mm,
-        "max_coarse_shift_mm": max_coarse_shift_mm or None,  # null: the flag is off
-        "scans": [
-            prediction.to_json(min_confidence, max_disagreement_mm, max_coarse_shift_mm) for prediction in predictions
-        ],
+        **thresholds.to_json(),
+        "scans": [prediction.to_json(thresholds) for prediction in predictions],
         "failed": [{"file": path, "error": error} for path, error in failed],
     }
     return json.dumps(document, indent=2) + "\n"
 
 
 def predictions_csv(
-    predictions: Sequence[ScanPrediction],
-    min_confidence: float = MIN_CONFIDENCE,
-    max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
-    max_coarse_shift_mm: float | None = MAX_COARSE_SHIFT_MM,
+    predictions: Sequence[ScanPrediction], thresholds: QualityThresholds = DEFAULT_THRESHOLDS
 ) -> str:
     """One row per scan and landmark (columns :data:`CSV_COLUMNS`; float64 values written exactly)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for prediction in predictions:
-        statuses = prediction.statuses(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+        statuses = prediction.statuses(thresholds)
         coarse_shift_mm = prediction.coarse_shift_mm()
         for k, name in enumerate(prediction.landmark_names):
             writer.writerow(

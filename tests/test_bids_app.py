@@ -29,7 +29,7 @@ from mdgru_keras.cli import main as cli
 from mdgru_keras.commands.bids import spread_values
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io import read_landmarks
-from mdgru_keras.prediction import worst_status
+from mdgru_keras.prediction import MIN_CONFIDENCE, worst_status
 from mdgru_keras.serving.testing import TOY_LANDMARKS, save_toy_localizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def _affine(angle_deg: float, spacing: tuple[float, float, float], origin: tuple
 
 
 BRIGHT = (9.0, 8.0, 7.0)
-DIM = (-5.0, -6.0, -7.0)  # sigmoid: 0.0067, 0.0025, 0.0009, below the default --min-confidence 0.01
+DIM = (-10.0, -11.0, -12.0)  # sigmoid: 4.5e-5, 1.7e-5, 6.1e-6, below the default --min-confidence 1.5e-4
 SCANS = {
     "sub-01 T1w": (Scan("sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_space-T1w_desc-mdgru_afids.fcsv",
                         np.array([[3, 4, 5], [10, 11, 12], [16, 2, 9]]), BRIGHT),
@@ -146,7 +146,8 @@ def test_participant_level_writes_a_bids_derivatives_dataset(participant_run, da
     assert result.exit_code == 1, result.output  # one participant failed; the others were written
     assert error_lines(result) == [f"error: {broken}: cannot read NIfTI header (File {broken} is not a gzip file)"]
     assert "warning: sub-04: no T1w image" in result.stderr.splitlines()
-    assert any(line.startswith(f"warning: {dataset / SCANS['sub-02 ses-1'][0].relpath}: confidence below 0.01")
+    dim = dataset / SCANS["sub-02 ses-1"][0].relpath
+    assert any(line.startswith(f"warning: {dim}: confidence below {MIN_CONFIDENCE:g}")
                for line in result.stderr.splitlines())  # fmt: skip
     assert result.stdout.strip().splitlines()[-1] == (
         f"Wrote 4 of 5 scans to {out} (1 scan with flagged landmarks (see warnings); 1 failed: {broken})"
@@ -196,7 +197,8 @@ def test_sidecar_names_the_source_model_settings_and_statuses(participant_run, d
         assert {k: sidecar["Model"][k] for k in ("Name", "Version", "Path")} == {
             "Name": "toy", "Version": 3, "Path": str((model / "3").resolve())}
         assert sidecar["Model"]["Fingerprint"].startswith("sha256:")
-        assert sidecar["Settings"] == {"Landmarks": "all", "MinConfidence": 0.01, "MaxFlipDisagreementMm": 8.0}
+        assert sidecar["Settings"] == {"Landmarks": "all", "MinConfidence": MIN_CONFIDENCE,
+                                       "MaxFlipDisagreementMm": 8.0, "MaxCoarseShiftMm": 15.0}
         status = "low_confidence" if scan.values == DIM else "ok"
         assert sidecar["Status"] == status
         assert list(sidecar["Landmarks"]) == list(TOY_LANDMARKS)
@@ -255,7 +257,8 @@ def test_group_level_collects_every_participant(participant_run, dataset: Path, 
         np.testing.assert_allclose(world_mm, scan.world_mm(dataset), atol=1e-9)
     summary = json.loads((out / "group_summary.json").read_text())
     assert summary["participant_status"] == {"sub-01": "ok", "sub-02": "low_confidence", "sub-03": "failed"}
-    assert summary["status_counts"] == {"ok": 9, "unstable": 0, "low_confidence": 3, "outside_image": 0}
+    assert summary["status_counts"] == {"ok": 9, "coarse_fine_disagree": 0, "unstable": 0,
+                                       "low_confidence": 3, "outside_image": 0}
     assert summary["failed_participants"] == ["sub-03"]
     assert summary["failed_scans"] == [{"participant_id": "sub-03", "session_id": None,
                                         "image": "sub-03/anat/sub-03_T1w.nii.gz",
@@ -342,8 +345,8 @@ def test_reruns_finish_only_what_is_missing(participant_run, dataset: Path, mode
     result = run(study, out, "participant", "--model", model, "--participant-label", "01", "--min-confidence", "0.5")
     assert result.exit_code == 1
     assert error_lines(result) == [
-        f"error: {fcsv.with_suffix('.json')}: made with other settings (--min-confidence 0.01, now 0.5); give "
-        "--overwrite to replace it"]
+        f"error: {fcsv.with_suffix('.json')}: made with other settings (--min-confidence {MIN_CONFIDENCE:g}, now "
+        "0.5); give --overwrite to replace it"]
     assert mtimes(out) == before
     result = run(study, out, "participant", "--model", model, "--min-confidence", "0.5", "--overwrite")
     assert result.exit_code == 0, result.output
@@ -393,7 +396,7 @@ def test_help_is_quick_and_has_an_example() -> None:
     assert loaded.stdout.strip() == "[]"
     help_text = " ".join(CliRunner().invoke(cli, ["bids", "--help"]).output.split())
     assert "mdgru-localize bids /data/study /data/study/derivatives/mdgru participant" in help_text
-    assert "--landmarks A,B,...|all" in help_text and "[default: 0.01;" in help_text
+    assert "--landmarks A,B,...|all" in help_text and f"[default: {MIN_CONFIDENCE:g};" in help_text
 
 
 def test_output_names_keep_every_entity_and_refuse_a_shared_name(tmp_path: Path) -> None:

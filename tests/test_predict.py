@@ -34,6 +34,7 @@ from mdgru_keras.prediction import (
     MAX_FLIP_DISAGREEMENT_MM,
     MIN_CONFIDENCE,
     MIN_SCAN_VOXELS,
+    QualityThresholds,
     ScanPrediction,
     predictions_csv,
     predictions_json,
@@ -368,17 +369,17 @@ def test_status_of_a_prediction() -> None:
     )
     assert prediction.outside().tolist() == [False, True, True, True, False]
     # D's NaN position is also no distance from its coarse estimate: coarse_fine_disagree
-    assert prediction.statuses(0.01) == ["ok", "outside_image", "outside_image;low_confidence",
+    assert prediction.statuses(QualityThresholds(0.01)) == ["ok", "outside_image", "outside_image;low_confidence",
                                          "outside_image;coarse_fine_disagree", "low_confidence"]  # fmt: skip
-    assert prediction.statuses(0.0, max_coarse_shift_mm=0.0) == [
+    assert prediction.statuses(QualityThresholds(0.0, max_coarse_shift_mm=0.0)) == [
         "ok", "outside_image", "outside_image", "outside_image", "low_confidence"
     ]  # fmt: skip
-    assert prediction.warning(0.01, max_coarse_shift_mm=0.0) == (
+    assert prediction.warning(QualityThresholds(0.01, max_coarse_shift_mm=0.0)) == (
         "scan.nii.gz: outside the image: B, C, D; confidence below 0.01: C (0.001), E (nan)"
     )
     subset = prediction.select(["A", "E"])
-    assert subset.shape == shape and subset.statuses(0.01) == ["ok", "low_confidence"]
-    assert prediction.select(["A"]).warning(0.01) is None
+    assert subset.shape == shape and subset.statuses(QualityThresholds(0.01)) == ["ok", "low_confidence"]
+    assert prediction.select(["A"]).warning(QualityThresholds(0.01)) is None
     unknown_shape = dataclasses.replace(prediction, shape=None)
     assert not unknown_shape.outside().any()
 
@@ -390,12 +391,12 @@ def test_unstable_landmarks_are_flagged_by_their_flip_disagreement() -> None:
         coarse_voxel=voxel, confidence=np.full(3, 0.5, np.float32), shape=(10, 10, 10),
         flip_disagreement_mm=np.array([1.0, 9.0, np.nan]),
     )  # fmt: skip
-    assert prediction.statuses(0.01, 8.0) == ["ok", "unstable", "unstable"]
-    assert prediction.statuses(0.01, 10.0) == ["ok", "ok", "unstable"]
-    assert prediction.warning(0.01, 8.0) == (
+    assert prediction.statuses(QualityThresholds(0.01, 8.0)) == ["ok", "unstable", "unstable"]
+    assert prediction.statuses(QualityThresholds(0.01, 10.0)) == ["ok", "ok", "unstable"]
+    assert prediction.warning(QualityThresholds(0.01, 8.0)) == (
         "scan.nii.gz: mirror-image estimates over 8 mm apart: B (9.0 mm), C (nan mm)"
     )
-    row = prediction.to_json(0.01, 8.0)["landmarks"]["B"]
+    row = prediction.to_json(QualityThresholds(0.01, 8.0))["landmarks"]["B"]
     assert row["flip_disagreement_mm"] == 9.0 and row["status"] == "unstable"
     # exports without flip averaging answer without the output: zeros, never unstable
     outputs = {"landmark_names": np.array(["A"]), "world_mm": voxel[:1], "voxel": voxel[:1],
@@ -412,18 +413,21 @@ def test_landmarks_far_from_their_coarse_estimate_are_flagged() -> None:
         shape=(10, 10, 10), flip_disagreement_mm=np.array([0.0, 9.0, 0.0]),
     )  # fmt: skip
     assert prediction.coarse_shift_mm()[:2].tolist() == [5.0, 12.0]
-    assert prediction.statuses(0.01, 8.0, 10.0) == ["ok", "unstable;coarse_fine_disagree", "coarse_fine_disagree"]
-    assert prediction.statuses(0.01, 10.0, 12.0) == ["ok", "ok", "coarse_fine_disagree"]  # NaN: flagged
+    assert prediction.statuses(QualityThresholds(0.01, 8.0, 10.0)) == [
+        "ok", "unstable;coarse_fine_disagree", "coarse_fine_disagree"
+    ]  # fmt: skip
+    # NaN: flagged
+    assert prediction.statuses(QualityThresholds(0.01, 10.0, 12.0)) == ["ok", "ok", "coarse_fine_disagree"]
     for off in (0.0, None):
-        assert prediction.statuses(0.01, 10.0, off) == ["ok", "ok", "ok"]
-    assert prediction.warning(0.01, 10.0, 4.0) == (
+        assert prediction.statuses(QualityThresholds(0.01, 10.0, off)) == ["ok", "ok", "ok"]
+    assert prediction.warning(QualityThresholds(0.01, 10.0, 4.0)) == (
         "scan.nii.gz: fine estimate over 4 mm from the coarse one: A (5.0 mm), B (12.0 mm), C (nan mm)"
     )
-    row = prediction.to_json(0.01, 10.0, 10.0)["landmarks"]["B"]
+    row = prediction.to_json(QualityThresholds(0.01, 10.0, 10.0))["landmarks"]["B"]
     assert row["coarse_shift_mm"] == 12.0 and row["status"] == "coarse_fine_disagree"
-    rows = list(csv.DictReader(io.StringIO(predictions_csv([prediction], 0.01, 10.0, 10.0))))
+    rows = list(csv.DictReader(io.StringIO(predictions_csv([prediction], QualityThresholds(0.01, 10.0, 10.0)))))
     assert [(r["coarse_shift_mm"], r["status"]) for r in rows[:2]] == [("5.0", "ok"), ("12.0", "coarse_fine_disagree")]
-    document = json.loads(predictions_json([prediction], [], "model", 0.01, 10.0, 0.0))
+    document = json.loads(predictions_json([prediction], [], "model", QualityThresholds(0.01, 10.0, 0.0)))
     assert document["max_coarse_shift_mm"] is None  # switched off
     assert {v["status"] for v in document["scans"][0]["landmarks"].values()} == {"ok"}
 

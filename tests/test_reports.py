@@ -27,7 +27,7 @@ from PIL import Image
 
 from mdgru_keras.cli import main as cli
 from mdgru_keras.io.nifti import read_volume
-from mdgru_keras.prediction import ScanPrediction
+from mdgru_keras.prediction import DEFAULT_THRESHOLDS, QualityThresholds, ScanPrediction
 from mdgru_keras.reports import ReportEntry, group_report, participant_report, report_page_paths, worst_status
 from mdgru_keras.reports.panels import MARKER_RGB, NO_DATA_RGB, marker_extent_px
 
@@ -264,7 +264,7 @@ def head_prediction(head: Path) -> ScanPrediction:
     voxel[3] = [-6.0, 20.0, 20.0]  # beyond the scan
     world = voxel @ affine[:3, :3].T + affine[:3, 3]
     confidence = np.full(len(NAMES), 0.8)
-    confidence[[5, 9]] = 0.004
+    confidence[[5, 9]] = 1e-5  # below the default --min-confidence
     disagreement = np.full(len(NAMES), 2.0)
     disagreement[[7, 9]] = 12.0
     return make_prediction(head, NAMES, world, SCAN_SHAPE, confidence, disagreement)
@@ -324,7 +324,8 @@ def test_the_page_is_self_contained_and_escapes_text(head_page: Path) -> None:
     assert "L00&lt;b&gt;&amp;amp;" in text
     assert "sub-01 &lt;T1w&gt; &amp; co.nii.gz" in text
     assert "afids&lt;32&gt;" in text and "2025-01-02T03:04:05+00:00" in text
-    assert "low_confidence below 0.01; unstable above 8 mm flip disagreement" in text
+    assert DEFAULT_THRESHOLDS.describe() in text
+    assert "low_confidence below 0.00015; unstable above 8 mm flip disagreement; coarse_fine_disagree above 15" in text
 
 
 def test_every_panel_is_a_png_of_the_panel_size(head_page: Path) -> None:
@@ -396,15 +397,15 @@ def test_the_group_page_lists_participants_worst_first(tmp_path: Path) -> None:
         if href is not None:
             (tmp_path / href).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / href).write_text("page")
-    out = group_report(tmp_path / "index.html", entries, min_confidence=0.01, max_disagreement_mm=8.0)
+    out = group_report(tmp_path / "index.html", entries, thresholds=QualityThresholds(0.01, 8.0))
     text, page = read_page(out)
     assert not re.search(r"https?://", text) and "<failed>" not in text and "&lt;header&gt;" in text
     body = page.rows["group"][1:]
     assert [cells[1] for _, cells, _ in body] == [
-        "sub-<failed>", "sub-outside", "sub-unstable-many", "sub-unstable-few", "sub-low", "sub-ok",
+        "sub-<failed>", "sub-outside", "sub-low", "sub-unstable-many", "sub-unstable-few", "sub-ok",
     ]  # fmt: skip
     assert [cells[2] for _, cells, _ in body] == [
-        "failed", "outside_image", "unstable", "unstable", "low_confidence", "ok",
+        "failed", "outside_image", "low_confidence", "unstable", "unstable", "ok",
     ]  # fmt: skip
     assert body[0][2] == []  # no page, no link
     for *_, links in body[1:]:

@@ -43,7 +43,7 @@ from mdgru_keras.errors import InputError
 from mdgru_keras.io.atomic import write_text_atomic
 
 if TYPE_CHECKING:
-    from mdgru_keras.prediction import ScanPrediction
+    from mdgru_keras.prediction import QualityThresholds, ScanPrediction
 
 PIPELINE = "mdgru-keras"  # GeneratedBy Name, also the derivatives' name for pybids
 BIDS_VERSION = "1.10.0"  # of the derivatives written here
@@ -67,7 +67,6 @@ GROUP_COLUMNS = (
     "flip_disagreement_mm",
     "status",
 )
-STATUS_FAILED = "failed"  # a participant's status in the group summary when one of its scans has no outputs
 NOT_AVAILABLE = "n/a"  # BIDS' value for an empty TSV cell
 BIDSIGNORE = f"{LOGS}/\n/{GROUP_TABLE}\n/{GROUP_SUMMARY}\n"
 
@@ -218,19 +217,20 @@ def plan_outputs(
 class Settings:
     """What a scan's outputs depend on besides the scan: the model and the options that change them.
 
-    ``model``: :func:`describe_model`; ``landmarks``: the ``--landmarks`` names, or None for all.
+    ``model``: :func:`describe_model`; ``landmarks``: the ``--landmarks`` names, or None for all;
+    ``thresholds``: the QC flags' (``--min-confidence``, ``--max-disagreement``, ``--max-coarse-shift``).
     """
 
     model: dict
     landmarks: tuple[str, ...] | None
-    min_confidence: float
-    max_disagreement_mm: float
+    thresholds: QualityThresholds
 
     def to_json(self) -> dict:
         return {
             "Landmarks": "all" if self.landmarks is None else list(self.landmarks),
-            "MinConfidence": self.min_confidence,
-            "MaxFlipDisagreementMm": self.max_disagreement_mm,
+            "MinConfidence": self.thresholds.min_confidence,
+            "MaxFlipDisagreementMm": self.thresholds.max_flip_disagreement_mm,
+            "MaxCoarseShiftMm": self.thresholds.max_coarse_shift_mm or None,  # null: the flag is off
         }
 
     def differences(self, sidecar: dict) -> list[str]:
@@ -246,7 +246,8 @@ class Settings:
             )
         old, new = sidecar.get("Settings") or {}, self.to_json()
         for key, option in (("Landmarks", "--landmarks"), ("MinConfidence", "--min-confidence"),
-                            ("MaxFlipDisagreementMm", "--max-disagreement")):  # fmt: skip
+                            ("MaxFlipDisagreementMm", "--max-disagreement"),
+                            ("MaxCoarseShiftMm", "--max-coarse-shift")):  # fmt: skip
             if old.get(key) != new[key]:
                 found.append(f"{option} {_option_text(old.get(key))}, now {_option_text(new[key])}")
         return found
@@ -282,7 +283,7 @@ def describe_model(model_dir: str | Path) -> dict:
 def sidecar_document(scan: BidsScan, prediction: ScanPrediction, settings: Settings) -> dict:
     from mdgru_keras.prediction import worst_status
 
-    landmarks = prediction.to_json(settings.min_confidence, settings.max_disagreement_mm)["landmarks"]
+    landmarks = prediction.to_json(settings.thresholds)["landmarks"]
     source = f"bids:{RAW}:{scan.relpath}"
     return {
         "Format": SIDECAR_FORMAT,
@@ -317,7 +318,7 @@ def write_scan_outputs(outputs: ScanOutputs, prediction: ScanPrediction, setting
     outputs.sidecar.unlink(missing_ok=True)
     document = sidecar_document(outputs.scan, prediction, settings)
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"  # a ValueError for NaN, before any write
-    descriptions = prediction.point_descriptions(settings.min_confidence, settings.max_disagreement_mm)
+    descriptions = prediction.point_descriptions(settings.thresholds)
     write_landmarks(outputs.landmarks, prediction.world_mm_by_name(), fmt="fcsv", descriptions=descriptions)
     write_text_atomic(outputs.sidecar, text)
     outputs.error_log.unlink(missing_ok=True)
@@ -425,7 +426,7 @@ def group_table(rows: Sequence[Sequence[str]]) -> str:
 def group_summary(result: GroupResult) -> dict:
     """Counts per status (a landmark with two flags counts under both), each participant's worst status
     (``failed`` when one of its scans has no complete outputs), the failed participants and scans."""
-    from mdgru_keras.prediction import STATUS_SEVERITY, worst_status
+    from mdgru_keras.prediction import STATUS_FAILED, STATUS_SEVERITY, worst_status
 
     flags = [flag for statuses in result.statuses.values() for status in statuses for flag in status.split(";")]
     failed = set(result.failed_participants)

@@ -20,7 +20,8 @@ MULTI_VALUE_OPTIONS = ("--participant-label", "--participant_label", "--session"
 # What may follow such an option as one more value: a label (sub-/ses- optional), or a suffix.
 _MORE_VALUE = re.compile(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)?")
 # Options of the participant level only (the group level reads what it wrote).
-PARTICIPANT_ONLY = ("model_dir", "landmarks", "min_confidence", "max_disagreement_mm", "overwrite")
+QUALITY_OPTIONS = ("min_confidence", "max_disagreement_mm", "max_coarse_shift_mm")  # predict's own options
+PARTICIPANT_ONLY = ("model_dir", "landmarks", *QUALITY_OPTIONS, "overwrite")
 
 
 def spread_values(args: list[str]) -> list[str]:
@@ -140,6 +141,7 @@ def bids(
     landmarks: tuple[str, ...] | None,
     min_confidence: float,
     max_disagreement_mm: float,
+    max_coarse_shift_mm: float,
 ) -> None:
     """Localize the landmarks of a whole BIDS dataset, as a BIDS App.
 
@@ -150,9 +152,10 @@ def bids(
     participants gets, in OUTPUT_DIR/sub-*/[ses-*/]anat/, a 3D Slicer point list NAME_space-T1w_desc-mdgru_afids.fcsv
     (RAS millimetres of that scan; NAME keeps the scan's entities: sub, ses, acq, run, ...) and a JSON sidecar
     with the model, its version, the settings and per landmark its confidence and status (ok, outside_image,
-    low_confidence, unstable; as in `mdgru-localize predict`). A scan that fails is reported on one line
-    (error: IMAGE: problem) and the others go on. Scans with complete outputs are skipped unless --overwrite:
-    every file is written atomically, so a rerun after a killed or failed run finishes only what is missing.
+    low_confidence, unstable, coarse_fine_disagree; as in `mdgru-localize predict`). A scan that fails is
+    reported on one line (error: IMAGE: problem) and the others go on. Scans with complete outputs are
+    skipped unless --overwrite: every file is written atomically, so a rerun after a killed or failed run
+    finishes only what is missing.
     A scan whose outputs were made with another model or other settings is an error until --overwrite.
 
     group: OUTPUT_DIR/group_afids.tsv, one row per scan and landmark (participant_id, session_id, image,
@@ -183,11 +186,11 @@ def bids(
         _group(bids_dir, output_dir, participants, sessions, suffixes)
     else:
         _participant(bids_dir, output_dir, participants, sessions, suffixes, model_dir, overwrite, requested,
-                     min_confidence, max_disagreement_mm)  # fmt: skip
+                     (min_confidence, max_disagreement_mm, max_coarse_shift_mm))  # fmt: skip
 
 
 # predict's definitions of these three, so that both commands take them alike
-bids.params.extend(_predict_option(name) for name in ("landmarks", "min_confidence", "max_disagreement_mm"))
+bids.params.extend(_predict_option(name) for name in ("landmarks", *QUALITY_OPTIONS))
 
 
 def _participant(
@@ -199,8 +202,7 @@ def _participant(
     model_dir: Path | None,
     overwrite: bool,
     requested: tuple[str, ...] | None,
-    min_confidence: float,
-    max_disagreement_mm: float,
+    quality_options: tuple[float, float, float],
 ) -> None:
     from contextlib import ExitStack
 
@@ -209,7 +211,7 @@ def _participant(
     from mdgru_keras.bids import derivatives
     from mdgru_keras.bids.layout import find_scans
     from mdgru_keras.errors import InputError
-    from mdgru_keras.prediction import predict_scan
+    from mdgru_keras.prediction import QualityThresholds, predict_scan
     from mdgru_keras.serving import ServingError
 
     selection = find_scans(bids_dir, participants, sessions, suffixes)
@@ -217,7 +219,7 @@ def _participant(
         model_dir = shipped_model_dir()
     _check_landmarks(model_dir, requested)
     settings = derivatives.Settings(
-        derivatives.describe_model(model_dir), requested, min_confidence, max_disagreement_mm
+        derivatives.describe_model(model_dir), requested, QualityThresholds(*quality_options)
     )
     derivatives.prepare_output_dir(output_dir, bids_dir)
     planned, conflicts = derivatives.plan_outputs(output_dir, selection.scans)
@@ -265,7 +267,7 @@ def _participant(
                 fail(scan.path, problem)
             else:
                 written += 1
-                if warning := prediction.warning(min_confidence, max_disagreement_mm):
+                if warning := prediction.warning(settings.thresholds):
                     progress.write(f"warning: {warning}", file=sys.stderr)
                     flagged += 1
             progress.update(1)

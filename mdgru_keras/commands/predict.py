@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mdgru_keras.commands._options import ALL_LANDMARKS, LANDMARK_LIST, select_landmarks, shipped_model_dir
+
+if TYPE_CHECKING:  # not imported at run time: --help stays quick
+    from mdgru_keras.prediction import QualityThresholds
 
 FORMATS = ("json", "csv", "fcsv", "mrk.json")
 MARKUPS_FORMATS = ("fcsv", "mrk.json")  # 3D Slicer point lists: one file per scan
@@ -170,13 +174,15 @@ def predict(
     if out is not None:
         one_file = fmt not in MARKUPS_FORMATS or (len(images) == 1 and out.name.lower().endswith(f".{fmt}"))
         check_writable(out, directory=not one_file)
-    if figure_dir is not None:
-        check_writable(figure_dir, directory=True)
+    for directory in (figure_dir, report_dir):
+        if directory is not None:
+            check_writable(directory, directory=True)
 
     from tqdm import tqdm
 
     from mdgru_keras.errors import InputError
     from mdgru_keras.prediction import (
+        QualityThresholds,
         per_scan_paths,
         predict_scan,
         predictions_csv,
@@ -185,6 +191,7 @@ def predict(
     )
     from mdgru_keras.serving import ServingError
 
+    thresholds = QualityThresholds(min_confidence, max_disagreement_mm, max_coarse_shift_mm)
     client = _open_client(model_dir, server, model_name, timeout_s, requested)
 
     predictions, done, failed = [], [], []  # done: the index in IMAGES of each prediction
@@ -196,7 +203,7 @@ def predict(
 
         report = ScanReports(
             report_dir, images, model_info=model_info_for_report(client, model_name if server is not None else None),
-            min_confidence=min_confidence, max_disagreement_mm=max_disagreement_mm,
+            thresholds=thresholds,
         )  # fmt: skip
     with client, tqdm(total=len(images), unit="scan", file=sys.stderr, disable=None, desc="predict") as progress:
         for index, image in enumerate(images):
@@ -215,7 +222,7 @@ def predict(
                     prediction = prediction.select(select_landmarks(requested, prediction.landmark_names))
                 predictions.append(prediction)
                 done.append(index)
-                if warning := prediction.warning(min_confidence, max_disagreement_mm, max_coarse_shift_mm):
+                if warning := prediction.warning(thresholds):
                     progress.write(f"warning: {warning}", file=sys.stderr)
                     flagged += 1
                 if figure_paths is not None:
@@ -235,14 +242,12 @@ def predict(
             progress.update(1)
 
     if fmt in MARKUPS_FORMATS:
-        written = _write_markups(predictions, done, images, out, fmt, (min_confidence, max_disagreement_mm,
-                                                                       max_coarse_shift_mm))
+        written = _write_markups(predictions, done, images, out, fmt, thresholds)
     else:
         if fmt == "json":
-            text = predictions_json(predictions, failed, str(client.server), min_confidence, max_disagreement_mm,
-                                    max_coarse_shift_mm)
+            text = predictions_json(predictions, failed, str(client.server), thresholds)
         else:
-            text = predictions_csv(predictions, min_confidence, max_disagreement_mm, max_coarse_shift_mm)
+            text = predictions_csv(predictions, thresholds)
         written = _write_text(text, out, fmt)
     count = sum(len(p.landmark_names) for p in predictions)
     summary = f"{len(predictions)} of {len(images)} scans, {count} landmarks"
@@ -289,11 +294,11 @@ def _open_client(
 
 
 def _write_markups(
-    predictions, done: list[int], images: tuple[Path, ...], out: Path, fmt: str, thresholds: tuple[float, ...]
+    predictions, done: list[int], images: tuple[Path, ...], out: Path, fmt: str, thresholds: QualityThresholds
 ) -> str:
     """One Slicer point list (``fmt``: fcsv or mrk.json) per scan: ``out`` itself for a single scan named
     ``*.fcsv`` / ``*.mrk.json``, else ``out/SCAN.fcsv``; each point's description holds its QC values
-    (``thresholds``: those of :meth:`mdgru_keras.prediction.ScanPrediction.statuses`)."""
+    and status under ``thresholds``."""
     from mdgru_keras.io import write_landmarks
     from mdgru_keras.prediction import per_scan_paths
 
@@ -303,7 +308,7 @@ def _write_markups(
         out.mkdir(parents=True, exist_ok=True)
         targets = per_scan_paths(images, out, f".{fmt}")
     for prediction, index in zip(predictions, done):
-        descriptions = prediction.point_descriptions(*thresholds)
+        descriptions = prediction.point_descriptions(thresholds)
         write_landmarks(targets[index], prediction.world_mm_by_name(), fmt=fmt, descriptions=descriptions)
     return f"{len(predictions)} .{fmt} file{'s' if len(predictions) != 1 else ''} to {out}"
 

@@ -21,13 +21,15 @@ STATUS_TEXT: Mapping[str, str] = {
     "ok": "no flag",
     "low_confidence": "confidence below the threshold",
     "unstable": "estimates in the scan and its mirror image disagree by more than the threshold",
+    "coarse_fine_disagree": "the fine estimate lies farther from the coarse one than the threshold",
     "outside_image": "the point lies outside the image",
     "failed": "a scan could not be localized",
 }
 MAX_VALUE_CHARS = 300
 
 STYLE = """
-:root { --ok: #1b7f3b; --low_confidence: #9a6a00; --unstable: #c25100; --outside_image: #c62828; --failed: #6a1b9a; }
+:root { --ok: #1b7f3b; --coarse_fine_disagree: #8a7400; --low_confidence: #9a6a00; --unstable: #c25100;
+  --outside_image: #c62828; --failed: #6a1b9a; }
 * { box-sizing: border-box; }
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1400px;
   padding: 0 16px 32px; color: #1d1d1f; background: #fafafa; }
@@ -41,17 +43,20 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; white-spac
 th { background: #eee; } td.name, th.name, td.text { text-align: left; white-space: normal; }
 td.file { overflow-wrap: normal; }
 tr.flagged.low_confidence td { background: #fff6dc; } tr.flagged.unstable td { background: #ffe9d6; }
+tr.flagged.coarse_fine_disagree td { background: #fbf8d8; }
 tr.flagged.outside_image td, tr.flagged.failed td { background: #ffdede; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 8px; color: #fff; font-size: 12px;
   font-weight: 600; white-space: nowrap; }
 .badge.ok { background: var(--ok); } .badge.low_confidence { background: var(--low_confidence); }
 .badge.unstable { background: var(--unstable); } .badge.outside_image { background: var(--outside_image); }
 .badge.failed { background: var(--failed); }
+.badge.coarse_fine_disagree { background: var(--coarse_fine_disagree); }
 .landmarks { display: flex; flex-wrap: wrap; gap: 12px; }
 .landmark { background: #fff; border: 1px solid #ddd; border-left: 6px solid var(--ok); padding: 8px;
   width: min-content; }
 .landmark.low_confidence { border-left-color: var(--low_confidence); }
 .landmark.unstable { border-left-color: var(--unstable); }
+.landmark.coarse_fine_disagree { border-left-color: var(--coarse_fine_disagree); }
 .landmark.outside_image { border-left-color: var(--outside_image); }
 .landmark:target { outline: 3px solid #1565c0; }
 .values { margin: 0 0 6px; color: #333; font-size: 13px; }
@@ -116,15 +121,6 @@ def facts(items: Iterable[tuple[str, object]]) -> str:
     """A definition list of ``(name, value)`` facts, both escaped."""
     rows = "".join(f"<dt>{esc(name)}</dt><dd>{esc(value_text(value))}</dd>" for name, value in items)
     return f'<dl class="meta">{rows}</dl>'
-
-
-def thresholds_text(min_confidence: float | None, max_disagreement_mm: float | None) -> str | None:
-    parts = []
-    if min_confidence is not None:
-        parts.append(f"low_confidence below {min_confidence:g}")
-    if max_disagreement_mm is not None:
-        parts.append(f"unstable above {max_disagreement_mm:g} mm flip disagreement")
-    return "; ".join(parts) or None
 
 
 def model_facts(model_info: Mapping[str, object] | None) -> list[tuple[str, object]]:

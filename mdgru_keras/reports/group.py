@@ -16,6 +16,7 @@ from mdgru_keras.reports._html import esc
 from mdgru_keras.reports.status import FLAGS, ReportEntry
 
 if TYPE_CHECKING:
+    from mdgru_keras.prediction import QualityThresholds
     from mdgru_keras.serving import LocalizationClient
 
 GROUP_PAGE = "index.html"
@@ -27,17 +28,16 @@ def group_report(
     *,
     title: str = "Landmark QC",
     model_info: Mapping[str, object] | None = None,
-    min_confidence: float | None = None,
-    max_disagreement_mm: float | None = None,
+    thresholds: QualityThresholds | None = None,
     generated: datetime.datetime | None = None,
 ) -> Path:
     """Write the group page (HTML, atomically): one row per participant, sorted worst first
-    (:meth:`ReportEntry.sort_key`: ``failed`` > ``outside_image`` > ``unstable`` > ``low_confidence`` > ``ok``, then
-    more flagged landmarks first, then by id), each linking to its page. Returns ``out_html``.
+    (:meth:`ReportEntry.sort_key`: by :data:`mdgru_keras.prediction.SEVERITY`, ``failed`` first, then more flagged
+    landmarks first, then by id), each linking to its page. Returns ``out_html``.
 
     ``entries``: :class:`ReportEntry` objects (e.g. :meth:`ReportEntry.from_predictions`) or dicts with their
-    fields. ``model_info``, the thresholds and ``generated`` (default: now) are shown in the header (thresholds:
-    only those given). Links are written relative (percent-encoded); the pages themselves are not checked.
+    fields. ``model_info``, the ``thresholds`` (when given) and ``generated`` (default: now) are shown in the
+    header. Links are written relative (percent-encoded); the pages themselves are not checked.
     """
     entries = sorted(
         (entry if isinstance(entry, ReportEntry) else ReportEntry.from_dict(entry) for entry in entries),
@@ -49,7 +49,7 @@ def group_report(
     header_facts = [
         ("participants", f"{len(entries)}: " + (", ".join(f"{n} {status}" for status, n in counts.items()) or "none")),
         *_html.model_facts(model_info),
-        ("thresholds", _html.thresholds_text(min_confidence, max_disagreement_mm)),
+        ("thresholds", thresholds.describe() if thresholds is not None else None),
         ("generated", _html.timestamp(generated)),
     ]
     header_facts = [(name, value) for name, value in header_facts if value is not None]

@@ -31,6 +31,7 @@ NO_DATA_RGB = (24, 32, 56)
 # Marker colours by the landmark's worst status (as the reports' badges).
 MARKER_RGB: Mapping[str, tuple[int, int, int]] = {
     "ok": (0, 230, 90),
+    "coarse_fine_disagree": (230, 220, 0),
     "low_confidence": (255, 200, 0),
     "unstable": (255, 120, 0),
     "outside_image": (255, 40, 40),

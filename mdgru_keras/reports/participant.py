@@ -15,7 +15,7 @@ from mdgru_keras.figures import AXIS_NAMES, VIEWS, percentile_window
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import write_text_atomic
 from mdgru_keras.io.nifti import read_volume
-from mdgru_keras.prediction import MAX_FLIP_DISAGREEMENT_MM, MIN_CONFIDENCE, STATUS_OK, ScanPrediction
+from mdgru_keras.prediction import DEFAULT_THRESHOLDS, STATUS_OK, QualityThresholds, ScanPrediction
 from mdgru_keras.reports import _html
 from mdgru_keras.reports._html import esc
 from mdgru_keras.reports.panels import MM_PER_PIXEL, PANEL_PX, encode_png, panel_indices
@@ -31,8 +31,7 @@ def participant_report(
     *,
     title: str | None = None,
     model_info: Mapping[str, object] | None = None,
-    min_confidence: float = MIN_CONFIDENCE,
-    max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+    thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
     failed: Sequence[tuple[str | Path, str]] = (),
     panel_px: int = PANEL_PX,
     mm_per_pixel: float = MM_PER_PIXEL,
@@ -49,8 +48,8 @@ def participant_report(
         model_info: facts about the model shown in the header, e.g. ``{"name": ..., "version": ...,
             "created_at": ...}`` (:func:`mdgru_keras.reports.model_info_for_report`); values that are not strings
             or numbers are shown as compact JSON.
-        min_confidence, max_disagreement_mm: the thresholds of the ``low_confidence`` and ``unstable`` flags
-            (:meth:`~mdgru_keras.prediction.ScanPrediction.statuses`); shown in the header.
+        thresholds: when a landmark is flagged (:class:`~mdgru_keras.prediction.QualityThresholds`); shown in
+            the header.
         failed: ``(file, one-line error)`` for this participant's scans that could not be localized; listed.
         panel_px, mm_per_pixel: each slice panel is ``panel_px`` pixels of ``mm_per_pixel`` mm square, centred
             on its landmark (shown at twice the size).
@@ -68,12 +67,12 @@ def participant_report(
     page_title = title if title is not None else Path(scans[0][0] if scans else failed[0][0]).name
     sections = [
         _scan_section(
-            number, Path(image), prediction, min_confidence, max_disagreement_mm, panel_px, mm_per_pixel
+            number, Path(image), prediction, thresholds, panel_px, mm_per_pixel
         )
         for number, (image, prediction) in enumerate(scans, start=1)
     ]
     statuses = [
-        status for _, prediction in scans for status in prediction.statuses(min_confidence, max_disagreement_mm)
+        status for _, prediction in scans for status in prediction.statuses(thresholds)
     ]
     overall = STATUS_FAILED if failed else worst_status(statuses)
     flagged = sum(status != STATUS_OK for status in statuses)
@@ -81,7 +80,7 @@ def participant_report(
         ("scans", ", ".join(Path(image).name for image, _ in scans) or "none localized"),
         ("landmarks flagged", f"{flagged} of {len(statuses)}"),
         *_html.model_facts(model_info),
-        ("thresholds", _html.thresholds_text(min_confidence, max_disagreement_mm)),
+        ("thresholds", thresholds.describe()),
         ("generated", _html.timestamp(generated)),
     ]
     failures = "".join(
@@ -120,15 +119,14 @@ def _scan_section(
     number: int,
     image: Path,
     prediction: ScanPrediction,
-    min_confidence: float,
-    max_disagreement_mm: float,
+    thresholds: QualityThresholds,
     panel_px: int,
     mm_per_pixel: float,
 ) -> str:
     volume = read_volume(image, spacing_mm=None)  # the file's voxels, reoriented exactly to RAS-canonical
     spacing = volume.spacing_mm
     window = percentile_window(volume.data)
-    statuses = prediction.statuses(min_confidence, max_disagreement_mm)
+    statuses = prediction.statuses(thresholds)
     points = affine_maps.world_to_voxel(prediction.world_mm, volume.voxel_to_world)
     orientation = "".join(nib.aff2axcodes(volume.file_voxel_to_world))
     flagged = sum(status != STATUS_OK for status in statuses)

@@ -7,10 +7,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mdgru_keras.prediction import MAX_FLIP_DISAGREEMENT_MM, MIN_CONFIDENCE, ScanPrediction, scan_stem
+from mdgru_keras.prediction import DEFAULT_THRESHOLDS, STATUS_FAILED, QualityThresholds, ScanPrediction, scan_stem
 from mdgru_keras.reports.group import GROUP_PAGE, group_report, report_page_paths
 from mdgru_keras.reports.participant import participant_report
-from mdgru_keras.reports.status import STATUS_FAILED, ReportEntry
+from mdgru_keras.reports.status import ReportEntry
 
 
 class ScanReports:
@@ -24,23 +24,25 @@ class ScanReports:
         images: Sequence[str | Path],
         *,
         model_info: Mapping[str, object] | None = None,
-        min_confidence: float = MIN_CONFIDENCE,
-        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+        thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
     ) -> None:
         self.directory = Path(directory)
         self.images = list(images)
         self.pages = report_page_paths(self.images, self.directory)
         self.model_info = dict(model_info or {})
-        self.thresholds = {"min_confidence": min_confidence, "max_disagreement_mm": max_disagreement_mm}
+        self.thresholds = thresholds
         self.entries: dict[int, ReportEntry] = {}  # index in images -> its line on the group page
 
     def add(self, index: int, prediction: ScanPrediction) -> Path:
         """Write the page of ``images[index]`` with its prediction; returns the page's path."""
         image, page = self.images[index], self.pages[index]
         participant_report(
-            page, [(image, prediction)], title=scan_stem(image), model_info=self.model_info, **self.thresholds
+            page, [(image, prediction)], title=scan_stem(image), model_info=self.model_info,
+            thresholds=self.thresholds,
+        )  # fmt: skip
+        self.entries[index] = ReportEntry.from_predictions(
+            scan_stem(image), page.name, [prediction], thresholds=self.thresholds
         )
-        self.entries[index] = ReportEntry.from_predictions(scan_stem(image), page.name, [prediction], **self.thresholds)
         return page
 
     def finish(self, failed: Sequence[tuple[str | Path, str]] = ()) -> Path:
@@ -59,5 +61,6 @@ class ScanReports:
                 entry = dataclasses.replace(entry, note=note)
             entries.append(entry)
         return group_report(
-            self.directory / GROUP_PAGE, entries, title="Landmark QC", model_info=self.model_info, **self.thresholds
-        )
+            self.directory / GROUP_PAGE, entries, title="Landmark QC", model_info=self.model_info,
+            thresholds=self.thresholds,
+        )  # fmt: skip

@@ -2,54 +2,33 @@
 
 A landmark's status is ``ok`` or one or more flags joined by ``;``
 (:meth:`mdgru_keras.prediction.ScanPrediction.statuses`); a participant with a scan that could not be localized
-at all is ``failed``. Worst first: ``failed`` > ``outside_image`` > ``unstable`` > ``low_confidence`` > ``ok``
-(:data:`SEVERITY`).
+at all is ``failed``. How bad each is: :data:`mdgru_keras.prediction.SEVERITY`, ``failed`` worst.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from mdgru_keras.prediction import (
-    MAX_FLIP_DISAGREEMENT_MM,
-    MIN_CONFIDENCE,
-    STATUS_LOW_CONFIDENCE,
+    DEFAULT_THRESHOLDS,
+    SEVERITY,
+    STATUS_FAILED,
     STATUS_OK,
-    STATUS_OUTSIDE,
-    STATUS_UNSTABLE,
+    STATUS_SEVERITY,
+    QualityThresholds,
+    status_flags,
+    worst_status,
 )
 
 if TYPE_CHECKING:
     from mdgru_keras.prediction import ScanPrediction
 
-STATUS_FAILED = "failed"
-SEVERITY: Mapping[str, int] = {
-    STATUS_OK: 0,
-    STATUS_LOW_CONFIDENCE: 1,
-    STATUS_UNSTABLE: 2,
-    STATUS_OUTSIDE: 3,
-    STATUS_FAILED: 4,
-}
-FLAGS = (STATUS_OUTSIDE, STATUS_UNSTABLE, STATUS_LOW_CONFIDENCE)  # the landmark flags, worst first
-
-
-def status_flags(status: str) -> list[str]:
-    """The flags of a landmark status (``"low_confidence;unstable"`` -> both; ``"ok"`` -> none)."""
-    flags = [flag for flag in status.split(";") if flag and flag != STATUS_OK]
-    unknown = [flag for flag in flags if flag not in SEVERITY]
-    if unknown:
-        raise ValueError(f"unknown status {status!r}; expected ok or flags among {', '.join(SEVERITY)} joined by ';'")
-    return flags
-
-
-def worst_status(statuses: Iterable[str]) -> str:
-    """The worst flag among statuses (each ``ok`` or flags joined by ``;``); ``ok`` when none is flagged."""
-    flags = [flag for status in statuses for flag in status_flags(status)]
-    return max(flags, key=SEVERITY.__getitem__, default=STATUS_OK)
+__all__ = ["FLAGS", "SEVERITY", "STATUS_FAILED", "ReportEntry", "status_flags", "worst_status"]
+FLAGS = tuple(reversed(STATUS_SEVERITY[1:]))  # the landmark flags, worst first
 
 
 @dataclass(frozen=True)
@@ -101,15 +80,14 @@ class ReportEntry:
         predictions: Sequence[ScanPrediction],
         *,
         failed: Sequence[tuple[str, str]] = (),
-        min_confidence: float = MIN_CONFIDENCE,
-        max_disagreement_mm: float = MAX_FLIP_DISAGREEMENT_MM,
+        thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
     ) -> ReportEntry:
         """The entry of a participant's predictions (and its scans that failed, as ``(file, error)`` pairs),
         with the thresholds its page used."""
         statuses = [
             status
             for prediction in predictions
-            for status in prediction.statuses(min_confidence, max_disagreement_mm)
+            for status in prediction.statuses(thresholds)
         ]
         counts = {flag: sum(flag in status_flags(status) for status in statuses) for flag in FLAGS}
         return cls(
