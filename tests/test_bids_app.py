@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,11 +151,13 @@ def test_participant_level_writes_a_bids_derivatives_dataset(participant_run, da
     assert any(line.startswith(f"warning: {dim}: confidence below {MIN_CONFIDENCE:g}")
                for line in result.stderr.splitlines())  # fmt: skip
     assert result.stdout.strip().splitlines()[-1] == (
-        f"Wrote 4 of 5 scans to {out} (1 scan with flagged landmarks (see warnings); 1 failed: {broken})"
+        f"Wrote 4 of 5 scans and 3 QC pages (sub-*.html) to {out} (1 scan with flagged landmarks (see warnings); "
+        f"1 failed: {broken})"
     )
     expected = [SCANS[key][0].output for key in T1W_GOOD]
     assert outputs(out) == sorted(
         [".bidsignore", "dataset_description.json", "logs/sub-03_space-T1w_desc-mdgru_afids_error.json"]
+        + ["sub-01.html", "sub-02.html", "sub-03.html"]  # the QC pages, sub-03's listing its failed scan
         + expected + [name.removesuffix(".fcsv") + ".json" for name in expected]
     )  # no temporary file left, no output for the broken scan
     for name in expected:
@@ -238,7 +241,7 @@ def test_group_level_collects_every_participant(participant_run, dataset: Path, 
     broken = dataset / SCANS["sub-03 T1w"][0].relpath
     assert error_lines(result) == [f"error: {broken}: cannot read NIfTI header (File {broken} is not a gzip file)"]
     assert result.stdout.strip().splitlines()[-1] == (
-        f"Wrote {out / 'group_afids.tsv'} and {out / 'group_summary.json'} "
+        f"Wrote {out / 'group_afids.tsv'}, {out / 'group_summary.json'} and {out / 'group_report.html'} "
         "(2 participants, 4 scans, 12 landmarks; 1 failed: sub-03)"
     )
     with open(out / "group_afids.tsv", newline="") as handle:
@@ -257,6 +260,11 @@ def test_group_level_collects_every_participant(participant_run, dataset: Path, 
         np.testing.assert_allclose(world_mm, scan.world_mm(dataset), atol=1e-9)
     summary = json.loads((out / "group_summary.json").read_text())
     assert summary["participant_status"] == {"sub-01": "ok", "sub-02": "low_confidence", "sub-03": "failed"}
+    # the group page: the participants worst first, each linking to its page
+    page = (out / "group_report.html").read_text()
+    links = re.findall(r'<a href="(sub-\d+\.html)">(sub-\d+)</a>', page)
+    assert links == [("sub-03.html", "sub-03"), ("sub-02.html", "sub-02"), ("sub-01.html", "sub-01")]
+    assert all((out / href).is_file() for href, _ in links)
     assert summary["status_counts"] == {"ok": 9, "coarse_fine_disagree": 0, "unstable": 0,
                                        "low_confidence": 3, "outside_image": 0}
     assert summary["failed_participants"] == ["sub-03"]
@@ -304,7 +312,8 @@ def test_a_non_bids_folder_and_unknown_labels_are_one_line(dataset: Path, tmp_pa
 
 
 def mtimes(out: Path) -> dict[str, int]:
-    return {name: (out / name).stat().st_mtime_ns for name in outputs(out) if name.startswith("sub-")}
+    """The derivatives' (not the QC pages') modification times."""
+    return {name: (out / name).stat().st_mtime_ns for name in outputs(out) if name.startswith("sub-") and "/" in name}
 
 
 def test_reruns_finish_only_what_is_missing(participant_run, dataset: Path, model: Path, tmp_path: Path) -> None:
@@ -318,11 +327,16 @@ def test_reruns_finish_only_what_is_missing(participant_run, dataset: Path, mode
     scan, affine = SCANS["sub-03 T1w"]
     write_scan(study / scan.relpath, Scan(scan.relpath, scan.output, SCANS["sub-01 T1w"][0].voxels, BRIGHT),
                affine, 0)  # fmt: skip
+    pages = {name: (out / name).stat().st_mtime_ns for name in ("sub-01.html", "sub-02.html", "sub-03.html")}
     result = run(study, out, "participant", "--model", model)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().splitlines()[-1] == f"Wrote 1 of 5 scans to {out} (4 already complete)"
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"Wrote 1 of 5 scans and 1 QC page (sub-*.html) to {out} (4 already complete)")
     after = mtimes(out)
     assert {name: after[name] for name in before} == before
+    # only the repaired participant's page is written again, now without the error
+    assert [name for name, mtime in pages.items() if (out / name).stat().st_mtime_ns != mtime] == ["sub-03.html"]
+    assert "cannot read NIfTI header" not in (out / "sub-03.html").read_text()
     assert not (out / "logs" / "sub-03_space-T1w_desc-mdgru_afids_error.json").exists()
     # a run killed while writing sub-01: its .fcsv is there, its sidecar not yet, a temporary file is left
     fcsv = out / SCANS["sub-01 T1w"][0].output
@@ -333,7 +347,8 @@ def test_reruns_finish_only_what_is_missing(participant_run, dataset: Path, mode
     before = mtimes(out)
     result = run(study, out, "participant", "--model", model)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip().splitlines()[-1] == f"Wrote 1 of 5 scans to {out} (4 already complete)"
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"Wrote 1 of 5 scans and 1 QC page (sub-*.html) to {out} (4 already complete)")
     after = mtimes(out)
     assert sorted(name for name in after if after[name] != before.get(name)) == [
         "sub-01/anat/sub-01_space-T1w_desc-mdgru_afids.fcsv", "sub-01/anat/sub-01_space-T1w_desc-mdgru_afids.json"]

@@ -3,11 +3,12 @@
 OUTPUT_DIR holds::
 
     dataset_description.json    DatasetType "derivative", GeneratedBy mdgru-keras and its version
-    .bidsignore                 the files below that BIDS does not define (logs/, the group files)
+    .bidsignore                 the files below that BIDS does not define (logs/, the group files, the pages)
+    sub-01.html                 the participant's QC page (mdgru_keras.bids.reports)
     sub-01/[ses-1/]anat/sub-01[_ses-1][_acq-X][_run-N]_space-T1w_desc-mdgru_afids.fcsv   3D Slicer, RAS mm
     sub-01/[ses-1/]anat/sub-01[_ses-1][_acq-X][_run-N]_space-T1w_desc-mdgru_afids.json   its sidecar
     logs/sub-01[_ses-1]..._space-T1w_desc-mdgru_afids_error.json   a failed scan's error (until it succeeds)
-    group_afids.tsv, group_summary.json                            written by the group level
+    group_afids.tsv, group_summary.json, group_report.html         written by the group level
 
 Names: every entity of the scan's name (``sub``, ``ses``, ``acq``, ``ce``, ``rec``, ``run``, ``echo``,
 ``part``, ...) is kept in its order, so two runs or acquisitions never share an output; then ``space-T1w``
@@ -65,10 +66,12 @@ GROUP_COLUMNS = (
     "z_mm",
     "confidence",
     "flip_disagreement_mm",
+    "coarse_shift_mm",
     "status",
 )
 NOT_AVAILABLE = "n/a"  # BIDS' value for an empty TSV cell
-BIDSIGNORE = f"{LOGS}/\n/{GROUP_TABLE}\n/{GROUP_SUMMARY}\n"
+# the QC pages (mdgru_keras.bids.reports: sub-XX.html, group_report.html) are not BIDS files either
+BIDSIGNORE = f"{LOGS}/\n/{GROUP_TABLE}\n/{GROUP_SUMMARY}\n/*.html\n"
 
 
 def package_version() -> str:
@@ -410,7 +413,8 @@ def collect_group(output_dir: str | Path, selection: Selection) -> GroupResult:
             result.rows.append(
                 [scan.participant_id, scan.session_id or NOT_AVAILABLE, scan.relpath, name]
                 + [repr(float(v)) for v in values["world_mm"]]
-                + [repr(float(values["confidence"])), repr(float(values["flip_disagreement_mm"])), values["status"]]
+                + [repr(float(values[key])) for key in ("confidence", "flip_disagreement_mm", "coarse_shift_mm")]
+                + [values["status"]]
             )
     return result
 

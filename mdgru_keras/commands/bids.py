@@ -228,6 +228,7 @@ def _participant(
 
     written, skipped, flagged = 0, 0, 0
     failed: list[tuple[str, str]] = []
+    touched: set[str] = set()  # participants with a scan written or failed in this run
     total = len(selection.scans)
     with ExitStack() as stack:
         progress = stack.enter_context(tqdm(total=total, unit="scan", file=sys.stderr, disable=None, desc="bids"))
@@ -271,15 +272,38 @@ def _participant(
                     progress.write(f"warning: {warning}", file=sys.stderr)
                     flagged += 1
             progress.update(1)
+            touched.add(scan.participant_id)
 
+    pages = _participant_pages(output_dir, planned, touched, settings, fail)
     summary = [f"{skipped} already complete"] if skipped else []
     if flagged:
         summary.append(f"{_count(flagged, 'scan')} with flagged landmarks (see warnings)")
     if failed:
         summary.append(f"{len(failed)} failed: {', '.join(path for path, _ in failed)}")
-    click.echo(f"Wrote {written} of {total} scans to {output_dir}" + (f" ({'; '.join(summary)})" if summary else ""))
+    done = f"Wrote {written} of {total} scans" + (f" and {_count(pages, 'QC page')} (sub-*.html)" if pages else "")
+    click.echo(f"{done} to {output_dir}" + (f" ({'; '.join(summary)})" if summary else ""))
     if failed:
         sys.exit(1)
+
+
+def _participant_pages(output_dir: Path, planned, touched: set[str], settings, fail) -> int:
+    """The QC page of every participant with a scan written or failed in this run, or without a page yet;
+    returns how many were written (a page that cannot be written is a failure, reported by ``fail``)."""
+    from mdgru_keras.bids.reports import participant_page, write_participant_report
+    from mdgru_keras.errors import InputError
+
+    participants = sorted({outputs.scan.participant_id for outputs in planned})
+    written = 0
+    for participant in participants:
+        if participant not in touched and participant_page(output_dir, participant).is_file():
+            continue
+        try:
+            write_participant_report(output_dir, participant, planned, settings.thresholds, settings.model)
+        except (InputError, OSError, ValueError) as error:
+            fail(participant_page(output_dir, participant), f"QC page: {error}")
+        else:
+            written += 1
+    return written
 
 
 def _count(number: int, what: str) -> str:
@@ -315,6 +339,9 @@ def _group(
     for scan, problem in result.failed:
         click.echo(f"error: {scan.path}: {problem}", err=True)
     table, summary = derivatives.write_group(output_dir, result)
+    from mdgru_keras.bids.reports import write_group_report
+
+    report = write_group_report(output_dir, result)
     scans = len(selection.scans) - len(result.failed)
     counts = ", ".join(
         _count(number, what)
@@ -322,6 +349,6 @@ def _group(
     )
     if result.failed:
         counts += f"; {len(result.failed_participants)} failed: {', '.join(result.failed_participants)}"
-    click.echo(f"Wrote {table} and {summary} ({counts})")
+    click.echo(f"Wrote {table}, {summary} and {report} ({counts})")
     if result.failed:
         sys.exit(1)

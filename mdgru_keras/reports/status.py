@@ -84,11 +84,26 @@ class ReportEntry:
     ) -> ReportEntry:
         """The entry of a participant's predictions (and its scans that failed, as ``(file, error)`` pairs),
         with the thresholds its page used."""
-        statuses = [
-            status
-            for prediction in predictions
-            for status in prediction.statuses(thresholds)
-        ]
+        return cls.from_statuses(
+            participant,
+            href,
+            [status for prediction in predictions for status in prediction.statuses(thresholds)],
+            scans=[prediction.path for prediction in predictions],
+            failed=failed,
+        )
+
+    @classmethod
+    def from_statuses(
+        cls,
+        participant: str,
+        href: str | None,
+        statuses: Sequence[str],
+        *,
+        scans: Sequence[str | Path] = (),
+        failed: Sequence[tuple[str | Path, str]] = (),
+    ) -> ReportEntry:
+        """The entry of a participant whose landmarks have ``statuses`` (over all its ``scans``), and whose
+        scans ``failed`` (``(file, error)`` pairs) could not be localized."""
         counts = {flag: sum(flag in status_flags(status) for status in statuses) for flag in FLAGS}
         return cls(
             participant=participant,
@@ -97,7 +112,7 @@ class ReportEntry:
             num_flagged=sum(status != STATUS_OK for status in statuses),
             num_landmarks=len(statuses),
             flag_counts={flag: count for flag, count in counts.items() if count},
-            scans=tuple(Path(p.path).name for p in predictions) + tuple(Path(path).name for path, _ in failed),
+            scans=tuple(Path(path).name for path in scans) + tuple(Path(path).name for path, _ in failed),
             note="; ".join(f"{Path(path).name}: {error}" for path, error in failed),
         )
 
