@@ -40,6 +40,8 @@ setup(
         # the deformable atlas-registration baseline (`evaluate --baseline ants`); antspyx 0.6 pins numpy < 2.4
         # and scipy < 1.16, so installing it may downgrade those two
         "ants": ["antspyx>=0.6,<0.7"],
+        # the cohort workflow (workflow/Snakefile: the BIDS app over a cohort, on one machine or a cluster)
+        "workflow": ["snakemake>=9,<10"],
         "dev": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
@@ -47,6 +49,8 @@ setup(
             "ruff>=0.6,<1",
             # drives Debian's Chromium in the QC-report test (tests/test_reports.py; `make browser` installs it)
             "selenium>=4.20,<5",
+            # tests/test_workflow.py runs the cohort workflow
+            "snakemake>=9,<10",
         ],
     },
     entry_points={"console_scripts": ["mdgru-localize=mdgru_keras.cli:main"]},
