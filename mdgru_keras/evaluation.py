@@ -34,6 +34,7 @@ import numpy as np
 from mdgru_keras.errors import InputError
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import write_text_atomic
+from mdgru_keras.version import package_version
 
 JSON_FORMAT = "mdgru-keras evaluation v1"
 
@@ -385,7 +386,7 @@ class ErrorTable:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": JSON_FORMAT,
-            "created_by": f"mdgru-keras {_version()}",
+            "created_by": f"mdgru-keras {package_version()}",
             "std": "population (ddof=0)",
             "voxel_error": "Euclidean distance in the scan's continuous voxel coordinates",
             "landmarks": list(self.landmarks),
@@ -404,15 +405,6 @@ class ErrorTable:
     def write_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON, atomically (a reader never sees a half-written file)."""
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("mdgru-keras")
-    except Exception:  # noqa: BLE001 - running from a source tree without installed metadata
-        return "unknown"
 
 
 def read_json(path: str | Path) -> ErrorTable:

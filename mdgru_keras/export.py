@@ -29,7 +29,6 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from mdgru_keras.serving import (
     DEFAULT_SIGNATURE,
     INT16_SIGNATURE,
 )
+from mdgru_keras.version import package_version
 
 MODEL_INFO_FILE = "model_info.json"
 RUN_CONFIG_FILE = "config.json"
@@ -391,13 +391,6 @@ def next_version(model_dir: str | Path) -> int:
     return versions[-1] + 1 if versions else 1
 
 
-def _package_version() -> str:
-    try:
-        return metadata.version("mdgru-keras")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _make_readable(path: Path) -> None:
     """mkdtemp makes 0o700 folders; a server running as another user must read the export (umask applies)."""
     umask = os.umask(0)
@@ -455,7 +448,7 @@ def export_localizer(
             "max_grid_voxels": max_grid_size(config),
             "config": config.to_dict(),
             "signatures": {key: list(outputs) for key, outputs in OUTPUTS.items()},
-            "created_by": f"mdgru-keras {_package_version()}",
+            "created_by": f"mdgru-keras {package_version()}",
             "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
     )

@@ -24,7 +24,7 @@ import pytest
 from bids.layout import BIDSLayout, parse_file_entities
 from click.testing import CliRunner, Result
 
-from mdgru_keras.bids.derivatives import GROUP_COLUMNS, derivative_stem, package_version, plan_outputs
+from mdgru_keras.bids.derivatives import GROUP_COLUMNS, derivative_stem, plan_outputs
 from mdgru_keras.bids.layout import BidsScan
 from mdgru_keras.cli import main as cli
 from mdgru_keras.commands.bids import spread_values
@@ -32,6 +32,7 @@ from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io import read_landmarks
 from mdgru_keras.prediction import MIN_CONFIDENCE, worst_status
 from mdgru_keras.serving.testing import TOY_LANDMARKS, save_toy_localizer
+from mdgru_keras.version import package_version
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (20, 20, 20)

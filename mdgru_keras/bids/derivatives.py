@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from mdgru_keras.bids.layout import DESCRIPTION_FILE, BidsScan, Selection
 from mdgru_keras.errors import InputError
 from mdgru_keras.io.atomic import write_text_atomic
+from mdgru_keras.version import package_version
 
 if TYPE_CHECKING:
     from mdgru_keras.prediction import QualityThresholds, ScanPrediction
@@ -72,15 +73,6 @@ GROUP_COLUMNS = (
 NOT_AVAILABLE = "n/a"  # BIDS' value for an empty TSV cell
 # the QC pages (mdgru_keras.bids.reports: sub-XX.html, group_report.html) are not BIDS files either
 BIDSIGNORE = f"{LOGS}/\n/{GROUP_TABLE}\n/{GROUP_SUMMARY}\n/*.html\n"
-
-
-def package_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(PIPELINE)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def generated_by() -> list[dict]:

@@ -38,6 +38,7 @@ import tensorflow as tf
 from mdgru_keras.errors import InputError
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import atomic_path, write_text_atomic
+from mdgru_keras.version import package_version
 
 SPLITS = ("train", "val", "test")
 DATASET_JSON = "dataset.json"
@@ -228,15 +229,6 @@ def write_json_atomic(path: str | Path, data: dict) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("mdgru-keras")
-    except Exception:  # noqa: BLE001 - running from a source tree without installed metadata
-        return "unknown"
-
-
 def write_dataset(
     out_dir: str | Path,
     splits: dict[str, Sequence[str]],
@@ -261,7 +253,7 @@ def write_dataset(
         "spacing_mm": spacing_mm,
         "splits": {},
         "counts": {},
-        "created_by": f"mdgru-keras {_version()}",
+        "created_by": f"mdgru-keras {package_version()}",
     }
     for split, subjects in splits.items():
         subjects = list(subjects)

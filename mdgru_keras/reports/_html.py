@@ -12,9 +12,9 @@ import datetime
 import html
 import json
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 
 from mdgru_keras.reports.status import SEVERITY, status_flags
+from mdgru_keras.version import package_version
 
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STATUS_TEXT: Mapping[str, str] = {
@@ -79,13 +79,6 @@ footer { margin-top: 28px; color: #777; font-size: 12px; }
 def esc(text: object) -> str:
     """``text`` as HTML text or attribute value (``<``, ``>``, ``&`` and both quotes escaped)."""
     return html.escape(str(text), quote=True)
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("mdgru-keras")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def timestamp(generated: datetime.datetime | None) -> str:
