@@ -162,6 +162,13 @@ bench-pretrained: $(STAMP)
 bench-training: $(STAMP)
 	$(BIN)/python -m bench.bench_training
 
+# Fine-stage training samples per second per landmark, one landmark per window against every landmark inside it
+# (the same run, the same batches); needs a prepared dataset of many landmarks: `make model-afids`'s by default.
+SAMPLES_DATA ?= $(AFIDS_WORK)/dataset
+.PHONY: bench-landmark-samples
+bench-landmark-samples: $(STAMP)
+	$(BIN)/python -m bench.bench_landmark_samples --data $(SAMPLES_DATA)
+
 # Accuracy on held-out synthetic subjects next to the registration and U-Net baselines (about 75 min on 2 cores;
 # rerunning resumes, `rm -rf runs/bench-accuracy` starts over). Writes bench/results/bench_accuracy.json and its
 # section of docs/RESULTS.md.
