@@ -1,7 +1,7 @@
 """Benchmark: throughput of the cohort workflow (workflow/Snakefile) against one long-running ``predict``.
 
 Run: ``python -m bench.bench_cohort`` (``make bench-cohort``; ``--participants``, ``--small-group``,
-``--repeats``; ``--render-only`` rewrites the Markdown from the JSON). About 10 min on 2 cores with the defaults.
+``--repeats``; ``--render-only`` rewrites the Markdown from the JSON). About 13 min on 2 cores with the defaults.
 
 Data: a BIDS dataset of ``--participants`` T1w scans, 1 mm heads made by ``mdgru-localize synth`` from the demo
 template (``mdgru-localize demo-data``; made once and kept in ``--work``, gzipped as BIDS datasets usually are).
@@ -16,14 +16,21 @@ the methods, so that a change of load hits all of them):
   ``mdgru_localize`` is a wrapper that times each job's ``mdgru-localize bids`` call, so that a workflow's wall
   time splits into its jobs, its group level and Snakemake's own time.
 
-Derived (medians over the rounds; t = per-scan time of the long-running ``predict``):
+* ``library``: ``predict``'s code path (:func:`mdgru_keras.prediction.predict_scan`) in this process, the model
+  loaded once before the rounds: each scan's time, i.e. the per-scan time t of a long-running ``predict``.
 
-* t = (predict-all - predict-one) / (N - 1); per-process start-up = predict-one - t;
-* per-job start-up S, as the issue defines it: (workflow wall - N t) / jobs, for each group size; and as the
-  slope between the two group sizes, (W_small - W_N) / (jobs_small - 1), which leaves out the costs a workflow
-  pays once whatever its jobs (Snakemake, the group level): those are W_N - S - N t;
-* the group size that reaches the goal (workflow throughput >= 85 % of one ``predict``'s): on these N scans, and
-  for a long cohort (t / (t + S / G) >= 0.85, i.e. G >= 0.85 S / (0.15 t)).
+Derived (medians over the rounds):
+
+* t: the mean over the N scans of ``library``; (predict-all - predict-one) / (N - 1) as a check; a ``predict``
+  process's start-up L = predict-one - t;
+* t_job: the mean time between two scans' outputs inside a workflow job (each scan's sidecar is written when
+  the scan is done), which also splits a job into start-up (to its first scan's outputs, less t_job), scans
+  and exit;
+* per-job start-up as the issue defines it: (workflow wall - N t) / jobs, for each group size; and S, the cost of
+  one more job: the slope between the two group sizes, (W_small - W_N) / (jobs_small - 1), which leaves out
+  what a workflow pays once whatever its jobs (Snakemake, the group level): fixed = W_N - S - N t_job;
+* projected throughput ratios (L + M t) / (fixed + ceil(M / G) S + M t_job) for cohorts of M scans in jobs of
+  G, and the smallest G that reaches the goal (the workflow's throughput >= 85 % of one ``predict``'s).
 
 Every time comes with the CPU-seconds of the same processes (``getrusage`` of the children, user + system) and
 with the run's 2048^2 float32 matmul GFLOP/s (before and after). Writes ``bench/results/bench_cohort.json`` and
@@ -156,15 +163,48 @@ def run_workflow(bids_dir: Path, folder: Path, per_job: int) -> dict:
                     f"output_dir={folder / 'out'}", f"participants_per_job={per_job}", f"mdgru_localize={wrapper}"],
                    folder, folder / "snakemake.log")  # fmt: skip
     calls = [json.loads(line) for line in times.read_text().splitlines()]
-    jobs = [call for call in calls if call["level"] == "participant"]
-    group = [call for call in calls if call["level"] == "group"]
+    # each scan's sidecar is written (atomically) as soon as the scan is done: its mtime is when the scan ended
+    finished = sorted(path.stat().st_mtime for path in (folder / "out").glob("sub-*/**/*_desc-mdgru_afids.json"))
+    jobs = []
+    for call in (call for call in calls if call["level"] == "participant"):
+        ended = call["started"] + call["wall_s"]
+        done = [moment for moment in finished if call["started"] <= moment <= ended]
+        jobs.append({
+            "wall_s": call["wall_s"], "cpu_s": call["cpu_s"], "participants": call["participants"],
+            "to_first_scan_s": done[0] - call["started"], "scan_gaps_s": [b - a for a, b in zip(done, done[1:])],
+            "after_last_scan_s": ended - done[-1],
+        })  # fmt: skip
     result.update(
-        jobs=[{key: call[key] for key in ("wall_s", "cpu_s", "participants")} for call in jobs],
-        group_s=sum(call["wall_s"] for call in group),
+        jobs=jobs,
+        group_s=sum(call["wall_s"] for call in calls if call["level"] == "group"),
         snakemake_s=result["wall_s"] - sum(call["wall_s"] for call in calls),
-        first_job_after_s=min(call["started"] for call in jobs) - result["started"],
+        first_job_after_s=min(call["started"] for call in calls) - result["started"],
     )
     return result
+
+
+def open_model():
+    """The shipped model loaded in this process, warmed up by one scan (not counted)."""
+    from mdgru_keras.pretrained import DEFAULT_MODEL, pretrained_model_dir
+    from mdgru_keras.serving.servable import LocalLocalizationClient
+
+    return LocalLocalizationClient(pretrained_model_dir(DEFAULT_MODEL))
+
+
+def library_per_scan(client, scans: list[Path]) -> dict:
+    """``predict``'s code path in this process, the model loaded once: each scan's wall and CPU time (the
+    per-scan time t of a long-running ``predict``, measured in every round next to the other methods)."""
+    from mdgru_keras.prediction import predict_scan
+
+    print("predict's code path in this process, model loaded once", flush=True)
+    wall, cpu = [], []
+    for scan in scans:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        predict_scan(client, scan)
+        wall.append(time.perf_counter() - wall0)
+        cpu.append(time.process_time() - cpu0)
+    print(f"  {statistics.mean(wall):.2f} s wall, {statistics.mean(cpu):.2f} CPU-s per scan", flush=True)
+    return {"wall_s": wall, "cpu_s": cpu}
 
 
 def median(values: list[float]) -> float:
@@ -176,50 +216,57 @@ def summarize(raw: dict, participants: int, small_group: int) -> dict:
     n = participants
     all_s = median([run["wall_s"] for run in raw["predict_all"]])
     one_s = median([run["wall_s"] for run in raw["predict_one"]])
-    per_scan_s = (all_s - one_s) / (n - 1)
+    # t: per round the mean over the scans (as throughput is), then the median over the rounds
+    per_scan_s = median([statistics.mean(run["wall_s"]) for run in raw["library"]])
+    # t inside the workflow's jobs: the mean time between two scans' outputs in a job, median over the runs
+    job_per_scan_s = median([
+        statistics.mean(gaps) for runs in raw["workflow"].values() for run in runs
+        if (gaps := [gap for job in run["jobs"] for gap in job["scan_gaps_s"]])
+    ])  # fmt: skip
     summary = {
         "per_scan_s": per_scan_s,
-        "per_scan_cpu_s": (median([r["cpu_s"] for r in raw["predict_all"]])
-                           - median([r["cpu_s"] for r in raw["predict_one"]])) / (n - 1),
+        "per_scan_cpu_s": median([statistics.mean(run["cpu_s"]) for run in raw["library"]]),
+        "per_scan_s_two_point": (all_s - one_s) / (n - 1),  # a check: (predict of N - predict of 1) / (N - 1)
+        "job_per_scan_s": job_per_scan_s,
         "process_startup_s": one_s - per_scan_s,
         "methods": {},
-    }  # fmt: skip
+    }
     methods = summary["methods"]
     for name, runs, scans in (("predict-all", raw["predict_all"], n), ("predict-one", raw["predict_one"], 1)):
         wall = median([run["wall_s"] for run in runs])
         methods[name] = {"processes": 1 if name == "predict-all" else n, "wall_s": wall,
                          "cpu_s": median([run["cpu_s"] for run in runs]), "scans": scans,
                          "scans_per_min": 60 * scans / wall, "runs": len(runs)}  # fmt: skip
-    methods["predict-one"]["wall_s_all"] = n * methods["predict-one"]["wall_s"]  # extrapolated to the N scans
-    groups = {}
+    methods["predict-one"]["wall_s_all"] = n * one_s  # extrapolated to the N scans
+    methods["predict-one"]["throughput_vs_predict_all"] = all_s / (n * one_s)
+    jobs_of = {}
     for key, runs in raw["workflow"].items():
         group = int(key)
-        jobs = math.ceil(n / group)
+        jobs_of[group] = math.ceil(n / group)
         wall = median([run["wall_s"] for run in runs])
-        job_walls = [job["wall_s"] for run in runs for job in run["jobs"]]
-        job_startups = [job["wall_s"] - job["participants"] * per_scan_s for run in runs for job in run["jobs"]]
-        groups[group] = jobs
+        jobs = [job for run in runs for job in run["jobs"]]
         methods[f"workflow-g{group}"] = {
-            "processes": jobs + 1, "participants_per_job": group, "jobs": jobs, "wall_s": wall,
+            "processes": jobs_of[group] + 1, "participants_per_job": group, "jobs": jobs_of[group], "wall_s": wall,
             "cpu_s": median([run["cpu_s"] for run in runs]), "scans": n, "scans_per_min": 60 * n / wall,
             "runs": len(runs), "throughput_vs_predict_all": all_s / wall,
-            "job_startup_s": (wall - n * per_scan_s) / jobs,  # the issue's definition: all overheads per job
-            "job_wall_s_median": median(job_walls), "job_startup_measured_s": median(job_startups),
+            # the issue's definition: every cost but the scans' own work, per job
+            "job_startup_s": (wall - n * per_scan_s) / jobs_of[group],
+            "job_wall_s": median([job["wall_s"] for job in jobs]),
+            "job_to_first_scan_s": median([job["to_first_scan_s"] for job in jobs]),
+            "job_after_last_scan_s": median([job["after_last_scan_s"] for job in jobs]),
             "group_level_s": median([run["group_s"] for run in runs]),
             "snakemake_s": median([run["snakemake_s"] for run in runs]),
             "first_job_after_s": median([run["first_job_after_s"] for run in runs]),
         }  # fmt: skip
-    methods["predict-one"]["throughput_vs_predict_all"] = all_s / methods["predict-one"]["wall_s_all"]
     big, small = methods[f"workflow-g{n}"], methods[f"workflow-g{small_group}"]
-    slope = (small["wall_s"] - big["wall_s"]) / (groups[small_group] - 1)
-    fixed = big["wall_s"] - slope - n * per_scan_s
-    summary["job_startup_slope_s"] = slope
-    summary["workflow_fixed_s"] = fixed
-    summary["goal"] = GOAL
-
-    summary["projection"] = project(summary["process_startup_s"], per_scan_s, slope, fixed, n)
-    # a long cohort, jobs one after another: per scan t + S / G against predict's t
-    summary["group_reaching_goal_long_cohort"] = math.ceil(GOAL * slope / ((1 - GOAL) * per_scan_s))
+    slope = (small["wall_s"] - big["wall_s"]) / (jobs_of[small_group] - 1)
+    fixed = big["wall_s"] - slope - n * job_per_scan_s
+    summary.update(job_startup_slope_s=slope, workflow_fixed_s=fixed, goal=GOAL)
+    costs = (summary["process_startup_s"], per_scan_s, slope, fixed, job_per_scan_s)
+    summary["projection"] = project(*costs, n)
+    # a long cohort, jobs one after another: per scan t_job + S / G against predict's t
+    room = per_scan_s / GOAL - job_per_scan_s
+    summary["group_reaching_goal_long_cohort"] = math.ceil(slope / room) if room > 0 else None
     return summary
 
 
@@ -227,13 +274,15 @@ PROJECTED_COHORTS = (50, 100, 500, 1000)
 PROJECTED_GROUPS = (10, 25, 50, 100, 200)
 
 
-def project(process_startup_s: float, per_scan_s: float, job_startup_s: float, fixed_s: float, n: int) -> dict:
+def project(
+    process_startup_s: float, per_scan_s: float, job_startup_s: float, fixed_s: float, job_per_scan_s: float, n: int
+) -> dict:
     """Throughput of the workflow over one ``predict``'s for cohorts of M scans and groups of G, from the measured
-    costs: one ``predict``: L + M t; the workflow: fixed + ceil(M / G) S + M t (jobs one after another); and per
-    cohort the smallest G that reaches :data:`GOAL` (None: not even one job does)."""
+    costs: one ``predict``: L + M t; the workflow: fixed + ceil(M / G) S + M t_job (jobs one after another); and
+    per cohort the smallest G that reaches :data:`GOAL` (None: not even one job does)."""
 
     def ratio(cohort: int, group: int) -> float:
-        workflow = fixed_s + math.ceil(cohort / group) * job_startup_s + cohort * per_scan_s
+        workflow = fixed_s + math.ceil(cohort / group) * job_startup_s + cohort * job_per_scan_s
         return (process_startup_s + cohort * per_scan_s) / workflow
 
     projection = {}
@@ -285,31 +334,34 @@ def markdown(result: dict) -> str:
     rows = [row for name, row in m.items() if name.startswith("workflow")]
     lines += [
         "",
-        f"Per scan in a long-running `predict`: **{s['per_scan_s']:.2f} s** wall ({s['per_scan_cpu_s']:.2f} CPU-s), "
-        f"from (one `predict` of {n} − of 1) / {n - 1}; a `predict` process's start-up (Python, TensorFlow, "
-        f"the model): **{s['process_startup_s']:.1f} s**. The last column for the workflow is the issue's per-job "
-        "start-up, (workflow wall − N × per-scan time) / jobs: everything but the scans' own work, per job.",
+        f"Per scan, `predict`'s code path with the model loaded once (in the bench's process, mean of the {n} "
+        f"scans): **t = {s['per_scan_s']:.2f} s** wall ({s['per_scan_cpu_s']:.2f} CPU-s; (one `predict` of {n} − "
+        f"of 1) / {n - 1} gives {s['per_scan_s_two_point']:.2f} s). A `predict` process's start-up (Python, "
+        f"TensorFlow, loading the model, the first call's graph optimization, exit): **L = "
+        f"{s['process_startup_s']:.1f} s**. The workflow's last column is the issue's per-job start-up, "
+        "(workflow wall − N t) / jobs: every cost but the scans' own work, put on the jobs.",
         "",
-        "Where a workflow's time goes (medians):",
+        "Where a workflow's time goes (medians; a job's scans end when their outputs are written):",
         "",
-        "| participants per job | a job's wall s | its start-up s (wall − its scans × per-scan) | group level s | "
-        "Snakemake's own s | first job starts after s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| participants per job | a job's wall s | job start to its first scan's outputs s | per scan in a job s | "
+        "last outputs to job exit s | group level s | Snakemake's own s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['participants_per_job']} | {row['job_wall_s_median']:.1f} | "
-            f"{row['job_startup_measured_s']:.1f} | {row['group_level_s']:.1f} | {row['snakemake_s']:.1f} | "
-            f"{row['first_job_after_s']:.1f} |"
+            f"| {row['participants_per_job']} | {row['job_wall_s']:.1f} | {row['job_to_first_scan_s']:.1f} | "
+            f"{s['job_per_scan_s']:.2f} | {row['job_after_last_scan_s']:.1f} | {row['group_level_s']:.1f} | "
+            f"{row['snakemake_s']:.1f} |"
         )
     goal = f"{s['goal']:.2f}"
     lines += [
         "",
         f"Between the two group sizes each further job costs **S = {s['job_startup_slope_s']:.1f} s** (the slope); "
-        f"what a workflow pays once whatever its jobs (Snakemake, the group level) is {s['workflow_fixed_s']:.1f} "
-        f"s. With these and L = {s['process_startup_s']:.1f} s, t = {s['per_scan_s']:.2f} s: throughput of the "
-        f"workflow / one `predict` for M scans in jobs of G participants, (L + M t) / (fixed + ⌈M / G⌉ S + M t), "
-        f"and the smallest G that reaches the goal (≥ {goal}); the first row is measured above:",
+        f"what a workflow pays once whatever its jobs (Snakemake, the group level) is {s['workflow_fixed_s']:.1f} s "
+        f"(one-job wall − S − N t_job, t_job = {s['job_per_scan_s']:.2f} s per scan in a job). Projected from these "
+        f"and L, t: throughput of the workflow / one `predict` for M scans in jobs of G participants, "
+        f"(L + M t) / (fixed + ⌈M / G⌉ S + M t_job), and the smallest G that reaches the goal (≥ {goal}); "
+        f"the first row is this run's N:",
         "",
         "| M scans | "
         + " | ".join(f"G = {group}" for group in PROJECTED_GROUPS)
@@ -322,8 +374,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {cohort} | " + " | ".join(cells) + f" | {row['one_job']:.2f} | {reaching or 'none'} |")
     lines += [
         "",
-        f"For a very long cohort the ratio tends to t / (t + S / G): the goal needs G ≥ "
-        f"{s['group_reaching_goal_long_cohort']}.",
+        f"For a very long cohort the ratio tends to t / (t_job + S / G): the goal needs G ≥ "
+        f"{s['group_reaching_goal_long_cohort'] or '∞ (t_job > t / ' + goal + ')'}.",
     ]
     return "\n".join(lines)
 
@@ -365,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         demo, work = args.demo.resolve(), args.work.resolve()
         bids_dir, scans = make_dataset(demo, work, n)
         gflops = matmul_gflops()
-        raw = {"predict_all": [], "predict_one": [], "workflow": {str(n): [], str(small_group): []}}
+        from mdgru_keras.prediction import predict_scan
+
+        client = open_model()
+        predict_scan(client, scans[-1])  # warm-up, not counted
+        raw = {"library": [], "predict_all": [], "predict_one": [], "workflow": {str(n): [], str(small_group): []}}
         for round_index in range(args.repeats):
             print(f"round {round_index + 1} of {args.repeats}", flush=True)
             runs = work / "runs"
@@ -374,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                 raw["workflow"][str(group)].append(run_workflow(bids_dir, runs / f"workflow-g{group}", group))
             scan = scans[round_index * n // args.repeats]
             raw["predict_one"].append({**run_predict([scan], runs / "predict-one"), "scan": scan.name})
+            raw["library"].append(library_per_scan(client, scans))
+        client.close()
         import nibabel as nib
 
         shapes = sorted({"x".join(map(str, nib.load(scan).shape)) for scan in scans})
