@@ -164,7 +164,7 @@ bench-training: $(STAMP)
 
 # Scans per minute through the cohort workflow (workflow/Snakefile, --cores 2) against one long-running `predict`
 # and a `predict` per scan, and the workflow's start-up cost per job, on synthetic 1 mm heads with the shipped
-# model (about 12 min on 2 cores; COHORT_ARGS="--participants 24 --repeats 2", say). Writes
+# model (about 13 min on 2 cores; COHORT_ARGS="--participants 24 --repeats 2", say). Writes
 # bench/results/bench_cohort.json and the table in docs/BENCH_COHORT.md.
 COHORT_ARGS ?=
 bench-cohort: $(STAMP)

@@ -1,7 +1,8 @@
 """Benchmark: throughput of the cohort workflow (workflow/Snakefile) against one long-running ``predict``.
 
 Run: ``python -m bench.bench_cohort`` (``make bench-cohort``; ``--participants``, ``--small-group``,
-``--repeats``; ``--render-only`` rewrites the Markdown from the JSON). About 13 min on 2 cores with the defaults.
+``--repeats``; ``--render-only`` redoes the derived numbers and the Markdown from the JSON's times). About 13 min
+on 2 cores with the defaults.
 
 Data: a BIDS dataset of ``--participants`` T1w scans, 1 mm heads made by ``mdgru-localize synth`` from the demo
 template (``mdgru-localize demo-data``; made once and kept in ``--work``, gzipped as BIDS datasets usually are).
@@ -26,9 +27,10 @@ Derived (medians over the rounds):
 * t_job: the mean time between two scans' outputs inside a workflow job (each scan's sidecar is written when
   the scan is done), which also splits a job into start-up (to its first scan's outputs, less t_job), scans
   and exit;
-* per-job start-up as the issue defines it: (workflow wall - N t) / jobs, for each group size; and S, the cost of
-  one more job: the slope between the two group sizes, (W_small - W_N) / (jobs_small - 1), which leaves out
-  what a workflow pays once whatever its jobs (Snakemake, the group level): fixed = W_N - S - N t_job;
+* per-job start-up as the issue defines it: (workflow wall - N t) / jobs, for each group size; S, the cost of
+  one more job: a job's wall less its scans (N t_job), median over every job; fixed, what a workflow pays once
+  whatever its jobs: Snakemake's own time plus the group level. As a check, both from the two workflows' walls
+  alone: S = (W_small - W_N) / (jobs_small - 1), fixed = W_N - S - N t_job;
 * projected throughput ratios (L + M t) / (fixed + ceil(M / G) S + M t_job) for cohorts of M scans in jobs of
   G, and the smallest G that reaches the goal (the workflow's throughput >= 85 % of one ``predict``'s).
 
@@ -249,9 +251,13 @@ def summarize(raw: dict, participants: int, small_group: int) -> dict:
             "processes": jobs_of[group] + 1, "participants_per_job": group, "jobs": jobs_of[group], "wall_s": wall,
             "cpu_s": median([run["cpu_s"] for run in runs]), "scans": n, "scans_per_min": 60 * n / wall,
             "runs": len(runs), "throughput_vs_predict_all": all_s / wall,
+            "throughput_vs_predict_all_by_round": [
+                before["wall_s"] / run["wall_s"] for before, run in zip(raw["predict_all"], runs)
+            ],
             # the issue's definition: every cost but the scans' own work, per job
             "job_startup_s": (wall - n * per_scan_s) / jobs_of[group],
             "job_wall_s": median([job["wall_s"] for job in jobs]),
+            "job_startup_measured_s": median([job["wall_s"] - job["participants"] * job_per_scan_s for job in jobs]),
             "job_to_first_scan_s": median([job["to_first_scan_s"] for job in jobs]),
             "job_after_last_scan_s": median([job["after_last_scan_s"] for job in jobs]),
             "group_level_s": median([run["group_s"] for run in runs]),
@@ -259,14 +265,21 @@ def summarize(raw: dict, participants: int, small_group: int) -> dict:
             "first_job_after_s": median([run["first_job_after_s"] for run in runs]),
         }  # fmt: skip
     big, small = methods[f"workflow-g{n}"], methods[f"workflow-g{small_group}"]
+    # S and fixed as measured inside the runs: a job's wall less its scans; Snakemake's own time and the group level
+    workflow_jobs = [job for runs in raw["workflow"].values() for run in runs for job in run["jobs"]]
+    workflow_runs = [run for runs in raw["workflow"].values() for run in runs]
+    job_startup = median([job["wall_s"] - job["participants"] * job_per_scan_s for job in workflow_jobs])
+    fixed = median([run["snakemake_s"] + run["group_s"] for run in workflow_runs])
+    # the same from the two workflows' walls alone: the slope between the group sizes, and what is left
     slope = (small["wall_s"] - big["wall_s"]) / (jobs_of[small_group] - 1)
-    fixed = big["wall_s"] - slope - n * job_per_scan_s
-    summary.update(job_startup_slope_s=slope, workflow_fixed_s=fixed, goal=GOAL)
-    costs = (summary["process_startup_s"], per_scan_s, slope, fixed, job_per_scan_s)
-    summary["projection"] = project(*costs, n)
+    summary.update(
+        job_startup_measured_s=job_startup, workflow_fixed_s=fixed, job_startup_slope_s=slope,
+        workflow_fixed_from_slope_s=big["wall_s"] - slope - n * job_per_scan_s, goal=GOAL,
+    )  # fmt: skip
+    summary["projection"] = project(summary["process_startup_s"], per_scan_s, job_startup, fixed, job_per_scan_s, n)
     # a long cohort, jobs one after another: per scan t_job + S / G against predict's t
     room = per_scan_s / GOAL - job_per_scan_s
-    summary["group_reaching_goal_long_cohort"] = math.ceil(slope / room) if room > 0 else None
+    summary["group_reaching_goal_long_cohort"] = math.ceil(job_startup / room) if room > 0 else None
     return summary
 
 
@@ -341,27 +354,37 @@ def markdown(result: dict) -> str:
         f"{s['process_startup_s']:.1f} s**. The workflow's last column is the issue's per-job start-up, "
         "(workflow wall − N t) / jobs: every cost but the scans' own work, put on the jobs.",
         "",
-        "Where a workflow's time goes (medians; a job's scans end when their outputs are written):",
+        "Each round's own ratio (its `predict` over all scans / its workflow): "
+        + "; ".join(
+            f"{row['participants_per_job']} per job: "
+            + ", ".join(f"{ratio:.2f}" for ratio in row["throughput_vs_predict_all_by_round"])
+            for row in rows
+        )
+        + ".",
         "",
-        "| participants per job | a job's wall s | job start to its first scan's outputs s | per scan in a job s | "
-        "last outputs to job exit s | group level s | Snakemake's own s |",
+        f"Where a workflow's time goes (medians; a scan is done when its outputs are written; per scan in a job: "
+        f"**t_job = {s['job_per_scan_s']:.2f} s**):",
+        "",
+        "| participants per job | a job's wall s | its start-up s (wall − its scans × t_job) | job start to its "
+        "first scan's outputs s | last outputs to job exit s | group level s | Snakemake's own s |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['participants_per_job']} | {row['job_wall_s']:.1f} | {row['job_to_first_scan_s']:.1f} | "
-            f"{s['job_per_scan_s']:.2f} | {row['job_after_last_scan_s']:.1f} | {row['group_level_s']:.1f} | "
+            f"| {row['participants_per_job']} | {row['job_wall_s']:.1f} | {row['job_startup_measured_s']:.1f} | "
+            f"{row['job_to_first_scan_s']:.1f} | {row['job_after_last_scan_s']:.1f} | {row['group_level_s']:.1f} | "
             f"{row['snakemake_s']:.1f} |"
         )
     goal = f"{s['goal']:.2f}"
     lines += [
         "",
-        f"Between the two group sizes each further job costs **S = {s['job_startup_slope_s']:.1f} s** (the slope); "
-        f"what a workflow pays once whatever its jobs (Snakemake, the group level) is {s['workflow_fixed_s']:.1f} s "
-        f"(one-job wall − S − N t_job, t_job = {s['job_per_scan_s']:.2f} s per scan in a job). Projected from these "
-        f"and L, t: throughput of the workflow / one `predict` for M scans in jobs of G participants, "
-        f"(L + M t) / (fixed + ⌈M / G⌉ S + M t_job), and the smallest G that reaches the goal (≥ {goal}); "
-        f"the first row is this run's N:",
+        f"So a job costs **S = {s['job_startup_measured_s']:.1f} s** besides its scans (median over every job; the "
+        f"slope between the two workflows' walls, (W_{result['small_group']} − W_{n}) / (jobs − 1), gives "
+        f"{s['job_startup_slope_s']:.1f} s), and a workflow pays **{s['workflow_fixed_s']:.1f} s** once whatever its "
+        f"jobs (Snakemake's own time and the group level; from the slope: {s['workflow_fixed_from_slope_s']:.1f} s). "
+        f"Projected from these and L, t: throughput of the workflow / one `predict` for M scans in jobs of G "
+        f"participants, (L + M t) / (fixed + ⌈M / G⌉ S + M t_job), and the smallest G that reaches the goal "
+        f"(≥ {goal}); the first row is this run's N:",
         "",
         "| M scans | "
         + " | ".join(f"G = {group}" for group in PROJECTED_GROUPS)
@@ -370,8 +393,8 @@ def markdown(result: dict) -> str:
     ]
     for cohort, row in s["projection"].items():
         reaching = row["smallest_group_reaching_goal"]
-        cells = [f"{row['by_group'][str(group)]:.2f}" if group <= int(cohort) else "" for group in PROJECTED_GROUPS]
-        lines.append(f"| {cohort} | " + " | ".join(cells) + f" | {row['one_job']:.2f} | {reaching or 'none'} |")
+        cells = [f"{row['by_group'][str(group)]:.3f}" if group <= int(cohort) else "" for group in PROJECTED_GROUPS]
+        lines.append(f"| {cohort} | " + " | ".join(cells) + f" | {row['one_job']:.3f} | {reaching or 'none'} |")
     lines += [
         "",
         f"For a very long cohort the ratio tends to t / (t_job + S / G): the goal needs G ≥ "
@@ -403,10 +426,14 @@ def main(argv: list[str] | None = None) -> int:
         help="participants per job of the many-jobs workflow run (default: N / 3)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each runs every method once")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    parser.add_argument(
+        "--render-only", action="store_true", help="redo the derived numbers and the Markdown from the JSON's times"
+    )
     args = parser.parse_args(argv)
     if args.render_only:
         result = json.loads(RESULTS_JSON.read_text())
+        result["summary"] = summarize(result["raw"], result["participants"], result["small_group"])
+        RESULTS_JSON.write_text(json.dumps(result, indent=1) + "\n")
     else:
         n = args.participants
         small_group = args.small_group or max(1, n // 3)
