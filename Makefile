@@ -34,7 +34,7 @@ VERSION ?=
 TRAIN_ARGS ?=
 
 .PHONY: model-afids evaluate-pretrained bench-pretrained install test lint demo demo-data demo-population train-coarse train-fine train export evaluate-demo \
-	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-reports bench-training bench-accuracy bench-ablation clean-demo
+	bench-layer bench-strided-conv bench-data bench-localize bench-predict bench-reports bench-training bench-accuracy bench-ablation bench-cohort clean-demo
 
 install: $(STAMP)
 
@@ -168,6 +168,14 @@ SAMPLES_DATA ?= $(AFIDS_WORK)/dataset
 .PHONY: bench-landmark-samples
 bench-landmark-samples: $(STAMP)
 	$(BIN)/python -m bench.bench_landmark_samples --data $(SAMPLES_DATA)
+
+# Scans per minute through the cohort workflow (workflow/Snakefile, --cores 2) against one long-running `predict`
+# and a `predict` per scan, and the workflow's start-up cost per job, on synthetic 1 mm heads with the shipped
+# model (about 13 min on 2 cores; COHORT_ARGS="--participants 24 --repeats 2", say). Writes
+# bench/results/bench_cohort.json and the table in docs/BENCH_COHORT.md.
+COHORT_ARGS ?=
+bench-cohort: $(STAMP)
+	$(BIN)/python -m bench.bench_cohort --demo $(DEMO) $(COHORT_ARGS)
 
 # Accuracy on held-out synthetic subjects next to the registration and U-Net baselines (about 75 min on 2 cores;
 # rerunning resumes, `rm -rf runs/bench-accuracy` starts over). Writes bench/results/bench_accuracy.json and its
