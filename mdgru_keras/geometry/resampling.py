@@ -15,8 +15,8 @@ trilinear interpolation (which the tests check against ``scipy.ndimage.affine_tr
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
+from mdgru_keras.geometry._tensorflow import tf
 from mdgru_keras.geometry.affine_maps import translation_affine, translation_affine_tf, voxel_spacing_mm
 from mdgru_keras.geometry.windows import centered_window_origin, centered_window_origin_tf
 

@@ -10,7 +10,8 @@ point (:func:`window_origin_around`), and points close together share one fine w
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
+
+from mdgru_keras.geometry._tensorflow import tf
 
 # ---------------------------------------------------------------------------------------------------------
 # window origins

@@ -15,7 +15,6 @@ import numpy as np
 
 from mdgru_keras.errors import InputError
 from mdgru_keras.geometry import affine_maps
-from mdgru_keras.geometry.resampling import canonical_resampling_grid, resample_axis_aligned
 from mdgru_keras.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -111,6 +110,8 @@ def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
     file_data, file_affine = _load_3d(path)
     if spacing_mm is not None and not (np.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+    from mdgru_keras.geometry.resampling import canonical_resampling_grid, resample_axis_aligned  # imports TF
+
     new_shape, new_affine, new_to_file = canonical_resampling_grid(file_data.shape, file_affine, spacing_mm)
     data = resample_axis_aligned(file_data, new_to_file, new_shape).astype(np.float32, copy=False)
     return Volume(
