@@ -45,6 +45,7 @@ setup(
         "dev": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",
+            "pytest-xdist>=3.6,<4",
             "hypothesis>=6.100,<7",
             "ruff>=0.6,<1",
             # drives Debian's Chromium in the QC-report test (tests/test_reports.py; `make browser` installs it)
