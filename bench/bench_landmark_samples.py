@@ -11,7 +11,7 @@ landmark: (windows trained per second) x (landmarks trained per window) / K, the
 landmark, with the same run's 2048² float32 matmul GFLOP/s.
 
 Writes ``bench/results/bench_landmark_samples.json`` and a section of docs/TRAINING.md; run with
-``make bench-landmark-samples`` (about 5 min on 2 cores with the shipped model's recipe and dataset:
+``make bench-landmark-samples`` (about 3 min on 2 cores with the shipped model's recipe and dataset:
 ``make model-afids`` makes it, or ``--data`` another prepared dataset of many landmarks).
 """
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "runs" / "model-afids" / "dataset",
                         help="a prepared dataset with many landmarks (default: make model-afids's)")
     parser.add_argument("--config", default="afids")
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     if not (args.data / "dataset.json").is_file():
         parser.error(f"{args.data}: no prepared dataset (make model-afids makes one; or give --data)")
