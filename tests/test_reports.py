@@ -292,7 +292,7 @@ def test_the_page_has_a_summary_row_per_landmark_with_its_flags(head_page: Path,
     rows = page.rows["summary"]
     header, body = rows[0], rows[1:]
     assert header[1] == ["#", "landmark", "x (mm)", "y (mm)", "z (mm)", "confidence", "flip disagreement (mm)",
-                         "status"]  # fmt: skip
+                         "coarse shift (mm)", "status"]  # fmt: skip
     assert [cells[1] for _, cells, _ in body] == list(NAMES)
     for k, (row_class, cells, links) in enumerate(body):
         status = FLAGGED.get(k, "ok")
@@ -300,6 +300,7 @@ def test_the_page_has_a_summary_row_per_landmark_with_its_flags(head_page: Path,
         world = [float(v) for v in cells[2:5]]
         np.testing.assert_allclose(world, head_prediction.world_mm[k], atol=0.051)
         assert cells[5] == f"{head_prediction.confidence[k]:.3g}"
+        assert cells[7] == f"{head_prediction.coarse_shift_mm()[k]:.1f}"
         if k in FLAGGED:
             assert row_class.split()[0] == "flagged" and row_class.split()[1] == worst_status([status]), k
         else:

@@ -141,6 +141,7 @@ def _scan_section(
     if Path(prediction.path).name != image.name:
         facts.insert(1, ("localized in", prediction.path))
     rows, figures = [], []
+    coarse_shift_mm = prediction.coarse_shift_mm()
     for k, name in enumerate(prediction.landmark_names):
         landmark_id = f"s{number}-l{k + 1}"
         classes = _html.row_classes(statuses[k])
@@ -150,12 +151,14 @@ def _scan_section(
             + "".join(f"<td>{_fmt(v, '.1f')}</td>" for v in prediction.world_mm[k])
             + f"<td>{_fmt(prediction.confidence[k], '.3g')}</td>"
             f"<td>{_fmt(prediction.flip_disagreement_mm[k], '.1f')}</td>"
+            f"<td>{_fmt(coarse_shift_mm[k], '.1f')}</td>"
             f'<td class="text">{_html.badge(statuses[k])}</td></tr>'
         )
         values = (
             f"RAS ({world}) mm &middot; voxel ({', '.join(_fmt(v, '.1f') for v in prediction.voxel[k])}) &middot; "
             f"confidence {_fmt(prediction.confidence[k], '.3g')} &middot; flip disagreement "
-            f"{_fmt(prediction.flip_disagreement_mm[k], '.1f')} mm"
+            f"{_fmt(prediction.flip_disagreement_mm[k], '.1f')} mm &middot; coarse shift "
+            f"{_fmt(coarse_shift_mm[k], '.1f')} mm"
         )
         figures.append(
             f'<article class="landmark {classes}" id="{landmark_id}">'
@@ -170,7 +173,7 @@ def _scan_section(
     )
     table = (
         '<table class="summary"><thead><tr><th>#</th><th class="name">landmark</th><th>x (mm)</th>'
-        "<th>y (mm)</th><th>z (mm)</th><th>confidence</th><th>flip disagreement (mm)</th>"
+        "<th>y (mm)</th><th>z (mm)</th><th>confidence</th><th>flip disagreement (mm)</th><th>coarse shift (mm)</th>"
         f'<th class="name">status</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
     )
     return f'{header}{table}<div class="landmarks">{"".join(figures)}</div></section>'
