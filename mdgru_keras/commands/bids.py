@@ -253,9 +253,9 @@ def _participant(
                 progress.update(1)
                 continue
             if client is None:  # the model is loaded once, when the first scan needs it
-                from mdgru_keras.serving.servable import LocalLocalizationClient
+                from mdgru_keras.commands._options import load_for_inference
 
-                client = stack.enter_context(LocalLocalizationClient(model_dir))
+                client = stack.enter_context(load_for_inference(model_dir))
             try:
                 prediction = predict_scan(client, scan.path)
                 if requested is not None:

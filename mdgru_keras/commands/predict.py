@@ -281,13 +281,14 @@ def _open_client(
     """The client for --model (loaded once) or --server; ``--landmarks`` is checked against the export's
     ``model_info.json`` before the model is loaded (with --server: against the first answer)."""
     if model_dir is not None:
+        from mdgru_keras.commands._options import load_for_inference
         from mdgru_keras.export import read_model_info
-        from mdgru_keras.serving.servable import LocalLocalizationClient, resolve_version_dir
+        from mdgru_keras.serving.servable import resolve_version_dir
 
         known = read_model_info(resolve_version_dir(model_dir)[0]).get("landmarks")
         if requested is not None and known is not None:
             select_landmarks(requested, known)
-        return LocalLocalizationClient(model_dir)
+        return load_for_inference(model_dir)
     from mdgru_keras.serving import connect
 
     return connect(server, model_name, timeout_s=timeout_s)
