@@ -10,7 +10,8 @@ Model: the one shipped with the package (the default of ``predict`` and ``bids``
 command in a fresh output folder, on the same scans, and each round runs each of them once (rounds interleave
 the methods, so that a change of load hits all of them):
 
-* ``predict-all``: one ``mdgru-localize predict`` over all N scans (``--format fcsv``, a file per scan);
+* ``predict-all``: one ``mdgru-localize predict`` over all N scans (``--format fcsv``, a file per scan, and
+  ``--report``, a QC page per scan: the work the BIDS App does);
 * ``predict-one``: ``predict`` of one scan (a different one each round): a process per scan, extrapolated;
 * ``workflow-gG``: ``snakemake -s workflow/Snakefile --cores 2`` with ``participants_per_job`` G, once with G = N
   (one job) and once with ``--small-group`` (several jobs, one after another: each job takes both cores).
@@ -149,8 +150,10 @@ def run_predict(scans: list[Path], folder: Path) -> dict:
     out = folder / "out"
     out.mkdir(parents=True)
     return timed(
-        [str(CLI), "predict", *map(str, scans), "--format", "fcsv", "--out", str(out)], folder, folder / "predict.log"
-    )
+        # --report: a QC page per scan, as `bids` writes one per participant, so that both do the same work
+        [str(CLI), "predict", *map(str, scans), "--format", "fcsv", "--out", str(out), "--report",
+         str(folder / "report")], folder, folder / "predict.log",
+    )  # fmt: skip
 
 
 def run_workflow(bids_dir: Path, folder: Path, per_job: int) -> dict:
