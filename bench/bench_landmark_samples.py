@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from bench.bench_pretrained import _cpu_name, matmul_gflops
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,18 +35,6 @@ RESULTS = ROOT / "bench" / "results" / "bench_landmark_samples.json"
 DOC = ROOT / "docs" / "TRAINING.md"
 BEGIN, END = "<!-- bench-landmark-samples:begin -->", "<!-- bench-landmark-samples:end -->"
 
-
-def matmul_gflops(repeats: int = 5) -> float:
-    import tensorflow as tf
-
-    a = tf.random.normal([2048, 2048])
-    tf.linalg.matmul(a, a).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        tf.linalg.matmul(a, a).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / float(np.median(times)) / 1e9
 
 
 def measure(data: Path, config_name: str, batches: int, rounds: int) -> dict:
@@ -158,15 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     return 0
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mdgru_keras.bids.layout import DESCRIPTION_FILE, BidsScan, Selection
+from mdgru_keras.bids.layout import DESCRIPTION_FILE, BidsScan, Selection, read_json
 from mdgru_keras.errors import InputError
 from mdgru_keras.io.atomic import write_text_atomic
 from mdgru_keras.version import package_version
@@ -101,12 +101,7 @@ def dataset_description(bids_dir: Path) -> dict:
 
 
 def _read_description(path: Path) -> dict:
-    try:
-        description = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise InputError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(path, f"cannot read it ({type(error).__name__}: {error})") from None
+    description = read_json(path)
     return description if isinstance(description, dict) else {}
 
 
@@ -367,12 +362,14 @@ def read_failure(outputs: ScanOutputs) -> str | None:
 @dataclass
 class GroupResult:
     """What the group level found: one table row per scan and landmark, the scans without complete outputs
-    (each with its problem), per participant the statuses of its landmarks, and the models and settings used."""
+    (each with its problem), per participant the statuses of its landmarks and its scans with complete outputs,
+    and the models and settings used."""
 
     selection: Selection
     rows: list[list[str]] = field(default_factory=list)
     failed: list[tuple[BidsScan, str]] = field(default_factory=list)
     statuses: dict[str, list[str]] = field(default_factory=dict)
+    complete_scans: dict[str, list[str]] = field(default_factory=dict)  # participant -> relpaths with outputs
     models: list[dict] = field(default_factory=list)
     settings: list[dict] = field(default_factory=list)
 
@@ -399,6 +396,7 @@ def collect_group(output_dir: str | Path, selection: Selection) -> GroupResult:
         for collection, value in ((result.models, document.get("Model")), (result.settings, document.get("Settings"))):
             if value not in collection:
                 collection.append(value)
+        result.complete_scans.setdefault(scan.participant_id, []).append(scan.relpath)
         statuses = result.statuses.setdefault(scan.participant_id, [])
         for name, values in document["Landmarks"].items():
             statuses.append(values["status"])

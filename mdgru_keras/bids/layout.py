@@ -72,6 +72,17 @@ def parse_label(value: str, prefix: str) -> str:
     return label
 
 
+def read_json(path: Path) -> object:
+    """A JSON file's content (a ``dataset_description.json``, a BOM allowed), or an :class:`InputError` in one
+    line naming the file and why it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise InputError(path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot read it ({type(error).__name__}: {error})") from None
+
+
 def check_bids_dir(bids_dir: str | Path) -> dict:
     """The dataset description of ``bids_dir``, or an :class:`InputError` in one line saying why it is not a
     BIDS dataset."""
@@ -87,12 +98,7 @@ def check_bids_dir(bids_dir: str | Path) -> dict:
             f"not a BIDS dataset: no {DESCRIPTION_FILE} (BIDS_DIR is the dataset's top folder, which holds "
             f"{DESCRIPTION_FILE} and the sub-* folders)",
         )
-    try:
-        description = json.loads(description_path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        raise InputError(description_path, f"not valid JSON (line {error.lineno}: {error.msg})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(description_path, f"cannot read it ({type(error).__name__}: {error})") from None
+    description = read_json(description_path)
     if not isinstance(description, dict):
         raise InputError(description_path, "not a JSON object")
     missing = [field for field in REQUIRED_FIELDS if field not in description]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mdgru_keras.bids.derivatives import GroupResult, ScanOutputs, plan_outputs, read_complete, read_failure
+from mdgru_keras.bids.derivatives import GroupResult, ScanOutputs, read_complete, read_failure
 
 if TYPE_CHECKING:
     from mdgru_keras.prediction import QualityThresholds, ScanPrediction
@@ -91,17 +91,12 @@ def write_group_report(output_dir: str | Path, result: GroupResult) -> Path:
     failed: dict[str, list[tuple[str, str]]] = {}
     for scan, problem in result.failed:
         failed.setdefault(scan.participant_id, []).append((scan.relpath, problem))
-    planned, _ = plan_outputs(output_dir, result.selection.scans)
-    scans: dict[str, list[str]] = {}
-    for outputs in planned:
-        if read_complete(outputs) is not None:
-            scans.setdefault(outputs.scan.participant_id, []).append(outputs.scan.relpath)
     entries = []
     for participant in sorted({scan.participant_id for scan in result.selection.scans}):
         page = participant_page(output_dir, participant)
         entries.append(ReportEntry.from_statuses(
             participant, page.name if page.is_file() else None, result.statuses.get(participant, []),
-            scans=scans.get(participant, []), failed=failed.get(participant, []),
+            scans=result.complete_scans.get(participant, []), failed=failed.get(participant, []),
         ))  # fmt: skip
     model_info, thresholds = None, None
     if len(result.models) == 1 and isinstance(result.models[0], dict):  # else the pages say which

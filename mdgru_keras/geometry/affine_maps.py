@@ -8,12 +8,9 @@ affine. :func:`voxel_to_world` is the one function that applies a 4x4 affine to 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    import tensorflow as tf
+from mdgru_keras.geometry._tensorflow import tf
 
 # ---------------------------------------------------------------------------------------------------------
 # voxel <-> world
@@ -32,7 +29,6 @@ def voxel_to_world(voxel: np.ndarray, voxel_to_world_affine: np.ndarray) -> np.n
 
 def voxel_to_world_tf(voxel: tf.Tensor, voxel_to_world_affine: tf.Tensor) -> tf.Tensor:
     """TensorFlow form of :func:`voxel_to_world` (float64 math, result in the affine's dtype)."""
-    import tensorflow as tf  # here, not at the top: the NumPy maps serve TensorFlow-free tools too
 
     affine = tf.cast(voxel_to_world_affine, tf.float64)
     voxel = tf.cast(voxel, tf.float64)
@@ -66,7 +62,6 @@ def translation_affine(offset_voxel: np.ndarray) -> np.ndarray:
 
 def translation_affine_tf(offset_voxel: tf.Tensor) -> tf.Tensor:
     """TensorFlow form of :func:`translation_affine` (float64)."""
-    import tensorflow as tf  # here, not at the top: the NumPy maps serve TensorFlow-free tools too
 
     offset = tf.reshape(tf.cast(offset_voxel, tf.float64), [3, 1])
     top = tf.concat([tf.eye(3, dtype=tf.float64), offset], axis=1)
@@ -84,7 +79,6 @@ def rotation_matrix(angles_rad: np.ndarray) -> np.ndarray:
 
 def rotation_matrix_tf(angles_rad: tf.Tensor) -> tf.Tensor:
     """TensorFlow form of :func:`rotation_matrix` (float32)."""
-    import tensorflow as tf  # here, not at the top: the NumPy maps serve TensorFlow-free tools too
 
     angles = tf.cast(angles_rad, tf.float32)
     c, s = tf.cos(angles), tf.sin(angles)
