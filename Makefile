@@ -163,6 +163,12 @@ bench-reports: $(STAMP)
 bench-pretrained: $(STAMP)
 	$(BIN)/python -m bench.bench_pretrained --demo $(DEMO)
 
+# Which stage limits the shipped model: each stage's own error (the fine stage centred on the truth, on the truth
+# + 6 mm, on the coarse estimate) on bench-pretrained's test heads and on training heads, from model-afids's runs.
+.PHONY: bench-stages
+bench-stages: $(STAMP)
+	$(BIN)/python -m bench.bench_stages --work $(AFIDS_WORK) --demo $(DEMO)
+
 bench-training: $(STAMP)
 	$(BIN)/python -m bench.bench_training
 

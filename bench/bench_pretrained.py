@@ -99,6 +99,23 @@ def template_condition(demo: Path, out: Path) -> Path:
     return out / "manifest.csv"
 
 
+def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]:
+    """The test heads of every condition (:data:`CONDITIONS` and the moved template) under ``out``, made when
+    missing: ``{condition: manifest.csv}``."""
+    if not (demo / FIDUCIALS).is_file():
+        run([*cli(), "demo-data", "--out", str(demo)])
+    manifests = {}
+    for name, (seed, options) in CONDITIONS.items():
+        folder = out / name
+        if not (folder / "manifest.csv").is_file():
+            run([*cli(), "synth", "--image", str(demo / T1), "--image2", str(demo / T2), "--landmarks",
+                 str(demo / FIDUCIALS), "--n", str(subjects), "--seed", seed, "--workers", "2",
+                 "--out", str(folder), *options])
+        manifests[name] = folder / "manifest.csv"
+    manifests["template"] = template_condition(demo, out / "template")
+    return manifests
+
+
 def _cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -331,17 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = pretrained_model_dir()
         demo, out = args.demo.resolve(), args.out.resolve()
-        if not (demo / FIDUCIALS).is_file():
-            run([*cli(), "demo-data", "--out", str(demo)])
-        manifests = {}
-        for name, (seed, options) in CONDITIONS.items():
-            folder = out / name
-            if not (folder / "manifest.csv").is_file():
-                run([*cli(), "synth", "--image", str(demo / T1), "--image2", str(demo / T2), "--landmarks",
-                     str(demo / FIDUCIALS), "--n", str(args.subjects), "--seed", seed, "--workers", "2",
-                     "--out", str(folder), *options])
-            manifests[name] = folder / "manifest.csv"
-        manifests["template"] = template_condition(demo, out / "template")
+        manifests = condition_manifests(demo, out, args.subjects)
         conditions, seconds = {}, {}
         for name, manifest in manifests.items():
             report = out / f"{name}.json"
