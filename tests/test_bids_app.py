@@ -60,7 +60,7 @@ def _affine(angle_deg: float, spacing: tuple[float, float, float], origin: tuple
 
 
 BRIGHT = (9.0, 8.0, 7.0)
-DIM = (-10.0, -11.0, -12.0)  # sigmoid: 4.5e-5, 1.7e-5, 6.1e-6, below the default --min-confidence 1.5e-4
+DIM = (-10.0, -11.0, -12.0)  # sigmoid: 4.5e-5, 1.7e-5, 6.1e-6, below the default --min-confidence 1e-3
 SCANS = {
     "sub-01 T1w": (Scan("sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_space-T1w_desc-mdgru_afids.fcsv",
                         np.array([[3, 4, 5], [10, 11, 12], [16, 2, 9]]), BRIGHT),

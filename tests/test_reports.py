@@ -326,7 +326,7 @@ def test_the_page_is_self_contained_and_escapes_text(head_page: Path) -> None:
     assert "sub-01 &lt;T1w&gt; &amp; co.nii.gz" in text
     assert "afids&lt;32&gt;" in text and "2025-01-02T03:04:05+00:00" in text
     assert DEFAULT_THRESHOLDS.describe() in text
-    assert "low_confidence below 0.00015; unstable above 8 mm flip disagreement; coarse_fine_disagree above 15" in text
+    assert "low_confidence below 0.001; unstable above 8 mm flip disagreement; coarse_fine_disagree above 15" in text
 
 
 def test_every_panel_is_a_png_of_the_panel_size(head_page: Path) -> None:

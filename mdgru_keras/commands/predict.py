@@ -17,7 +17,7 @@ FORMATS = ("json", "csv", "fcsv", "mrk.json")
 MARKUPS_FORMATS = ("fcsv", "mrk.json")  # 3D Slicer point lists: one file per scan
 # As mdgru_keras.prediction.MIN_CONFIDENCE (not imported here: --help stays quick); the help below also repeats
 # its MIN_SCAN_VOXELS. tests/test_predict.py checks that they agree.
-MIN_CONFIDENCE = 0.00015
+MIN_CONFIDENCE = 0.001
 MAX_FLIP_DISAGREEMENT_MM = 8.0  # as mdgru_keras.prediction.MAX_FLIP_DISAGREEMENT_MM
 MAX_COARSE_SHIFT_MM = 15.0  # as mdgru_keras.prediction.MAX_COARSE_SHIFT_MM
 # Errors after which every further scan would fail the same way: stop instead of trying each.
