@@ -116,6 +116,22 @@ def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]
     return manifests
 
 
+def forget_other_models(out: Path, estimates: Path, model_dir: Path) -> None:
+    """Remove the cached evaluations under ``out`` (and the quality estimates) unless they were made with the
+    model in ``model_dir``: its ``saved_model.pb`` and variables, by SHA-256, are recorded in ``out/model.sha256``."""
+    from mdgru_keras.pretrained import sha256_file
+
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    fingerprint = "\n".join(f"{sha256_file(p)}  {p.relative_to(model_dir)}" for p in files) + "\n"
+    stamp = out / "model.sha256"
+    if stamp.is_file() and stamp.read_text() == fingerprint:
+        return
+    for cached in [*(out / f"{name}.json" for name in (*CONDITIONS, "template")), estimates]:
+        cached.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+
+
 def _cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -349,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = pretrained_model_dir()
         demo, out = args.demo.resolve(), args.out.resolve()
         manifests = condition_manifests(demo, out, args.subjects)
+        forget_other_models(out, estimates_path, model_dir)
         conditions, seconds = {}, {}
         for name, manifest in manifests.items():
             report = out / f"{name}.json"
