@@ -118,7 +118,7 @@ def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]
 
 def forget_other_models(out: Path, estimates: Path, model_dir: Path) -> None:
     """Remove the cached evaluations under ``out`` (and the quality estimates) unless they were made with the
-    model in ``model_dir``: its ``saved_model.pb`` and variables, by SHA-256, are recorded in ``out/model.sha256``."""
+    model in ``model_dir``: the SHA-256 of each of its files is recorded in ``out/model.sha256``."""
     from mdgru_keras.pretrained import sha256_file
 
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
