@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.bench_pretrained import _cpu_name, matmul_gflops
+from bench.doc_sections import with_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "bench" / "results" / "bench_cohort.json"
@@ -408,8 +409,7 @@ def markdown(result: dict) -> str:
 
 def write_doc(result: dict) -> None:
     text = DOC.read_text() if DOC.is_file() else f"# Cohort throughput (`make bench-cohort`)\n\n{BEGIN}\n{END}\n"
-    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-    DOC.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
+    DOC.write_text(with_section(text, BEGIN, END, markdown(result)))
 
 
 def main(argv: list[str] | None = None) -> int:

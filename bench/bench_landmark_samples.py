@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_pretrained import _cpu_name, matmul_gflops
+from bench.doc_sections import with_section
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     text = DOC.read_text()
     if BEGIN in text:
-        start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-        DOC.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
+        DOC.write_text(with_section(text, BEGIN, END, markdown(result)))
     print(markdown(result))
     return 0
 

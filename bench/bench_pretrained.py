@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.doc_sections import with_section
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "bench" / "results" / "bench_pretrained.json"
 MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
@@ -329,9 +331,7 @@ def quality_markdown(flags: dict) -> list[str]:
 
 
 def write_model_card(result: dict) -> None:
-    text = MODEL_CARD.read_text()
-    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-    MODEL_CARD.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
+    MODEL_CARD.write_text(with_section(MODEL_CARD.read_text(), BEGIN, END, markdown(result)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_pretrained import ROOT, _cpu_name, condition_manifests
+from bench.doc_sections import with_section
 
 RESULTS_JSON = ROOT / "bench" / "results" / "bench_stages.json"
 MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
@@ -133,9 +134,7 @@ def markdown(result: dict) -> str:
 
 
 def write_model_card(result: dict) -> None:
-    text = MODEL_CARD.read_text()
-    start, stop = text.index(BEGIN) + len(BEGIN), text.index(END)
-    MODEL_CARD.write_text(text[:start] + "\n\n" + markdown(result) + "\n\n" + text[stop:])
+    MODEL_CARD.write_text(with_section(MODEL_CARD.read_text(), BEGIN, END, markdown(result)))
 
 
 def main(argv: list[str] | None = None) -> int:
