@@ -23,11 +23,15 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bench.bench_pretrained import ROOT, _cpu_name, condition_manifests
 from bench.doc_sections import with_section
+
+if TYPE_CHECKING:
+    from mdgru_keras.localizer import TwoStageLocalizer
 
 RESULTS_JSON = ROOT / "bench" / "results" / "bench_stages.json"
 MODEL_CARD = ROOT / "docs" / "MODEL_CARD.md"
@@ -55,18 +59,23 @@ def training_manifest(work: Path, count: int, out: Path) -> Path:
     return manifest
 
 
-def stage_errors(work: Path, manifest: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Errors ``[scans, K]`` in mm of each of :data:`ESTIMATES` on the heads of ``manifest``."""
-    import tensorflow as tf
-
+def load_localizer(work: Path) -> TwoStageLocalizer:
+    """The plain two-stage localizer (no mirror, one pass) of the coarse and fine runs in ``work``."""
     from mdgru_keras.export import combine_configs, load_run
-    from mdgru_keras.io.landmarks import read_landmarks
-    from mdgru_keras.io.nifti import read_volume
     from mdgru_keras.localizer import TwoStageLocalizer
 
     coarse_run, fine_run = load_run(work / "coarse", "coarse"), load_run(work / "fine", "fine")
-    config = combine_configs(coarse_run.config, fine_run.config)
-    localizer = TwoStageLocalizer(coarse_run.model, fine_run.model, config)
+    return TwoStageLocalizer(coarse_run.model, fine_run.model, combine_configs(coarse_run.config, fine_run.config))
+
+
+def stage_errors(localizer: TwoStageLocalizer, manifest: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Errors ``[scans, K]`` in mm of each of :data:`ESTIMATES` on the heads of ``manifest``."""
+    import tensorflow as tf
+
+    from mdgru_keras.io.landmarks import read_landmarks
+    from mdgru_keras.io.nifti import read_volume
+
+    config = localizer.config
     names = list(config.landmarks)
     rng = np.random.default_rng(seed)
     errors: dict[str, list[np.ndarray]] = {name: [] for name in ESTIMATES}
@@ -157,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         manifests = condition_manifests(args.demo.resolve(), args.subjects_dir.resolve(), args.subjects)
         chosen = {name: manifests[name] for name in CONDITIONS}
         chosen["training"] = training_manifest(work, args.train_subjects, work / "bench-stages")
-        names = json.loads((work / "fine" / "config.json").read_text())["landmarks"]
+        localizer = load_localizer(work)
+        names = list(localizer.config.landmarks)
         conditions = {}
         for condition, manifest in chosen.items():
-            errors = stage_errors(work, manifest)
+            errors = stage_errors(localizer, manifest)
             conditions[condition] = {"scans": int(errors["coarse"].shape[0]), **summary(errors, names)}
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
