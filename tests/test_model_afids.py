@@ -81,3 +81,12 @@ def test_model_afids_resumes_after_a_kill(tmp_path):
     third = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "SavedModel: done already" in third.stdout
     assert max(_steps(work / "coarse")) == 10 * per_epoch
+
+
+def test_the_recipe_trains_from_the_in_memory_cache():
+    """All of model-afids's heads fit the pipeline's cache of preprocessed subjects. Beyond it every sample
+    decodes and high-pass filters a whole head again (about 0.3 CPU-s), which doubled the recipe's step time."""
+    from mdgru_keras.data.pipeline import CACHE_MAX_SUBJECTS
+    from train.model_afids import TRAIN_SUBJECTS
+
+    assert TRAIN_SUBJECTS <= CACHE_MAX_SUBJECTS
