@@ -118,20 +118,30 @@ def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]
     return manifests
 
 
-def forget_other_models(out: Path, estimates: Path, model_dir: Path) -> None:
-    """Remove the cached evaluations under ``out`` (and the quality estimates) unless they were made with the
-    model in ``model_dir``: the SHA-256 of each of its files is recorded in ``out/model.sha256``."""
+def model_fingerprint(model_dir: Path) -> str:
+    """The SHA-256 of each file of the model in ``model_dir``, one ``sha256  path`` line each."""
     from mdgru_keras.pretrained import sha256_file
 
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    fingerprint = "\n".join(f"{sha256_file(p)}  {p.relative_to(model_dir)}" for p in files) + "\n"
+    return "\n".join(f"{sha256_file(p)}  {p.relative_to(model_dir)}" for p in files) + "\n"
+
+
+def made_with(out: Path, model_dir: Path) -> bool:
+    """Whether the cached evaluations under ``out`` were made with the model in ``model_dir``
+    (``out/model.sha256``, written by :func:`forget_other_models`)."""
     stamp = out / "model.sha256"
-    if stamp.is_file() and stamp.read_text() == fingerprint:
+    return stamp.is_file() and stamp.read_text() == model_fingerprint(model_dir)
+
+
+def forget_other_models(out: Path, estimates: Path, model_dir: Path) -> None:
+    """Remove the cached evaluations under ``out`` (and the quality estimates) unless they were made with the
+    model in ``model_dir``; then record that model's fingerprint in ``out/model.sha256``."""
+    if made_with(out, model_dir):
         return
     for cached in [*(out / f"{name}.json" for name in (*CONDITIONS, "template")), estimates]:
         cached.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+    (out / "model.sha256").write_text(model_fingerprint(model_dir))
 
 
 def _cpu_name() -> str:
@@ -355,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         from mdgru_keras.pretrained import pretrained_model_dir
 
         manifests = {name: args.out.resolve() / name / "manifest.csv" for name in QUALITY_CONDITIONS}
+        if not made_with(args.out, pretrained_model_dir()):
+            # the JSON's other tables (and a cached estimates file) belong to the model that made them
+            raise SystemExit(f"bench-pretrained --quality-only: {args.out} was made with another model than the "
+                             "installed one; run make bench-pretrained")
         result = json.loads(RESULTS_JSON.read_text())
         estimates = cached_quality_estimates(pretrained_model_dir(), manifests, estimates_path)
         result["quality_flags"] = quality_flags(estimates)
