@@ -115,10 +115,25 @@ def summary(errors: dict[str, np.ndarray], names: list[str]) -> dict:
     }
 
 
+def run_description(run_dir: Path, stage: str) -> dict:
+    """What identifies a training run without its machine's paths: its steps and its stage's network."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    network = json.loads((run_dir / "config.json").read_text())[stage]["network"]
+    return {"steps": int(summary["step"]), "mdgru_units": network["mdgru_units"],
+            "fc_channels": network["fc_channels"]}
+
+
+def _describe(run: dict | str) -> str:
+    if isinstance(run, str):  # results written before runs were described by their steps and network
+        return f"`{run}`"
+    return f"{run['steps']} steps, MD-GRU units {run['mdgru_units']}"
+
+
 def markdown(result: dict) -> str:
     lines = [
-        f"Run on {result['date']} (`make bench-stages`), coarse run `{result['runs']['coarse']}`, fine run "
-        f"`{result['runs']['fine']}`; plain stages (no mirror, one pass). Error mm: mean / median / 90th percentile.",
+        f"Run on {result['date']} (`make bench-stages`), coarse run: {_describe(result['runs']['coarse'])}, fine "
+        f"run: {_describe(result['runs']['fine'])}; plain stages (no mirror, one pass). Error mm: mean / median / "
+        "90th percentile.",
         "",
         "| heads | scans | " + " | ".join(ESTIMATES) + " |",
         "| --- | ---: |" + " ---: |" * len(ESTIMATES),
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {"processor": _cpu_name(), "cores": os.cpu_count()},
-            "runs": {"coarse": str(work / "coarse"), "fine": str(work / "fine")},
+            "runs": {stage: run_description(work / stage, stage) for stage in ("coarse", "fine")},
             "offset_mm": OFFSET_MM,
             "conditions": conditions,
         }
