@@ -38,6 +38,7 @@ import tensorflow as tf
 from mdgru_keras.config import Config, ConfigError, config_from_dict
 from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints
 from mdgru_keras.geometry.resampling import canonical_resampling_grid_tf, central_grid_crop_tf, resample_axis_aligned_tf
 from mdgru_keras.io.atomic import check_writable
 from mdgru_keras.localizer import TwoStageLocalizer
@@ -477,15 +478,20 @@ def export_runs(
     fine_passes: int = 1,
     flip_average: bool = False,
     average_passes: bool = False,
+    protocol_planes: bool = False,
 ) -> Path:
     """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel
-    (``fine_passes``, ``flip_average``, ``average_passes``: see :class:`mdgru_keras.localizer.TwoStageLocalizer`;
-    recorded in ``model_info.json`` under ``inference``)."""
+    (``fine_passes``, ``flip_average``, ``average_passes``, ``protocol_planes``: see
+    :class:`mdgru_keras.localizer.TwoStageLocalizer`; recorded in ``model_info.json`` under ``inference``)."""
     check_export_dir(base_dir, name)  # before loading the runs
     coarse = load_run(coarse_run, "coarse")
     fine = load_run(fine_run, "fine")
     config = combine_configs(coarse.config, fine.config, str(coarse.path), str(fine.path))
-    inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes}
+    if protocol_planes and not plane_constraints(config.landmarks):
+        raise InputError(fine.path, f"--protocol-planes needs AC, PC and one of {', '.join(PLANE_ANCHORS)} among "
+                                    f"the landmarks (has: {', '.join(config.landmarks)})")
+    inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
+                 "protocol_planes": protocol_planes}
     localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size, **inference)
     info = {
         "fine_passes": fine_passes,

@@ -27,6 +27,11 @@ errors: on the shipped AFIDs model this cut the mean error on unseen synthetic h
 (``docs/MODEL_CARD.md``), for twice the fine stage's work. ``flip_disagreement_voxel`` (how far the two
 estimates lie apart) is a per-landmark QC signal.
 
+Option ``protocol_planes``: the final ``voxel`` of the lateral ventricles' AFIDs (RLVAC, LLVAC at AC; RLVPC,
+LLVPC at PC) is moved along the estimated AC-PC line onto the coronal plane of the estimated AC or PC, where
+the AFIDs protocol places them (:mod:`mdgru_keras.geometry.protocol_planes`); the other outputs (every
+``voxel_*`` decoding, ``coarse_voxel``) are left as the networks gave them. Needs AC and PC among the landmarks.
+
 Decoding: ``voxel`` / ``coarse_voxel`` use the parabola refinement when ``config.parabola`` is true and the
 plain argmax otherwise; both variants are always returned too (``*_argmax``, ``*_parabola``), which are the
 rows of the paper's Table 1a. The fine windows are centred on ``coarse_voxel`` (with ``fine_passes > 1``, later
@@ -48,6 +53,7 @@ import tensorflow as tf
 from mdgru_keras.config import Config
 from mdgru_keras.data.pipeline import coarse_centre_origin
 from mdgru_keras.geometry.coordinate_classes import decode_axis_tf, peak_mass_tf, pool_classes_tf
+from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints, project_onto_planes_tf
 from mdgru_keras.geometry.windows import (
     crop_with_padding_tf,
     shared_window_groups_tf,
@@ -102,6 +108,8 @@ class TwoStageLocalizer(tf.Module):
         average_passes: with ``fine_passes > 1``, the result is the mean of all passes' estimates (positions and
             confidence; the probabilities and windows are the last pass's), and each pass is centred on the
             mean of the passes before it: an ensemble over window placements.
+        protocol_planes: put the lateral ventricles' AFIDs on the coronal planes of AC and PC (module
+            docstring); needs AC and PC among the landmarks.
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class TwoStageLocalizer(tf.Module):
         fine_passes: int = 1,
         flip_average: bool = False,
         average_passes: bool = False,
+        protocol_planes: bool = False,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -135,6 +144,10 @@ class TwoStageLocalizer(tf.Module):
             )
         self.flip_average = bool(flip_average)
         self.average_passes = bool(average_passes)
+        if protocol_planes and not plane_constraints(config.landmarks):
+            raise ValueError("protocol_planes needs AC, PC and at least one of "
+                             f"{', '.join(PLANE_ANCHORS)} among the landmarks")
+        self.protocol_planes = bool(protocol_planes)
         # a constant (not a variable): the export saves no state beyond the models' variables
         self._mirror = tf.constant(mirror_permutation(config.landmarks), tf.int32)
         self.fine_trunk, self.fine_heads = split_fine_model(fine_model)
@@ -182,6 +195,8 @@ class TwoStageLocalizer(tf.Module):
                 fine = _mean_of_passes(passes)
             centre = fine["voxel"]
         result.update(fine)
+        if self.protocol_planes:
+            result["voxel"] = project_onto_planes_tf(result["voxel"], list(self.config.landmarks))
         return result
 
     def _preprocess(self, volume: tf.Tensor) -> tf.Tensor:

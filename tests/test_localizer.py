@@ -288,3 +288,25 @@ def test_averaged_passes_are_an_ensemble_centred_on_the_running_mean(mirrored_pa
     np.testing.assert_array_equal(
         averaged["window_origin_voxel"].numpy(), window_origin_around(mean2, config.fine.window_size)
     )
+
+
+def test_protocol_planes_project_only_the_final_estimates_of_the_ventricle_landmarks(rng):
+    """``protocol_planes``: the localization's ``voxel`` is the plain one with RLVAC / RLVPC moved onto the
+    coronal planes of its own AC / PC estimates (geometry.protocol_planes); everything else is unchanged."""
+    from mdgru_keras.geometry.protocol_planes import project_onto_planes
+
+    names = ["AC", "PC", "RLVAC", "RLVPC", "M"]
+    config = with_landmarks(load_preset("tiny"), names)
+    keras.utils.set_random_seed(9)
+    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
+    plain = TwoStageLocalizer(coarse, fine, config, fine_passes=2)
+    planes = TwoStageLocalizer(coarse, fine, config, fine_passes=2, protocol_planes=True)
+    volume = rng.normal(size=(30, 32, 28)).astype(np.float32)
+    expected, result = plain(volume), planes(volume)
+    np.testing.assert_allclose(result["voxel"].numpy(), project_onto_planes(expected["voxel"].numpy(), names),
+                               atol=1e-4)
+    assert not np.allclose(result["voxel"].numpy()[2:4], expected["voxel"].numpy()[2:4], atol=1e-3)
+    for key in ("voxel_argmax", "voxel_parabola", "coarse_voxel", "confidence"):
+        np.testing.assert_array_equal(result[key].numpy(), expected[key].numpy())
+    with pytest.raises(ValueError, match="protocol_planes needs AC, PC"):
+        TwoStageLocalizer(coarse, fine, with_landmarks(config, ["AC", "M", "RLVAC", "X", "Y"]), protocol_planes=True)

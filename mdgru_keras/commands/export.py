@@ -74,6 +74,13 @@ import click
     help="With --fine-passes 2 or more: report the mean of all passes' estimates (each pass centred on the "
     "mean of the passes before it) instead of the last pass's.",
 )
+@click.option(
+    "--protocol-planes/--no-protocol-planes",
+    default=False,
+    show_default=True,
+    help="Move the lateral ventricles' AFIDs (RLVAC, LLVAC, RLVPC, LLVPC) along the estimated AC-PC line onto "
+    "the coronal plane of the estimated AC or PC, where the AFIDs protocol places them. Needs AC and PC.",
+)
 def export(
     coarse_run: Path | None,
     fine_run: Path | None,
@@ -85,6 +92,7 @@ def export(
     fine_passes: int,
     flip_average: bool,
     average_passes: bool,
+    protocol_planes: bool,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -120,7 +128,7 @@ def export(
     shown_version = version or next_version(base_dir / name)
     click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)
     version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes,
-                              flip_average, average_passes)
+                              flip_average, average_passes, protocol_planes)
     info = read_model_info(version_dir)
     landmarks = info.get("landmarks", [])
     click.echo(

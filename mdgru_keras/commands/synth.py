@@ -138,6 +138,14 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Generalization check: train draws the lower 60 % of every marked range, heldout the rest and never "
     "seen contrasts (docs/SYNTH.md); all draws whole ranges.",
 )
+@click.option(
+    "--protocol-planes/--tissue-labels",
+    default=False,
+    show_default=True,
+    help="Place RLVAC/LLVAC and RLVPC/LLVPC where a rater following the AFIDs protocol would: in the subject's "
+    "coronal plane of AC or PC (perpendicular to its AC-PC line), on the moved ventricle edge. "
+    "--tissue-labels: move them with the tissue like every other landmark.",
+)
 @click.option("--landmark-format", type=click.Choice(["fcsv", "mrk.json", "csv"]), default="fcsv", show_default=True)
 @click.option(
     "--gzip", "compress", is_flag=True, help="Write .nii.gz instead of .nii (noisy images shrink ~12 %, 2-3x slower)."
@@ -161,8 +169,9 @@ def synth(
     to --max-translation-mm), with changed tissue contrast and gamma, sharpened or blurred, acquired at 1 mm,
     lower isotropic resolution or with thick slices, through a random field of view (centred on the head, or
     lowered to reach the neck), with a bias field and Rician noise. The landmarks follow the same transform
-    exactly. With --image2, subjects are mixed from both images (e.g. T1w and T2w). Every range and chance is
-    switched off by 0. --family train / heldout write two populations with disjoint ranges, to train on one
+    exactly (with --protocol-planes, the lateral ventricles' four AFIDs follow the protocol's planes instead).
+    With --image2, subjects are mixed from both images (e.g. T1w and T2w). Every range and chance is switched
+    off by 0. --family train / heldout write two populations with disjoint ranges, to train on one
     and measure the error on unseen heads with the other (docs/SYNTH.md).
 
     OUT gets images/ (int16 NIfTI, .nii unless --gzip), landmarks/ (one file per subject, RAS), manifest.csv

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from mdgru_keras.data.deformation import interpolate_at, invert_displacement, rigid_affine
 from mdgru_keras.errors import InputError
 from mdgru_keras.geometry import affine_maps
+from mdgru_keras.geometry.protocol_planes import place_on_planes
 from mdgru_keras.geometry.resampling import resample_axis_aligned
 from mdgru_keras.io.atomic import write_text_atomic
 from mdgru_keras.io.landmarks import check_landmarks_inside, read_landmarks, write_landmarks
@@ -110,6 +111,9 @@ class SynthOptions:
     max_noise: float = 0.06  # [family] Rician noise sigma, uniform in [0, max_noise] x the 99th percentile
     image2_probability: float = 0.5  # chance of a subject from the second image (when one is given)
     family: str = "all"  # "all" (every range whole), "train" or "heldout" (disjoint parts; docs/SYNTH.md)
+    # labels
+    protocol_planes: bool = False  # RLVAC/LLVAC/RLVPC/LLVPC in the coronal planes of AC/PC (AFIDs), not moved
+    # with the tissue (mdgru_keras.geometry.protocol_planes)
     # output
     landmark_margin_mm: float = 10.0  # every landmark at least this far inside the field of view
     image_suffix: str = ".nii"  # or ".nii.gz": noisy images shrink by only ~12 % and gzip triples the time
@@ -494,10 +498,16 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
         return interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
 
-    # landmarks: forward map, the displacement inverted at each point
+    def to_subject(template_points_mm: np.ndarray) -> np.ndarray:
+        """Template mm -> subject mm: the forward affine, then the displacement inverted at each point."""
+        return invert_displacement(affine_maps.voxel_to_world(template_points_mm, forward), displacement_at)
+
     names = list(template.landmarks_world_mm)
     template_mm = np.stack([template.landmarks_world_mm[n] for n in names])
-    subject_mm = invert_displacement(affine_maps.voxel_to_world(template_mm, forward), displacement_at)
+    if options.protocol_planes:  # as a rater places them: where the moved ventricle edge meets the moved plane
+        subject_mm = place_on_planes(template_mm, names, to_subject)
+    else:
+        subject_mm = to_subject(template_mm)
 
     grid_box = (grid_origin, grid_origin + (np.asarray(grid_shape) - 1) * grid_step)
     spacing = np.asarray(drawn["spacing_mm"])

@@ -10,6 +10,8 @@
   ``window -> volume`` affine (the ``tf.data`` pipeline).
 * :mod:`~mdgru_keras.geometry.resampling` — the model's grid of a scan: closest canonical (RAS) orientation,
   resampling to the model spacing, the exported model's bounded central grid.
+* :mod:`~mdgru_keras.geometry.protocol_planes` — AFIDs landmarks that the protocol places in the coronal plane of
+  AC or PC: estimates projected onto those planes, and synthetic labels placed on them.
 
 Two concepts with one user each live next to it: the Gaussian heatmaps of the U-Net baseline in
 :mod:`mdgru_keras.baselines.heatmaps`, the rigid poses and deformations of the synthetic population in
