@@ -12,6 +12,10 @@ Run: ``python -m bench.bench_pretrained`` (``make bench-pretrained``). Every acc
 * ``template``: the AFIDs template itself, T1w and T2w, rotated, shifted and resampled to 1.2 mm (no synthetic
   deformation or appearance change at all).
 
+The synthetic heads' labels follow the AFIDs protocol (``synth --protocol-planes``): the lateral ventricles'
+four landmarks lie in the coronal planes of AC and PC, where raters put them, not where an elastic deformation
+moves the template's points.
+
 Speed: ``predict``'s code path on a 1 mm whole head, the model loaded once, median of repeats, with the same
 run's 2048^2 float32 matmul GFLOP/s and the process CPU time.
 
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,18 +106,34 @@ def template_condition(demo: Path, out: Path) -> Path:
     return out / "manifest.csv"
 
 
+def _labels_follow_the_protocol(folder: Path) -> bool:
+    """Whether the synthetic heads in ``folder`` were made with ``synth --protocol-planes``."""
+    description = folder / "synth.json"
+    return description.is_file() and bool(json.loads(description.read_text())["options"].get("protocol_planes"))
+
+
 def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]:
     """The test heads of every condition (:data:`CONDITIONS` and the moved template) under ``out``, made when
-    missing: ``{condition: manifest.csv}``."""
+    missing: ``{condition: manifest.csv}``.
+
+    Their labels follow the AFIDs protocol (``synth --protocol-planes``: the lateral ventricles' landmarks in the
+    coronal planes of AC and PC, as raters place them and as the template's raters did). Heads made before,
+    with those four moved with the tissue, are made again (same seeds: the same images), and their cached
+    evaluations and quality estimates (``OUT/quality_estimates.npz``) removed.
+    """
     if not (demo / FIDUCIALS).is_file():
         run([*cli(), "demo-data", "--out", str(demo)])
     manifests = {}
     for name, (seed, options) in CONDITIONS.items():
         folder = out / name
+        if (folder / "manifest.csv").is_file() and not _labels_follow_the_protocol(folder):
+            shutil.rmtree(folder)
+            for cached in (out / f"{name}.json", out / "quality_estimates.npz"):
+                cached.unlink(missing_ok=True)
         if not (folder / "manifest.csv").is_file():
             run([*cli(), "synth", "--image", str(demo / T1), "--image2", str(demo / T2), "--landmarks",
                  str(demo / FIDUCIALS), "--n", str(subjects), "--seed", seed, "--workers", "2",
-                 "--out", str(folder), *options])
+                 "--protocol-planes", "--out", str(folder), *options])
         manifests[name] = folder / "manifest.csv"
     manifests["template"] = template_condition(demo, out / "template")
     return manifests

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mdgru_keras.data.synth import Template, make_subject
+from mdgru_keras.data.synth import Template, make_subject, subject_landmarks
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.geometry.protocol_planes import (
     PLANE_ANCHORS,
@@ -130,3 +130,8 @@ def test_synthetic_labels_on_the_protocol_planes() -> None:
     np.testing.assert_array_equal(tissue_mm[[0, 1, 6]], protocol_mm[[0, 1, 6]])
     np.testing.assert_allclose(_plane_distance(protocol_mm, NAMES), 0.0, atol=1e-4)
     assert np.abs(_plane_distance(tissue_mm, NAMES)).max() > 0.05
+    # the labels alone, without the image, from the same random state (how bench-pretrained relabels heads)
+    for subject, subject_options in ((tissue, options), (protocol, replace(options, protocol_planes=True))):
+        labels = subject_landmarks(template, subject_options, np.random.default_rng(3))
+        for name in NAMES:
+            np.testing.assert_array_equal(labels[name], subject.landmarks_world_mm[name])

@@ -20,6 +20,10 @@ How the transform is built (coordinate math in :mod:`mdgru_keras.data.deformatio
 * The landmarks take the *forward* map: ``z = A(template_mm)``, then ``y + u(y) = z`` is solved for ``y`` by
   fixed-point iteration (:func:`~mdgru_keras.data.deformation.invert_displacement`), with the very same trilinear
   ``u`` the image sees, so they agree to 1e-6 mm.
+* With ``protocol_planes``, the lateral ventricles' four AFIDs are labelled as a rater following the protocol
+  would: where the moved ventricle edge (the template's line through the point along AC-PC) meets the subject's
+  coronal plane of AC or PC (:mod:`mdgru_keras.geometry.protocol_planes`). The image is the same either way
+  (its field of view is placed around where the template's points went).
 * Speed: the pull-back is affine plus ``u``, and trilinear interpolation reproduces affine maps exactly, so
   the template-voxel coordinates are computed on the control grid only and upsampled separably to the
   subject grid (:func:`~mdgru_keras.geometry.resampling.resample_axis_aligned`); one ``map_coordinates`` (order 1)
@@ -476,8 +480,23 @@ def _appearance(
 # one subject
 
 
-def make_subject(template: Template, options: SynthOptions, rng: np.random.Generator) -> Subject:
-    """Draw one subject (see the module docstring)."""
+@dataclass
+class _Geometry:
+    """The geometric draws of one subject (the first random numbers :func:`make_subject` consumes)."""
+
+    label: str
+    drawn: dict
+    centre: np.ndarray
+    scale: np.ndarray
+    forward: np.ndarray  # template world -> subject world (before the elastic displacement)
+    grid_origin: np.ndarray
+    grid_shape: tuple[int, int, int]
+    displacement: np.ndarray  # [*grid_shape, 3] on the control grid, subject world
+    tissue_mm: np.ndarray  # [K, 3] subject world, where the template's landmarks went (template order)
+    landmarks_mm: np.ndarray  # [K, 3] the labels: tissue_mm, or with protocol_planes, some on their planes
+
+
+def _draw_geometry(template: Template, options: SynthOptions, rng: np.random.Generator) -> _Geometry:
     labels = template.labels
     label = labels[1] if len(labels) > 1 and rng.random() < options.image2_probability else labels[0]
     drawn = sample_parameters(options, rng)
@@ -495,24 +514,45 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         grid_shape, drawn["elastic_large_mm"], options.elastic_large_smoothness_mm, grid_step, rng
     )
 
-    def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
-        return interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
-
     def to_subject(template_points_mm: np.ndarray) -> np.ndarray:
         """Template mm -> subject mm: the forward affine, then the displacement inverted at each point."""
+        def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
+            return interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
+
         return invert_displacement(affine_maps.voxel_to_world(template_points_mm, forward), displacement_at)
 
     names = list(template.landmarks_world_mm)
     template_mm = np.stack([template.landmarks_world_mm[n] for n in names])
-    if options.protocol_planes:  # as a rater places them: where the moved ventricle edge meets the moved plane
-        subject_mm = place_on_planes(template_mm, names, to_subject)
-    else:
-        subject_mm = to_subject(template_mm)
+    tissue_mm = to_subject(template_mm)
+    # protocol planes: as a rater places them, where the moved ventricle edge meets the moved plane
+    landmarks_mm = place_on_planes(template_mm, names, to_subject) if options.protocol_planes else tissue_mm
+    return _Geometry(label, drawn, centre, scale, forward, grid_origin, grid_shape, displacement, tissue_mm,
+                     landmarks_mm)
+
+
+def subject_landmarks(template: Template, options: SynthOptions, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The landmarks (subject world mm) of the subject that :func:`make_subject` makes from the same ``rng``
+    state, without making its image: how a population's labels are derived again under other label options
+    (``protocol_planes``)."""
+    geometry = _draw_geometry(template, options, rng)
+    return {name: geometry.landmarks_mm[k] for k, name in enumerate(template.landmarks_world_mm)}
+
+
+def make_subject(template: Template, options: SynthOptions, rng: np.random.Generator) -> Subject:
+    """Draw one subject (see the module docstring)."""
+    geometry = _draw_geometry(template, options, rng)
+    label, drawn, centre, scale, forward = (geometry.label, geometry.drawn, geometry.centre, geometry.scale,
+                                            geometry.forward)
+    grid_origin, grid_shape, displacement = geometry.grid_origin, geometry.grid_shape, geometry.displacement
+    grid_step = options.elastic_grid_mm
+    low, high = template.world_bounds_mm()
+    names = list(template.landmarks_world_mm)
 
     grid_box = (grid_origin, grid_origin + (np.asarray(grid_shape) - 1) * grid_step)
     spacing = np.asarray(drawn["spacing_mm"])
     head_box_mm = (centre - 0.5 * scale * (high - low), centre + 0.5 * scale * (high - low))
-    shape, first_voxel_mm, fov = _field_of_view(head_box_mm, subject_mm, grid_box, spacing, options, rng)
+    # the field of view from where the tissue went: the image does not depend on how the labels are placed
+    shape, first_voxel_mm, fov = _field_of_view(head_box_mm, geometry.tissue_mm, grid_box, spacing, options, rng)
     subject_affine = np.diag([*spacing, 1.0])
     subject_affine[:3, 3] = first_voxel_mm
 
@@ -546,7 +586,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         imaginary = sigma * rng.standard_normal(shape, dtype=np.float32)
         data = np.sqrt(real * real + imaginary * imaginary)
     parameters = {"modality": label, **drawn, **fov}
-    landmarks = {name: subject_mm[k] for k, name in enumerate(names)}
+    landmarks = {name: geometry.landmarks_mm[k] for k, name in enumerate(names)}
     return Subject(data.astype(np.float32, copy=False), subject_affine, landmarks, parameters)
 
 
