@@ -27,10 +27,11 @@ errors: on the shipped AFIDs model this cut the mean error on unseen synthetic h
 (``docs/MODEL_CARD.md``), for twice the fine stage's work. ``flip_disagreement_voxel`` (how far the two
 estimates lie apart) is a per-landmark QC signal.
 
-Option ``protocol_planes``: the final ``voxel`` of the lateral ventricles' AFIDs (RLVAC, LLVAC at AC; RLVPC,
-LLVPC at PC) is moved along the estimated AC-PC line onto the coronal plane of the estimated AC or PC, where
-the AFIDs protocol places them (:mod:`mdgru_keras.geometry.protocol_planes`); the other outputs (every
-``voxel_*`` decoding, ``coarse_voxel``) are left as the networks gave them. Needs AC and PC among the landmarks.
+Option ``protocol_planes``: in the final fine estimates (``voxel`` and every ``voxel_*`` decoding, each through
+its own AC and PC) the lateral ventricles' AFIDs (RLVAC, LLVAC at AC; RLVPC, LLVPC at PC) are moved along the
+estimated AC-PC line onto the coronal plane of the estimated AC or PC, where the AFIDs protocol places them
+(:mod:`mdgru_keras.geometry.protocol_planes`); ``coarse_voxel`` stays as the coarse network gave it. Needs AC
+and PC among the landmarks.
 
 Decoding: ``voxel`` / ``coarse_voxel`` use the parabola refinement when ``config.parabola`` is true and the
 plain argmax otherwise; both variants are always returned too (``*_argmax``, ``*_parabola``), which are the
@@ -195,8 +196,9 @@ class TwoStageLocalizer(tf.Module):
                 fine = _mean_of_passes(passes)
             centre = fine["voxel"]
         result.update(fine)
-        if self.protocol_planes:
-            result["voxel"] = project_onto_planes_tf(result["voxel"], list(self.config.landmarks))
+        if self.protocol_planes:  # every fine decoding: evaluate's rows and the answer stay one and the same
+            for key in _POSITIONS:
+                result[key] = project_onto_planes_tf(result[key], list(self.config.landmarks))
         return result
 
     def _preprocess(self, volume: tf.Tensor) -> tf.Tensor:

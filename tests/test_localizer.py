@@ -291,8 +291,8 @@ def test_averaged_passes_are_an_ensemble_centred_on_the_running_mean(mirrored_pa
 
 
 def test_protocol_planes_project_only_the_final_estimates_of_the_ventricle_landmarks(rng):
-    """``protocol_planes``: the localization's ``voxel`` is the plain one with RLVAC / RLVPC moved onto the
-    coronal planes of its own AC / PC estimates (geometry.protocol_planes); everything else is unchanged."""
+    """``protocol_planes``: every fine decoding is the plain one with RLVAC / RLVPC moved onto the coronal
+    planes of its own AC / PC estimates (geometry.protocol_planes); the coarse stage and confidence unchanged."""
     from mdgru_keras.geometry.protocol_planes import project_onto_planes
 
     names = ["AC", "PC", "RLVAC", "RLVPC", "M"]
@@ -303,10 +303,11 @@ def test_protocol_planes_project_only_the_final_estimates_of_the_ventricle_landm
     planes = TwoStageLocalizer(coarse, fine, config, fine_passes=2, protocol_planes=True)
     volume = rng.normal(size=(30, 32, 28)).astype(np.float32)
     expected, result = plain(volume), planes(volume)
-    np.testing.assert_allclose(result["voxel"].numpy(), project_onto_planes(expected["voxel"].numpy(), names),
-                               atol=1e-4)
+    for key in ("voxel", "voxel_argmax", "voxel_parabola", "voxel_n1_argmax", "voxel_n1_parabola"):
+        np.testing.assert_allclose(result[key].numpy(), project_onto_planes(expected[key].numpy(), names),
+                                   atol=1e-4)
     assert not np.allclose(result["voxel"].numpy()[2:4], expected["voxel"].numpy()[2:4], atol=1e-3)
-    for key in ("voxel_argmax", "voxel_parabola", "coarse_voxel", "confidence"):
+    for key in ("coarse_voxel", "confidence", "flip_disagreement_voxel"):
         np.testing.assert_array_equal(result[key].numpy(), expected[key].numpy())
     with pytest.raises(ValueError, match="protocol_planes needs AC, PC"):
         TwoStageLocalizer(coarse, fine, with_landmarks(config, ["AC", "M", "RLVAC", "X", "Y"]), protocol_planes=True)

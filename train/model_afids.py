@@ -36,7 +36,7 @@ FINE_EPOCHS = 12
 # How the SavedModel runs the fine stage: each of 2 passes on the scan and on its left-right mirror image, all
 # four estimates averaged (an ensemble over window placements and flips; mdgru_keras.localizer). On the
 # bench-pretrained subjects this cut the mean error from 5.0 to 3.6 mm for 4 times the fine stage's work.
-EXPORT_OPTIONS = ("--fine-passes", "2", "--flip-average", "--average-passes")
+EXPORT_OPTIONS = ("--fine-passes", "2", "--flip-average", "--average-passes", "--protocol-planes")
 
 
 def _cli() -> list[str]:
