@@ -80,14 +80,14 @@ $(DEMO)/afids.fcsv: | $(STAMP)
 	$(CLI) demo-data --out $(DEMO)
 
 # Training/validation subjects (seed 1) and held-out test subjects (seed 2: deformations and fields of view
-# never seen in training), T1w and T2w mixed.
+# never seen in training), T1w and T2w mixed; the lateral ventricles' AFIDs labelled on the protocol's planes.
 demo-population: $(DEMO)/dataset/dataset.json $(DEMO)/test/manifest.csv
 $(DEMO)/train/manifest.csv: $(DEMO_FIDUCIALS)
 	$(CLI) synth --image $(DEMO_T1) --image2 $(DEMO_T2) --landmarks $(DEMO_FIDUCIALS) \
-		--n $(DEMO_TRAIN_SUBJECTS) --seed 1 --workers 2 --out $(DEMO)/train $(DEMO_SYNTH_ARGS)
+		--n $(DEMO_TRAIN_SUBJECTS) --seed 1 --workers 2 --protocol-planes --out $(DEMO)/train $(DEMO_SYNTH_ARGS)
 $(DEMO)/test/manifest.csv: $(DEMO_FIDUCIALS)
 	$(CLI) synth --image $(DEMO_T1) --image2 $(DEMO_T2) --landmarks $(DEMO_FIDUCIALS) \
-		--n $(DEMO_TEST_SUBJECTS) --seed 2 --workers 2 --out $(DEMO)/test $(DEMO_SYNTH_ARGS)
+		--n $(DEMO_TEST_SUBJECTS) --seed 2 --workers 2 --protocol-planes --out $(DEMO)/test $(DEMO_SYNTH_ARGS)
 $(DEMO)/dataset/dataset.json: $(DEMO)/train/manifest.csv
 	$(CLI) prepare $(DEMO)/train/manifest.csv --out $(DEMO)/dataset --val-fraction 0.15 --test-fraction 0 --overwrite
 
