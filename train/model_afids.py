@@ -9,7 +9,7 @@ after any interruption (a killed training resumes from its newest checkpoint):
 4. the coarse stage, then the fine stage (``mdgru_keras/configs/afids.yaml``; :data:`COARSE_EPOCHS` and
    :data:`FINE_EPOCHS` epochs of a fixed number of steps: every machine makes the same model, a slower one takes
    longer);
-5. one SavedModel (``mdgru-localize export`` with :data:`EXPORT_OPTIONS`);
+5. one SavedModel (``mdgru-localize export`` with :func:`export_options`);
 6. installed as the package's pretrained model (:mod:`mdgru_keras.pretrained`): the SavedModel's files plus a
    manifest of their SHA-256, replaced in one step.
 
@@ -36,7 +36,17 @@ FINE_EPOCHS = 12
 # How the SavedModel runs the fine stage: each of 2 passes on the scan and on its left-right mirror image, all
 # four estimates averaged (an ensemble over window placements and flips; mdgru_keras.localizer). On the
 # bench-pretrained subjects this cut the mean error from 5.0 to 3.6 mm for 4 times the fine stage's work.
-EXPORT_OPTIONS = ("--fine-passes", "2", "--flip-average", "--average-passes", "--protocol-planes")
+EXPORT_OPTIONS = ("--fine-passes", "2", "--flip-average", "--average-passes")
+
+
+def export_options(config_path: Path) -> list[str]:
+    """:data:`EXPORT_OPTIONS`, and ``--protocol-planes`` when the config's landmarks include AC, PC and the
+    lateral ventricles' AFIDs (the shipped model's do; a test's one-landmark config does not)."""
+    from mdgru_keras.config import load_config
+    from mdgru_keras.geometry.protocol_planes import plane_constraints
+
+    planes = ["--protocol-planes"] if plane_constraints(load_config(config_path).landmarks) else []
+    return [*EXPORT_OPTIONS, *planes]
 
 
 def _cli() -> list[str]:
@@ -102,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "SavedModel",
         export_dir,
         [*_cli(), "export", "--coarse", str(work / "coarse"), "--fine", str(work / "fine"),
-         "--out", str(work / "export"), "--name", "afids32", "--version", "1", *EXPORT_OPTIONS],
+         "--out", str(work / "export"), "--name", "afids32", "--version", "1", *export_options(args.config)],
     )
     if not args.no_install:
         from mdgru_keras.pretrained import install_pretrained
@@ -123,7 +133,7 @@ def _recipe(work: Path, args: argparse.Namespace) -> dict:
         "subjects": args.subjects,
         "population_seed": TRAIN_SEED,
         "epochs": {"coarse": args.coarse_epochs, "fine": args.fine_epochs},
-        "export_options": list(EXPORT_OPTIONS),
+        "export_options": export_options(args.config),
     }
     for stage in ("coarse", "fine"):
         path = work / stage / "summary.json"
