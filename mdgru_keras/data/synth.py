@@ -514,11 +514,11 @@ def _draw_geometry(template: Template, options: SynthOptions, rng: np.random.Gen
         grid_shape, drawn["elastic_large_mm"], options.elastic_large_smoothness_mm, grid_step, rng
     )
 
+    def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
+        return interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
+
     def to_subject(template_points_mm: np.ndarray) -> np.ndarray:
         """Template mm -> subject mm: the forward affine, then the displacement inverted at each point."""
-        def displacement_at(subject_mm: np.ndarray) -> np.ndarray:
-            return interpolate_at(displacement, (subject_mm - grid_origin) / grid_step)
-
         return invert_displacement(affine_maps.voxel_to_world(template_points_mm, forward), displacement_at)
 
     names = list(template.landmarks_world_mm)
