@@ -16,6 +16,11 @@ The synthetic heads' labels follow the AFIDs protocol (``synth --protocol-planes
 four landmarks lie in the coronal planes of AC and PC, where raters put them, not where an elastic deformation
 moves the template's points.
 
+Deformable registration: ``--ants CONDITION`` (repeatable) also registers the template to that condition's
+heads with ANTsPy, affine then SyN (``evaluate --baseline ants``, row ``ants-syn``; about 75 s per head on 2
+cores, ``pip install 'mdgru-keras[ants]'``). Its rows do not depend on the model, so they are kept in
+``OUT/CONDITION-ants.json`` and shown with every later model's run until the heads are made again.
+
 Speed: ``predict``'s code path on a 1 mm whole head, the model loaded once, median of repeats, with the same
 run's 2048^2 float32 matmul GFLOP/s and the process CPU time.
 
@@ -128,7 +133,7 @@ def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]
         folder = out / name
         if (folder / "manifest.csv").is_file() and not _labels_follow_the_protocol(folder):
             shutil.rmtree(folder)
-            for cached in (out / f"{name}.json", out / "quality_estimates.npz"):
+            for cached in (out / f"{name}.json", ants_report(out, name), out / "quality_estimates.npz"):
                 cached.unlink(missing_ok=True)
         if not (folder / "manifest.csv").is_file():
             run([*cli(), "synth", "--image", str(demo / T1), "--image2", str(demo / T2), "--landmarks",
@@ -137,6 +142,33 @@ def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]
         manifests[name] = folder / "manifest.csv"
     manifests["template"] = template_condition(demo, out / "template")
     return manifests
+
+
+ANTS_ROW = "ants-syn"  # evaluate's row (and seconds key) of --baseline ants with its default transform, SyN
+
+
+def ants_report(out: Path, name: str) -> Path:
+    """Where the affine + SyN evaluation of condition ``name``'s heads is kept (model-independent)."""
+    return out / f"{name}-ants.json"
+
+
+def with_ants_rows(condition: dict, out: Path, name: str, manifest: Path, model_dir: Path, demo: Path,
+                   run_now: bool) -> tuple[dict, float | None]:
+    """``condition`` (an ``evaluate --json`` report) with the :data:`ANTS_ROW` row and its seconds per scan from
+    :func:`ants_report`, made first when ``run_now`` and missing (``evaluate --baseline ants``; its model rows
+    are not used). Unchanged when there is no such report. Returns the report and the seconds the run took."""
+    report, seconds = ants_report(out, name), None
+    if run_now and not report.is_file():
+        seconds = run([
+            *cli(), "evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--json", str(report),
+            "--baseline", "ants", "--template", str(demo / T1), "--template-landmarks", str(demo / FIDUCIALS)])
+    if not report.is_file():
+        return condition, seconds
+    ants = json.loads(report.read_text())
+    merged = dict(condition, rows={**condition["rows"], ANTS_ROW: ants["rows"][ANTS_ROW]})
+    merged["median_seconds_per_scan"] = {
+        **condition["median_seconds_per_scan"], ANTS_ROW: ants["median_seconds_per_scan"][ANTS_ROW]}
+    return merged, seconds
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -276,37 +308,66 @@ def cached_quality_estimates(model_dir: Path, manifests: dict[str, Path], cache:
         return {key: data[key] for key in data.files}
 
 
+def _mean_mm(row: dict | None, landmark: str | None = None) -> float:
+    """A row's mean error (mm) over every landmark, or over one; NaN when the row or landmark is missing."""
+    if row is None:
+        return float("nan")
+    cell = row["overall"] if landmark is None else row["per_landmark"].get(landmark)
+    return cell["mean_mm"] if cell else float("nan")
+
+
 def markdown(result: dict) -> str:
+    conditions = list(result["conditions"])
+    with_syn = any(ANTS_ROW in result["conditions"][name]["rows"] for name in conditions)
+    baselines = [("registration", "registration")] + ([(ANTS_ROW, "SyN")] if with_syn else [])
     lines = [
         f"Run on {result['date']} on {result['machine']['processor']} ({result['machine']['cores']} cores; 2048² "
-        f"float32 matmul {result['speed']['matmul_gflops']:.0f} GFLOP/s in the same run). `make bench-pretrained`.",
+        f"float32 matmul {result['speed']['matmul_gflops']:.0f} GFLOP/s in the same run). `make bench-pretrained`."
+        + (" Registration: the template rigid + affine (SimpleITK); SyN: affine then SyN (ANTsPy's preset, "
+           "`--baseline ants`), seconds per head on the same machine." if with_syn else ""),
         "",
-        "| condition | subjects | model mean ± std mm | model median | model max | registration mean mm | "
-        "registration median |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| condition | subjects | model mean ± std mm | model median | model max | "
+        + " | ".join(f"{label} mean mm | {label} median" for _, label in baselines)
+        + (" | SyN s per head" if with_syn else "") + " |",
+        "| --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(baselines) + (" ---: |" if with_syn else ""),
     ]
     for name, table in result["conditions"].items():
         rows = table["rows"]
         model = rows[table["model_method"]]["overall"]
-        reg = rows.get("registration", {}).get("overall")
-        reg_cells = f"{reg['mean_mm']:.2f} | {reg['median_mm']:.2f}" if reg else "- | -"
+        cells = []
+        for key, _ in baselines:
+            overall = rows.get(key, {}).get("overall")
+            cells.append(f"{overall['mean_mm']:.2f} | {overall['median_mm']:.2f}" if overall else "- | -")
+        if with_syn:
+            syn_s = table["median_seconds_per_scan"].get(ANTS_ROW)
+            cells.append(f"{syn_s:.0f}" if syn_s is not None else "-")
         lines.append(
             f"| {name} | {rows[table['model_method']]['subjects']} | {model['mean_mm']:.2f} ± {model['std_mm']:.2f} | "
-            f"{model['median_mm']:.2f} | {model['max_mm']:.2f} | {reg_cells} |"
+            f"{model['median_mm']:.2f} | {model['max_mm']:.2f} | " + " | ".join(cells) + " |"
         )
-    lines += ["", "Per landmark (mean mm over the subjects of each condition; model / registration):", ""]
-    conditions = list(result["conditions"])
+    landmarks = result["conditions"][conditions[0]]["landmarks"]
+    lines.append("")
+    for name in conditions:
+        rows = result["conditions"][name]["rows"]
+        model = rows[result["conditions"][name]["model_method"]]
+        counts = []
+        for key, label in baselines:
+            if key in rows:
+                better = sum(_mean_mm(model, n) < _mean_mm(rows[key], n) for n in landmarks)
+                counts.append(f"{label} on {better} of {len(landmarks)}")
+        lines.append(f"- {name}: the model's mean error is below " + ", ".join(counts) + " landmarks.")
+    labels = " / ".join(["model", *(label for _, label in baselines)])
+    lines += ["", f"Per landmark (mean mm over the subjects of each condition; {labels}):", ""]
     lines.append("| landmark | " + " | ".join(conditions) + " |")
     lines.append("| --- |" + " ---: |" * len(conditions))
-    landmarks = result["conditions"][conditions[0]]["landmarks"]
     for landmark in landmarks:
         cells = []
         for name in conditions:
             table = result["conditions"][name]
             rows = table["rows"]
-            model = rows[table["model_method"]]["per_landmark"].get(landmark, {}).get("mean_mm", float("nan"))
-            reg = rows.get("registration", {}).get("per_landmark", {}).get(landmark, {}).get("mean_mm", float("nan"))
-            cells.append(f"{model:.2f} / {reg:.2f}")
+            values = [_mean_mm(rows[table["model_method"]], landmark)]
+            values += [_mean_mm(rows.get(key), landmark) for key, _ in baselines]
+            cells.append(" / ".join("-" if v != v else f"{v:.2f}" for v in values))
         lines.append(f"| {landmark} | " + " | ".join(cells) + " |")
     s = result["speed"]
     lines += [
@@ -371,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-pretrained")
     parser.add_argument("--subjects", type=int, default=8, help="test subjects per synthetic condition")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ants", action="append", default=[], choices=[*CONDITIONS, "template"],
+                        metavar="CONDITION",
+                        help="also register the template affine + SyN (ANTsPy) to this condition's heads "
+                             "(repeatable; about 75 s per head); kept in OUT/CONDITION-ants.json for later runs")
     parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
     parser.add_argument("--quality-only", action="store_true",
                         help="redo only the quality-flag tables (the JSON's quality_flags and the Markdown) from the "
@@ -409,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                     *cli(), "evaluate", "--model", str(model_dir), "--manifest", str(manifest), "--json",
                     str(report), "--baseline", "registration", "--template", str(demo / T1),
                     "--template-landmarks", str(demo / FIDUCIALS)])
-            conditions[name] = json.loads(report.read_text())
+            conditions[name], ants_seconds = with_ants_rows(
+                json.loads(report.read_text()), out, name, manifest, model_dir, demo, run_now=name in args.ants)
+            if ants_seconds is not None:
+                seconds[f"{name} {ANTS_ROW}"] = ants_seconds
         import nibabel as nib
 
         scan = out / "template" / "speed_T1w.nii.gz"
