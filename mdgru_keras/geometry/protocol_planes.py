@@ -112,8 +112,13 @@ def place_on_planes(
         if np.max(np.abs(f)) < tolerance_mm:
             subject[landmarks] = points
             return subject
-        slope = np.where(np.abs(t - t_old) > 1e-12, (f - f_old) / np.where(t == t_old, 1.0, t - t_old), 1.0)
+        # secant slope per landmark; 1 (a plain fixed-point step) where the last step or the slope vanished
+        step = t - t_old
+        stepped = np.abs(step) > 1e-12
+        slope = np.ones_like(t)
+        slope[stepped] = (f - f_old)[stepped] / step[stepped]
+        slope[np.abs(slope) <= 1e-6] = 1.0
         t_old, f_old = t, f
-        t = t - f / np.where(np.abs(slope) > 1e-6, slope, 1.0)
+        t = t - f / slope
     raise ValueError(f"placing landmarks on their protocol planes did not converge in {max_iterations} steps "
                      f"({np.max(np.abs(f)):g} mm off)")
