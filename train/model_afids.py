@@ -32,7 +32,7 @@ CONFIG = REPO / "mdgru_keras" / "configs" / "afids.yaml"
 TRAIN_SUBJECTS = 88  # 80 training and 8 validation subjects
 TRAIN_SEED = 101
 COARSE_EPOCHS = 5
-FINE_EPOCHS = 12
+FINE_EPOCHS = 20
 # How the SavedModel runs the fine stage: each of 2 passes on the scan and on its left-right mirror image, all
 # four estimates averaged (an ensemble over window placements and flips; mdgru_keras.localizer). On the
 # bench-pretrained subjects this cut the mean error from 5.0 to 3.6 mm for 4 times the fine stage's work.
