@@ -445,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                              "OUT/quality_estimates.npz)")
     args = parser.parse_args(argv)
     estimates_path = args.estimates or args.out / "quality_estimates.npz"
+    if args.ants:  # before anything runs: a missing optional dependency is one line
+        from mdgru_keras.baselines.ants_registration import import_ants
+
+        try:
+            import_ants()
+        except ImportError as error:
+            raise SystemExit(f"bench-pretrained --ants: {error}") from None
     if args.render_only:
         result = json.loads(RESULTS_JSON.read_text())
     elif args.quality_only:
