@@ -161,7 +161,7 @@ bench-reports: $(STAMP)
 # The shipped model on heads it never saw (unseen, held-out-family, beyond-range and moved-template subjects) next
 # to registration, and its speed; writes bench/results/bench_pretrained.json and docs/MODEL_CARD.md's table.
 # BENCH_PRETRAINED_ARGS="--ants unseen --ants heldout-family" adds affine + SyN registration (ANTsPy, pip install
-# 'mdgru-keras[ants]'; about 75 s per head on 2 cores) on those heads; kept for later runs (bench/bench_pretrained.py).
+# 'mdgru-keras[ants]'; 78-100 s per head on 2 cores) on those heads; kept for later runs (bench/bench_pretrained.py).
 BENCH_PRETRAINED_ARGS ?=
 bench-pretrained: $(STAMP)
 	$(BIN)/python -m bench.bench_pretrained --demo $(DEMO) $(BENCH_PRETRAINED_ARGS)

@@ -17,7 +17,7 @@ four landmarks lie in the coronal planes of AC and PC, where raters put them, no
 moves the template's points.
 
 Deformable registration: ``--ants CONDITION`` (repeatable) also registers the template to that condition's
-heads with ANTsPy, affine then SyN (``evaluate --baseline ants``, row ``ants-syn``; about 75 s per head on 2
+heads with ANTsPy, affine then SyN (``evaluate --baseline ants``, row ``ants-syn``; 78-100 s per head on 2
 cores, ``pip install 'mdgru-keras[ants]'``). Its rows do not depend on the model, so they are kept in
 ``OUT/CONDITION-ants.json`` and shown with every later model's run until the heads are made again.
 
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ants", action="append", default=[], choices=[*CONDITIONS, "template"],
                         metavar="CONDITION",
                         help="also register the template affine + SyN (ANTsPy) to this condition's heads "
-                             "(repeatable; about 75 s per head); kept in OUT/CONDITION-ants.json for later runs")
+                             "(repeatable; 78-100 s per head here); kept in OUT/CONDITION-ants.json for later runs")
     parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
     parser.add_argument("--quality-only", action="store_true",
                         help="redo only the quality-flag tables (the JSON's quality_flags and the Markdown) from the "
