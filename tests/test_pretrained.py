@@ -18,11 +18,11 @@ from mdgru_keras import pretrained
 from mdgru_keras.errors import InputError
 
 SHIPPED = pretrained.is_installed(pretrained.DEFAULT_MODEL)
-# Mean error bound over the 32 AFIDs on the moved template: measured 1.11 mm mean (0.95 median, 3.35 max) for
-# the model exported on 2026-12-01 19:11 UTC with flip averaging, two averaged fine passes and protocol planes
-# (docs/MODEL_CARD.md; the previous model: 3.00 mm). The bound leaves room for numerical differences between
-# machines (one landmark's peak jumping elsewhere) and catches a model that lost its fine stage (the coarse
-# stage's validation error: 9.0 mm).
+# Mean error bound over the 32 AFIDs on the moved template: measured 0.88 mm mean (0.87 median, 1.83 max) for
+# the model exported on 2026-12-01 21:39 UTC (fine stage 5000 steps) with flip averaging, two averaged fine
+# passes and protocol planes (docs/MODEL_CARD.md; earlier models: 1.11 and 3.00 mm). The bound leaves room for
+# numerical differences between machines (one landmark's peak jumping elsewhere) and catches a model that lost
+# its fine stage (the coarse stage's validation error: 9.0 mm).
 MEAN_ERROR_BOUND_MM = 2.5
 
 
