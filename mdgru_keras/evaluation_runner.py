@@ -132,7 +132,8 @@ class ExportedModel:
     @property
     def main_method(self) -> str:
         """The row of the export's own answer (``serving_default``'s ``world_mm``)."""
-        return method_name("fine", self.config.superresolution, self.config.parabola)
+        pooled = self.info.get("inference", {}).get("pooled_decoding", False)
+        return method_name("fine", 1 if pooled else self.config.superresolution, self.config.parabola)
 
     def decodings(self, volume: np.ndarray, voxel_to_world: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs of the ``decodings`` signature: ``landmark_names`` and ``{decoding}_world_mm`` / ``_voxel``."""

@@ -479,10 +479,13 @@ def export_runs(
     flip_average: bool = False,
     average_passes: bool = False,
     protocol_planes: bool = False,
+    flip_first_pass: bool = True,
+    refine_share_margin_voxel: int | None = None,
+    pooled_decoding: bool = False,
 ) -> Path:
-    """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel
-    (``fine_passes``, ``flip_average``, ``average_passes``, ``protocol_planes``: see
-    :class:`mdgru_keras.localizer.TwoStageLocalizer`; recorded in ``model_info.json`` under ``inference``)."""
+    """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel (the
+    inference options from ``fine_passes`` on: see :class:`mdgru_keras.localizer.TwoStageLocalizer`; recorded
+    in ``model_info.json`` under ``inference``)."""
     check_export_dir(base_dir, name)  # before loading the runs
     coarse = load_run(coarse_run, "coarse")
     fine = load_run(fine_run, "fine")
@@ -490,8 +493,13 @@ def export_runs(
     if protocol_planes and not plane_constraints(config.landmarks):
         raise InputError(fine.path, f"--protocol-planes needs AC, PC and one of {', '.join(PLANE_ANCHORS)} among "
                                     f"the landmarks (has: {', '.join(config.landmarks)})")
+    largest_margin = (config.fine.window_size - 3) // 2
+    if refine_share_margin_voxel is not None and refine_share_margin_voxel > largest_margin:
+        raise InputError(fine.path, f"--share-refined-windows {refine_share_margin_voxel} leaves no room in its "
+                                    f"{config.fine.window_size}^3 windows (at most {largest_margin})")
     inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
-                 "protocol_planes": protocol_planes}
+                 "protocol_planes": protocol_planes, "flip_first_pass": flip_first_pass,
+                 "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding}
     localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size, **inference)
     info = {
         "fine_passes": fine_passes,

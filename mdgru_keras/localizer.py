@@ -27,6 +27,17 @@ errors: on the shipped AFIDs model this cut the mean error on unseen synthetic h
 (``docs/MODEL_CARD.md``), for twice the fine stage's work. ``flip_disagreement_voxel`` (how far the two
 estimates lie apart) is a per-landmark QC signal.
 
+Later passes (``fine_passes > 1``) can cost less than the first: with ``flip_first_pass=False`` the first
+pass runs on the volume only (it places the next pass's windows and, with ``average_passes``, joins the mean),
+and with ``refine_share_margin_voxel = m`` the windows of every pass after the first are shared as above. Both
+are safe where the first is not: a later pass is centred on fine estimates (a few voxels off), the first on
+coarse ones (often 10 voxels or more). The shipped AFIDs model uses both (``docs/MODEL_CARD.md``: about half
+the fine windows of two flip-averaged passes, at the same accuracy on held-out synthetic heads).
+
+Option ``pooled_decoding``: ``voxel`` is the parabola through the per-voxel sums of the n classes of each voxel
+(``voxel_n1_parabola``) instead of through the n classes (``voxel_parabola``; ``config.parabola`` false: the
+argmax of either).
+
 Option ``protocol_planes``: in the final fine estimates (``voxel`` and every ``voxel_*`` decoding, each through
 its own AC and PC) the lateral ventricles' AFIDs (RLVAC, LLVAC at AC; RLVPC, LLVPC at PC) are moved along the
 estimated AC-PC line onto the coronal plane of the estimated AC or PC, where the AFIDs protocol places them
@@ -111,6 +122,11 @@ class TwoStageLocalizer(tf.Module):
             mean of the passes before it: an ensemble over window placements.
         protocol_planes: put the lateral ventricles' AFIDs on the coronal planes of AC and PC (module
             docstring); needs AC and PC among the landmarks.
+        flip_first_pass: with ``flip_average``, whether the first of several passes runs on the mirror image
+            too (``False``: on the volume only; later passes always do).
+        refine_share_margin_voxel: ``None``: passes after the first place windows as the first does; ``m``:
+            they share windows with ``m`` voxels to spare around the current estimates.
+        pooled_decoding: answer (``voxel``) with the classes pooled to one per voxel (``voxel_n1_*``).
     """
 
     def __init__(
@@ -124,6 +140,9 @@ class TwoStageLocalizer(tf.Module):
         flip_average: bool = False,
         average_passes: bool = False,
         protocol_planes: bool = False,
+        flip_first_pass: bool = True,
+        refine_share_margin_voxel: int | None = None,
+        pooled_decoding: bool = False,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -136,13 +155,15 @@ class TwoStageLocalizer(tf.Module):
         if fine_passes < 1:
             raise ValueError(f"fine_passes must be >= 1, got {fine_passes}")
         self.fine_passes = int(fine_passes)
-        if share_windows_margin_voxel is not None and not 0 <= share_windows_margin_voxel <= (
-            config.fine.window_size - 3
-        ) // 2:
-            raise ValueError(
-                f"share_windows_margin_voxel must be in [0, {(config.fine.window_size - 3) // 2}] for "
-                f"{config.fine.window_size}^3 windows, got {share_windows_margin_voxel}"
-            )
+        largest_margin = (config.fine.window_size - 3) // 2
+        for option, margin in (("share_windows_margin_voxel", share_windows_margin_voxel),
+                               ("refine_share_margin_voxel", refine_share_margin_voxel)):
+            if margin is not None and not 0 <= margin <= largest_margin:
+                raise ValueError(f"{option} must be in [0, {largest_margin}] for {config.fine.window_size}^3 "
+                                 f"windows, got {margin}")
+        self.refine_share_margin_voxel = refine_share_margin_voxel
+        self.flip_first_pass = bool(flip_first_pass)
+        self.pooled_decoding = bool(pooled_decoding)
         self.flip_average = bool(flip_average)
         self.average_passes = bool(average_passes)
         if protocol_planes and not plane_constraints(config.landmarks):
@@ -176,9 +197,10 @@ class TwoStageLocalizer(tf.Module):
         the fine network's own accuracy) instead of the coarse estimates."""
         center_voxel = tf.ensure_shape(center_voxel, [self.num_landmarks, 3])
         features = self._preprocess(volume)
+        margin = self.share_windows_margin_voxel
         if self.flip_average:
-            return self._flip_averaged_fine_stage(features, center_voxel)
-        return self._fine_stage(features, center_voxel)
+            return self._flip_averaged_fine_stage(features, center_voxel, margin)
+        return self._fine_stage(features, center_voxel, margin)
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -187,13 +209,18 @@ class TwoStageLocalizer(tf.Module):
         features = self._preprocess(volume)
         result = self._coarse_stage(features)
         centre = result["coarse_voxel"]
-        passes = []
-        for _ in range(self.fine_passes):
-            fine = self._flip_averaged_fine_stage(features, centre) if self.flip_average else (
-                self._fine_stage(features, centre))
+        passes, flipped = [], []
+        for index in range(self.fine_passes):
+            flip = self.flip_average and (index > 0 or self.flip_first_pass or self.fine_passes == 1)
+            margin = self.share_windows_margin_voxel
+            if index > 0 and self.refine_share_margin_voxel is not None:
+                margin = self.refine_share_margin_voxel
+            fine = self._flip_averaged_fine_stage(features, centre, margin) if flip else (
+                self._fine_stage(features, centre, margin))
             passes.append(fine)
+            flipped.append(flip)
             if self.average_passes:
-                fine = _mean_of_passes(passes)
+                fine = _mean_of_passes(passes, flipped)
             centre = fine["voxel"]
         result.update(fine)
         if self.protocol_planes:  # every fine decoding: evaluate's rows and the answer stay one and the same
@@ -224,23 +251,24 @@ class TwoStageLocalizer(tf.Module):
         result.update({f"coarse_probabilities_{axis}": probabilities[axis] for axis in AXES})
         return result
 
-    def _fine_stage(self, features: tf.Tensor, coarse_voxel: tf.Tensor) -> dict[str, tf.Tensor]:
-        return self._fine_views([features], [coarse_voxel])[0]
+    def _fine_stage(self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None) -> dict[str, tf.Tensor]:
+        return self._fine_views([features], [centre_voxel], margin)[0]
 
-    def _fine_views(self, views: list[tf.Tensor], centres: list[tf.Tensor]) -> list[dict[str, tf.Tensor]]:
+    def _fine_views(
+        self, views: list[tf.Tensor], centres: list[tf.Tensor], margin: int | None
+    ) -> list[dict[str, tf.Tensor]]:
         """The fine stage on each preprocessed volume of ``views`` around its ``centres`` ``[K, 3]``, with one
-        trunk call for the windows of all views (one copy of the trunk in the graph, larger batches)."""
+        trunk call for the windows of all views (one copy of the trunk in the graph, larger batches); windows
+        shared with ``margin`` voxels to spare (``None``: one centred window per landmark)."""
         config = self.config
         size = config.fine.window_size
         crops = []
         for features, centre in zip(views, centres):
-            if self.share_windows_margin_voxel is None:  # the paper: one window centred on each landmark
+            if margin is None:  # the paper: one window centred on each landmark
                 window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
                 window_origins = window_origin_around_tf(centre, size)  # [K, 3]
             else:
-                window_of_landmark, window_origins = shared_window_groups_tf(
-                    centre, size, self.share_windows_margin_voxel
-                )  # [K], [G, 3]
+                window_of_landmark, window_origins = shared_window_groups_tf(centre, size, margin)  # [K], [G, 3]
             windows = tf.map_fn(
                 lambda origin, features=features: crop_with_padding_tf(features, origin, (size,) * 3),
                 window_origins,
@@ -269,8 +297,9 @@ class TwoStageLocalizer(tf.Module):
         decoded = _decode(probabilities, config.superresolution, 1, origins)
         pooled = {axis: pool_classes_tf(probabilities[axis], config.superresolution) for axis in AXES}
         decoded_n1 = _decode(pooled, 1, 1, origins)
+        answer = decoded_n1 if self.pooled_decoding else decoded
         result = {
-            "voxel": decoded["parabola"] if config.parabola else decoded["argmax"],
+            "voxel": answer["parabola"] if config.parabola else answer["argmax"],
             "voxel_argmax": decoded["argmax"],
             "voxel_parabola": decoded["parabola"],
             "voxel_n1_argmax": decoded_n1["argmax"],
@@ -289,11 +318,13 @@ class TwoStageLocalizer(tf.Module):
         voxel = tf.gather(voxel, self._mirror)
         return tf.concat([tf.cast(size_x, voxel.dtype) - 1.0 - voxel[:, :1], voxel[:, 1:]], axis=1)
 
-    def _flip_averaged_fine_stage(self, features: tf.Tensor, centre_voxel: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _flip_averaged_fine_stage(
+        self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None
+    ) -> dict[str, tf.Tensor]:
         """:meth:`_fine_stage` on the volume and on its left-right mirror image, averaged (module docstring)."""
         size_x = tf.shape(features)[0]
         direct, mirrored = self._fine_views(
-            [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)]
+            [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)], margin
         )
         result = dict(direct)
         for key in _POSITIONS:
@@ -330,12 +361,16 @@ class TwoStageLocalizer(tf.Module):
 _POSITIONS = ("voxel", "voxel_argmax", "voxel_parabola", "voxel_n1_argmax", "voxel_n1_parabola")
 
 
-def _mean_of_passes(passes: list[dict[str, tf.Tensor]]) -> dict[str, tf.Tensor]:
-    """The last pass's outputs, with positions, confidence and flip disagreement replaced by their mean over
-    ``passes``."""
+def _mean_of_passes(passes: list[dict[str, tf.Tensor]], flipped: list[bool]) -> dict[str, tf.Tensor]:
+    """The last pass's outputs, with positions and confidence replaced by their mean over ``passes``, and the
+    flip disagreement by its mean over the passes that ran on the mirror image (``flipped``; a pass on the
+    volume alone measures none)."""
     result = dict(passes[-1])
-    for key in (*_POSITIONS, "confidence", "flip_disagreement_voxel"):
+    for key in (*_POSITIONS, "confidence"):
         result[key] = tf.add_n([one[key] for one in passes]) / float(len(passes))
+    mirrored = [one["flip_disagreement_voxel"] for one, flip in zip(passes, flipped) if flip]
+    if mirrored:
+        result["flip_disagreement_voxel"] = tf.add_n(mirrored) / float(len(mirrored))
     return result
 
 

@@ -500,6 +500,38 @@ def test_an_n1_model_gives_the_n1_rows(model_base: Path, n1_model_base, data: di
 
 
 @pytest.mark.slow
+def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(runs, data: dict, tmp_path: Path) -> None:
+    """`export --pooled-decoding` (with the cheaper refinement pass): the SavedModel's answer is the 'fine n=1 +
+    parabola' decoding, evaluate names that row the model's, and model_info records the options."""
+    from mdgru_keras.serving.servable import LocalLocalizationClient
+
+    result = run("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "m",
+                 "--fine-passes", "2", "--flip-average", "--average-passes", "--direct-first-pass",
+                 "--share-refined-windows", "2", "--pooled-decoding")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "m" / "1" / "assets" / "model_info.json").read_text())
+    assert info["inference"] == {"fine_passes": 2, "flip_average": True, "average_passes": True,
+                                 "protocol_planes": False, "flip_first_pass": False,
+                                 "refine_share_margin_voxel": 2, "pooled_decoding": True}  # fmt: skip
+    report = tmp_path / "eval.json"
+    result = run("evaluate", "--model", str(tmp_path / "m"), "--manifest", str(data["manifest"]), "--json",
+                 str(report))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["model_method"] == "fine n=1 + parabola"
+    subject = next(iter(data["subjects"].values()))
+    image = nib.load(str(subject["image"]))
+    client = LocalLocalizationClient(tmp_path / "m" / "1")
+    inputs = {"volume": np.asarray(image.dataobj, np.float32), "voxel_to_world": image.affine}
+    answer, decodings = client.predict(inputs), client.predict(inputs, "decodings")
+    np.testing.assert_allclose(answer["world_mm"], decodings["fine_n1_parabola_world_mm"], atol=1e-4)
+    assert not np.allclose(answer["world_mm"], decodings["fine_parabola_world_mm"], atol=1e-3)
+    result = run("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "x",
+                 "--fine-passes", "2", "--share-refined-windows", "7")  # fmt: skip
+    assert result.exit_code != 0 and "--share-refined-windows 7 leaves no room" in result.output
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@pytest.mark.slow
 def test_an_n1_model_with_more_classes_is_refused(model_base: Path, data: dict) -> None:
     result = run("evaluate", "--model", str(model_base), "--manifest", str(data["manifest"]),
                  "--n1-model", str(model_base))  # fmt: skip

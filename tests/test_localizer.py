@@ -290,6 +290,39 @@ def test_averaged_passes_are_an_ensemble_centred_on_the_running_mean(mirrored_pa
     )
 
 
+def test_a_direct_first_pass_and_shared_refinement_windows_are_that_ensemble_for_less(mirrored_pair, rng):
+    """``flip_first_pass=False`` with ``refine_share_margin_voxel``: the first pass is the plain localizer's
+    (centred windows, the volume only), the second a flip-averaged pass with shared windows around it; the
+    answer is their mean, and the flip disagreement is the second pass's alone (the first measures none)."""
+    config, plain, _ = mirrored_pair
+    coarse, fine = plain.coarse_model, plain.fine_model
+    volume = rng.normal(size=(30, 34, 28)).astype(np.float32)
+    cheap = TwoStageLocalizer(coarse, fine, config, fine_passes=2, flip_average=True, average_passes=True,
+                              flip_first_pass=False, refine_share_margin_voxel=2)(volume)
+    first = plain(volume)
+    shared = TwoStageLocalizer(coarse, fine, config, flip_average=True, share_windows_margin_voxel=2)
+    second = shared.fine(volume, first["voxel"])
+    for key in ("voxel", "voxel_argmax", "voxel_n1_parabola", "confidence"):
+        np.testing.assert_allclose(cheap[key].numpy(), 0.5 * (first[key].numpy() + second[key].numpy()), atol=1e-4)
+    np.testing.assert_allclose(cheap["flip_disagreement_voxel"].numpy(), second["flip_disagreement_voxel"].numpy(),
+                               atol=1e-5)
+    assert float(np.max(second["flip_disagreement_voxel"].numpy())) > 0
+    assert int(cheap["fine_windows"]) == int(second["fine_windows"])
+    with pytest.raises(ValueError, match="refine_share_margin_voxel"):
+        TwoStageLocalizer(coarse, fine, config, fine_passes=2, refine_share_margin_voxel=config.fine.window_size)
+
+
+def test_pooled_decoding_answers_with_the_classes_pooled_to_one_per_voxel(tiny3, rng):
+    config, coarse, fine, localizer = tiny3
+    volume = rng.normal(size=(30, 34, 28)).astype(np.float32)
+    plain = localizer(volume)
+    pooled = TwoStageLocalizer(coarse, fine, config, pooled_decoding=True)(volume)
+    np.testing.assert_allclose(pooled["voxel"].numpy(), plain["voxel_n1_parabola"].numpy(), atol=1e-5)
+    assert not np.allclose(plain["voxel"].numpy(), plain["voxel_n1_parabola"].numpy(), atol=1e-3)
+    for key in ("voxel_parabola", "voxel_n1_parabola", "coarse_voxel", "confidence"):
+        np.testing.assert_allclose(pooled[key].numpy(), plain[key].numpy(), atol=1e-5)
+
+
 def test_protocol_planes_project_only_the_final_estimates_of_the_ventricle_landmarks(rng):
     """``protocol_planes``: every fine decoding is the plain one with RLVAC / RLVPC moved onto the coronal
     planes of its own AC / PC estimates (geometry.protocol_planes); the coarse stage and confidence unchanged."""

@@ -75,6 +75,28 @@ import click
     "mean of the passes before it) instead of the last pass's.",
 )
 @click.option(
+    "--direct-first-pass",
+    is_flag=True,
+    help="With --flip-average and --fine-passes 2 or more: run the first pass on the scan only, not on its "
+    "mirror image (it places the next pass's windows and joins the mean); the later passes flip-average.",
+)
+@click.option(
+    "--share-refined-windows",
+    "refine_share_margin_voxel",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="VOXELS",
+    help="With --fine-passes 2 or more: from the second pass on, landmarks whose estimates fit into one fine "
+    "window at least VOXELS from its faces share it (the fine network's trunk runs once per window). "
+    "Default: one window per landmark in every pass.",
+)
+@click.option(
+    "--pooled-decoding",
+    is_flag=True,
+    help="Answer with the fine classes pooled to one per voxel before the parabola (evaluate's 'fine n=1 + "
+    "parabola' row) instead of the n classes per voxel.",
+)
+@click.option(
     "--protocol-planes/--no-protocol-planes",
     default=False,
     show_default=True,
@@ -93,6 +115,9 @@ def export(
     flip_average: bool,
     average_passes: bool,
     protocol_planes: bool,
+    direct_first_pass: bool,
+    refine_share_margin_voxel: int | None,
+    pooled_decoding: bool,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -128,7 +153,8 @@ def export(
     shown_version = version or next_version(base_dir / name)
     click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)
     version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes,
-                              flip_average, average_passes, protocol_planes)
+                              flip_average, average_passes, protocol_planes, not direct_first_pass,
+                              refine_share_margin_voxel, pooled_decoding)
     info = read_model_info(version_dir)
     landmarks = info.get("landmarks", [])
     click.echo(
