@@ -468,6 +468,12 @@ def export_localizer(
     return version_dir
 
 
+# The inference options of an export (keyword arguments of TwoStageLocalizer), recorded under "inference"
+INFERENCE_DEFAULTS: dict[str, Any] = {"fine_passes": 1, "flip_average": False, "average_passes": False,
+                                      "protocol_planes": False, "flip_first_pass": True,
+                                      "refine_share_margin_voxel": None, "pooled_decoding": False}
+
+
 def export_runs(
     coarse_run: str | Path,
     fine_run: str | Path,
@@ -475,35 +481,16 @@ def export_runs(
     name: str = DEFAULT_MODEL_NAME,
     version: int | None = None,
     fine_batch_size: int | None = None,
-    fine_passes: int = 1,
-    flip_average: bool = False,
-    average_passes: bool = False,
-    protocol_planes: bool = False,
-    flip_first_pass: bool = True,
-    refine_share_margin_voxel: int | None = None,
-    pooled_decoding: bool = False,
+    **inference: Any,
 ) -> Path:
-    """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel (the
-    inference options from ``fine_passes`` on: see :class:`mdgru_keras.localizer.TwoStageLocalizer`; recorded
-    in ``model_info.json`` under ``inference``)."""
+    """Export the coarse model of ``coarse_run`` and the fine model of ``fine_run`` as one SavedModel;
+    ``inference``: options of :class:`mdgru_keras.localizer.TwoStageLocalizer` (:data:`INFERENCE_DEFAULTS`),
+    recorded in ``model_info.json``."""
     check_export_dir(base_dir, name)  # before loading the runs
     coarse = load_run(coarse_run, "coarse")
     fine = load_run(fine_run, "fine")
     config = combine_configs(coarse.config, fine.config, str(coarse.path), str(fine.path))
-    if protocol_planes and not plane_constraints(config.landmarks):
-        raise InputError(fine.path, f"--protocol-planes needs AC, PC and one of {', '.join(PLANE_ANCHORS)} among "
-                                    f"the landmarks (has: {', '.join(config.landmarks)})")
-    largest_margin = (config.fine.window_size - 3) // 2
-    if refine_share_margin_voxel is not None and refine_share_margin_voxel > largest_margin:
-        raise InputError(fine.path, f"--share-refined-windows {refine_share_margin_voxel} leaves no room in its "
-                                    f"{config.fine.window_size}^3 windows (at most {largest_margin})")
-    inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
-                 "protocol_planes": protocol_planes, "flip_first_pass": flip_first_pass,
-                 "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding}
-    localizer = TwoStageLocalizer(coarse.model, fine.model, config, fine_batch_size=fine_batch_size, **inference)
     info = {
-        "fine_passes": fine_passes,
-        "inference": inference,
         "runs": {
             run.stage: {
                 "path": str(run.path.resolve()),
@@ -515,7 +502,71 @@ def export_runs(
         },
         "dataset": {"coarse": coarse.dataset, "fine": fine.dataset},
     }
+    return _export_models(coarse.model, fine.model, config, fine.path, base_dir, name, version, fine_batch_size,
+                          info, inference)
+
+
+def export_again(
+    source_dir: str | Path,
+    base_dir: str | Path,
+    name: str = DEFAULT_MODEL_NAME,
+    version: int | None = None,
+    fine_batch_size: int | None = None,
+    **inference: Any,
+) -> Path:
+    """The trained weights of the export ``source_dir`` (a version folder) as a new SavedModel with other
+    inference options (as :func:`export_runs`); the source's record of its training runs is kept."""
+    check_export_dir(base_dir, name)
+    coarse, fine, config, source_info = stage_models_from_export(source_dir)
+    info = {key: source_info[key] for key in ("runs", "dataset") if key in source_info}
+    info["exported_again_from"] = {"path": str(Path(source_dir).resolve()),
+                                   "created_at": source_info.get("created_at"),
+                                   "inference": source_info.get("inference")}  # fmt: skip
+    return _export_models(coarse, fine, config, Path(source_dir), base_dir, name, version, fine_batch_size, info,
+                          inference)
+
+
+def _export_models(coarse_model: keras.Model, fine_model: keras.Model, config: Config, source: Path,
+                   base_dir: str | Path, name: str, version: int | None, fine_batch_size: int | None,
+                   info: dict, inference: Mapping[str, Any]) -> Path:
+    unknown = sorted(set(inference) - set(INFERENCE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown inference options: {', '.join(unknown)}")
+    inference = {**INFERENCE_DEFAULTS, **inference}
+    if inference["protocol_planes"] and not plane_constraints(config.landmarks):
+        raise InputError(source, f"--protocol-planes needs AC, PC and one of {', '.join(PLANE_ANCHORS)} among "
+                                 f"the landmarks (has: {', '.join(config.landmarks)})")
+    largest_margin = (config.fine.window_size - 3) // 2
+    margin = inference["refine_share_margin_voxel"]
+    if margin is not None and margin > largest_margin:
+        raise InputError(source, f"--share-refined-windows {margin} leaves no room in its "
+                                 f"{config.fine.window_size}^3 windows (at most {largest_margin})")
+    localizer = TwoStageLocalizer(coarse_model, fine_model, config, fine_batch_size=fine_batch_size, **inference)
+    info = {"fine_passes": inference["fine_passes"], "inference": inference, **info}
     return export_localizer(localizer, base_dir, name, version, info)
+
+
+def stage_models_from_export(version_dir: str | Path) -> tuple[keras.Model, keras.Model, Config, dict]:
+    """The coarse and the fine Keras model inside an export, with its config and ``model_info``: both built
+    from the recorded config and given the SavedModel's ``model_variables`` (saved in build order, coarse then
+    fine). For exporting trained weights again with other inference options, without their training runs."""
+    from mdgru_keras.networks import build_coarse_model, build_fine_model
+
+    version_dir = Path(version_dir)
+    info = read_model_info(version_dir)
+    if "config" not in info:
+        raise InputError(version_dir, "not an mdgru-keras export (no assets/model_info.json with a config)")
+    config = config_from_dict(info["config"], str(version_dir / "assets" / MODEL_INFO_FILE))
+    saved = tf.saved_model.load(str(version_dir))
+    coarse, fine = build_coarse_model(config), build_fine_model(config)
+    built = list(coarse.variables) + list(fine.variables)
+    stored = list(saved.model_variables)
+    if [tuple(v.shape) for v in built] != [tuple(v.shape) for v in stored]:
+        raise InputError(version_dir, "its variables do not fit the models its config builds (another version of "
+                                      "mdgru-keras made it?)")
+    for variable, value in zip(built, stored):
+        variable.assign(value)
+    return coarse, fine, config, info
 
 
 def read_model_info(version_dir: str | Path) -> dict:

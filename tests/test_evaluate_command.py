@@ -500,15 +500,26 @@ def test_an_n1_model_gives_the_n1_rows(model_base: Path, n1_model_base, data: di
 
 
 @pytest.mark.slow
-def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(runs, data: dict, tmp_path: Path) -> None:
+def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
+    runs, model_base: Path, data: dict, tmp_path: Path
+) -> None:
     """`export --pooled-decoding` (with the cheaper refinement pass): the SavedModel's answer is the 'fine n=1 +
-    parabola' decoding, evaluate names that row the model's, and model_info records the options."""
+    parabola' decoding, evaluate names that row the model's, and model_info records the options. The same
+    options on the weights of a plain export of the same runs (--weights-from) give the same SavedModel answers."""
     from mdgru_keras.serving.servable import LocalLocalizationClient
 
+    options = ("--fine-passes", "2", "--flip-average", "--average-passes", "--direct-first-pass",
+               "--share-refined-windows", "2", "--pooled-decoding")  # fmt: skip
     result = run("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "m",
-                 "--fine-passes", "2", "--flip-average", "--average-passes", "--direct-first-pass",
-                 "--share-refined-windows", "2", "--pooled-decoding")  # fmt: skip
+                 *options)  # fmt: skip
     assert result.exit_code == 0, result.output
+    result = run("export", "--weights-from", str(model_base / "1"), "--out", str(tmp_path), "--name", "again",
+                 *options)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    again_info = json.loads((tmp_path / "again" / "1" / "assets" / "model_info.json").read_text())
+    assert again_info["exported_again_from"]["path"] == str((model_base / "1").resolve())
+    result = run("export", "--weights-from", str(model_base / "1"), "--coarse", str(runs[0]), "--out", str(tmp_path))
+    assert result.exit_code == 2 and "not --coarse/--fine and --weights-from" in result.output
     info = json.loads((tmp_path / "m" / "1" / "assets" / "model_info.json").read_text())
     assert info["inference"] == {"fine_passes": 2, "flip_average": True, "average_passes": True,
                                  "protocol_planes": False, "flip_first_pass": False,
@@ -525,6 +536,9 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(runs, d
     answer, decodings = client.predict(inputs), client.predict(inputs, "decodings")
     np.testing.assert_allclose(answer["world_mm"], decodings["fine_n1_parabola_world_mm"], atol=1e-4)
     assert not np.allclose(answer["world_mm"], decodings["fine_parabola_world_mm"], atol=1e-3)
+    again = LocalLocalizationClient(tmp_path / "again" / "1").predict(inputs)
+    for key in ("world_mm", "coarse_world_mm", "confidence", "flip_disagreement_mm"):
+        np.testing.assert_allclose(again[key], answer[key], atol=1e-5, err_msg=key)
     result = run("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "x",
                  "--fine-passes", "2", "--share-refined-windows", "7")  # fmt: skip
     assert result.exit_code != 0 and "--share-refined-windows 7 leaves no room" in result.output

@@ -181,6 +181,27 @@ def test_reloaded_export_in_a_fresh_process_equals_the_in_memory_localizer(
             assert landmarks[landmark]["confidence"] == pytest.approx(float(expected["confidence"][k]), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_stage_models_rebuilt_from_an_export_are_the_exported_ones(base_dir: Path, runs: tuple[Path, Path]) -> None:
+    """stage_models_from_export gives back the trained weights (so they can be exported again with other
+    inference options) and refuses a folder that is no export."""
+    from mdgru_keras.export import stage_models_from_export
+
+    coarse, fine, config, info = stage_models_from_export(base_dir / MODEL / "1")
+    assert config.landmarks == CONFIG.landmarks and info["landmarks"] == list(CONFIG.landmarks)
+    for rebuilt, run in ((coarse, runs[0]), (fine, runs[1])):
+        trained = load_model(str(run / "model.keras"))
+        def weights(model):  # DropConnect's random-seed states differ from one loading to the next
+            return {re.sub(r"_\d+/", "/", v.path): v.numpy() for v in model.variables if "seed_generator" not in v.path}
+
+        rebuilt_weights, trained_weights = weights(rebuilt), weights(trained)
+        assert list(rebuilt_weights) == list(trained_weights)
+        for path, value in rebuilt_weights.items():
+            np.testing.assert_array_equal(value, trained_weights[path], err_msg=path)
+    with pytest.raises(InputError, match="not an mdgru-keras export"):
+        stage_models_from_export(runs[0])
+
+
 def _env() -> dict[str, str]:
     import os
 

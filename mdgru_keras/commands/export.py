@@ -29,6 +29,13 @@ import click
     "TensorFlow Serving SavedModel, e.g. for the official TF Serving image.",
 )
 @click.option(
+    "--weights-from",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Instead of --coarse/--fine: the trained weights of an existing export (its version folder, e.g. "
+    "export/mdgru/1), written again with the inference options given here (e.g. fewer fine passes: faster).",
+)
+@click.option(
     "--out",
     "base_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -107,6 +114,7 @@ def export(
     coarse_run: Path | None,
     fine_run: Path | None,
     pretrained: str | None,
+    weights_from: Path | None,
     base_dir: Path,
     name: str,
     version: int | None,
@@ -134,27 +142,38 @@ def export(
       mdgru-localize export --coarse runs/coarse --fine runs/fine --out export --name mdgru
       mdgru-localize predict scan.nii.gz --model export/mdgru --format fcsv --out scan.fcsv
       mdgru-localize export --pretrained afids32 --out models --name afids32
+      mdgru-localize export --weights-from export/mdgru/1 --fine-passes 2 --out export --name mdgru
     """
     import time
 
-    from mdgru_keras.export import export_runs, next_version, read_model_info
+    from mdgru_keras.export import export_again, export_runs, next_version, read_model_info
 
+    sources = [given for given, was_given in (("--coarse/--fine", coarse_run is not None or fine_run is not None),
+                                               ("--pretrained", pretrained is not None),
+                                               ("--weights-from", weights_from is not None)) if was_given]
+    if len(sources) > 1:
+        raise click.UsageError(
+            f"give one of --coarse and --fine, --pretrained or --weights-from, not {' and '.join(sources)}"
+        )
     if pretrained is not None:
-        if coarse_run is not None or fine_run is not None:
-            raise click.UsageError("give either --pretrained or --coarse and --fine, not both")
         from mdgru_keras.pretrained import copy_pretrained
 
         version_dir = copy_pretrained(pretrained, base_dir, name, version)
         click.echo(f"Wrote SavedModel {version_dir} (pretrained model {pretrained})")
         return
-    if coarse_run is None or fine_run is None:
-        raise click.UsageError("give --coarse and --fine (training runs), or --pretrained NAME")
+    if weights_from is None and (coarse_run is None or fine_run is None):
+        raise click.UsageError("give --coarse and --fine (training runs), --pretrained NAME or --weights-from DIR")
+    inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
+                 "protocol_planes": protocol_planes, "flip_first_pass": not direct_first_pass,
+                 "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding}
     started = time.monotonic()
     shown_version = version or next_version(base_dir / name)
-    click.echo(f"Exporting {coarse_run} (coarse) and {fine_run} (fine) as {name} version {shown_version} ...", err=True)
-    version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, fine_passes,
-                              flip_average, average_passes, protocol_planes, not direct_first_pass,
-                              refine_share_margin_voxel, pooled_decoding)
+    source = f"{weights_from} (weights)" if weights_from else f"{coarse_run} (coarse) and {fine_run} (fine)"
+    click.echo(f"Exporting {source} as {name} version {shown_version} ...", err=True)
+    if weights_from is not None:
+        version_dir = export_again(weights_from, base_dir, name, version, fine_batch_size, **inference)
+    else:
+        version_dir = export_runs(coarse_run, fine_run, base_dir, name, version, fine_batch_size, **inference)
     info = read_model_info(version_dir)
     landmarks = info.get("landmarks", [])
     click.echo(
