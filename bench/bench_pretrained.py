@@ -324,7 +324,8 @@ def markdown(result: dict) -> str:
         f"Run on {result['date']} on {result['machine']['processor']} ({result['machine']['cores']} cores; 2048² "
         f"float32 matmul {result['speed']['matmul_gflops']:.0f} GFLOP/s in the same run). `make bench-pretrained`."
         + (" Registration: the template rigid + affine (SimpleITK); SyN: affine then SyN (ANTsPy's preset, "
-           "`--baseline ants`), seconds per head on the same machine." if with_syn else ""),
+           "`--baseline ants`), seconds per head on the machine that ran it (its rows are kept from run to run: "
+           "module docstring)." if with_syn else ""),
         "",
         "| condition | subjects | model mean ± std mm | model median | model max | "
         + " | ".join(f"{label} mean mm | {label} median" for _, label in baselines)
