@@ -49,21 +49,23 @@ MIN_SCAN_VOXELS = 2
 # axes of the probability within one class of the answer (chance level 27 / C^3 for C classes per axis: tiny
 # 8e-4; cpu and afids 1.3e-5). Calibrated on held-out synthetic heads of an earlier shipped model
 # (docs/MODEL_CARD.md, bench-pretrained, 2026-12-01 16:01 UTC: 13.1 % of the 512 landmarks of unseen and
-# held-out-family heads flagged, 8.1 mm mean error against 2.1 mm) and kept: the current model (22:11 UTC) is more
-# confident, 1.2 % flagged, 7.1 mm mean error against 1.8 mm, 8 % of the errors over 5 mm among them (3e-3 would
-# flag 10.4 % and 58 %). Models of other configs need their own: --min-confidence. Not calibrated on real scans.
+# held-out-family heads flagged, 8.1 mm mean error against 2.1 mm) and kept: the current export (2026-12-05 05:37
+# UTC) is more confident, 1.2 % flagged, 9.0 mm mean error against 1.7 mm, 17 % of the errors over 5 mm among them
+# (3e-3 would flag 10.5 % and 58 %). Models of other configs need their own: --min-confidence. Not calibrated on
+# real scans.
 MIN_CONFIDENCE = 0.001
 # Default threshold of the ``unstable`` status: the distance between the fine estimates in the scan and in its
 # left-right mirror image (``flip_disagreement_mm``, models exported with --flip-average). Calibrated on held-out
-# synthetic heads of the shipped models (docs/MODEL_CARD.md, bench-pretrained, 2026-12-01 22:11 UTC): above 8 mm,
-# 3.5 % of the landmarks of unseen and held-out-family heads were flagged, with 8.3 mm mean error against 1.6 mm
-# for the others, and 42 % of the errors over 5 mm among them (earlier models: 6.4 %, 6.1 against 1.9 mm; 7.0 %,
-# 9.6 against 2.3 mm). Not calibrated on real scans.
+# synthetic heads of the shipped models (docs/MODEL_CARD.md, bench-pretrained, 2026-12-05 05:37 UTC): above 8 mm,
+# 4.1 % of the landmarks of unseen and held-out-family heads were flagged, with 8.8 mm mean error against 1.5 mm
+# for the others, and 46 % of the errors over 5 mm among them (earlier exports: 3.5 %, 8.3 against 1.6 mm; 6.4 %,
+# 6.1 against 1.9 mm; 7.0 %, 9.6 against 2.3 mm). Not calibrated on real scans.
 MAX_FLIP_DISAGREEMENT_MM = 8.0
 # Default threshold of the ``coarse_fine_disagree`` status: the distance of the fine estimate from the coarse one
-# (``coarse_shift_mm``). Calibrated like the others (docs/MODEL_CARD.md, bench-pretrained, 2026-12-01 22:11 UTC):
-# above 15 mm, 8.6 % of the landmarks were flagged, with 4.2 mm mean error against 1.6 mm for the others, and
-# 35 % of the errors over 5 mm among them (earlier models: 7.6 %, 4.0 against 2.0 mm; 9.6 %, 4.4 against 2.7 mm).
+# (``coarse_shift_mm``). Calibrated like the others (docs/MODEL_CARD.md, bench-pretrained, 2026-12-05 05:37 UTC):
+# above 15 mm, 9.6 % of the landmarks were flagged, with 4.3 mm mean error against 1.5 mm for the others, and
+# 42 % of the errors over 5 mm among them (earlier exports: 8.6 %, 4.2 against 1.6 mm; 7.6 %, 4.0 against 2.0 mm;
+# 9.6 %, 4.4 against 2.7 mm).
 # Not calibrated on real scans.
 MAX_COARSE_SHIFT_MM = 15.0
 STATUS_OK = "ok"
