@@ -40,6 +40,7 @@ from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints
 from mdgru_keras.geometry.resampling import canonical_resampling_grid_tf, central_grid_crop_tf, resample_axis_aligned_tf
+from mdgru_keras.geometry.windows import largest_share_margin
 from mdgru_keras.io.atomic import check_writable
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.serving import (
@@ -529,14 +530,11 @@ def export_again(
 def _export_models(coarse_model: keras.Model, fine_model: keras.Model, config: Config, source: Path,
                    base_dir: str | Path, name: str, version: int | None, fine_batch_size: int | None,
                    info: dict, inference: Mapping[str, Any]) -> Path:
-    unknown = sorted(set(inference) - set(INFERENCE_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unknown inference options: {', '.join(unknown)}")
-    inference = {**INFERENCE_DEFAULTS, **inference}
+    inference = {**INFERENCE_DEFAULTS, **inference}  # an unknown option: TwoStageLocalizer's TypeError
     if inference["protocol_planes"] and not plane_constraints(config.landmarks):
         raise InputError(source, f"--protocol-planes needs AC, PC and one of {', '.join(PLANE_ANCHORS)} among "
                                  f"the landmarks (has: {', '.join(config.landmarks)})")
-    largest_margin = (config.fine.window_size - 3) // 2
+    largest_margin = largest_share_margin(config.fine.window_size)
     margin = inference["refine_share_margin_voxel"]
     if margin is not None and margin > largest_margin:
         raise InputError(source, f"--share-refined-windows {margin} leaves no room in its "

@@ -68,6 +68,7 @@ from mdgru_keras.geometry.coordinate_classes import decode_axis_tf, peak_mass_tf
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints, project_onto_planes_tf
 from mdgru_keras.geometry.windows import (
     crop_with_padding_tf,
+    largest_share_margin,
     shared_window_groups_tf,
     window_origin_around_tf,
     window_to_volume_voxel_tf,
@@ -155,7 +156,7 @@ class TwoStageLocalizer(tf.Module):
         if fine_passes < 1:
             raise ValueError(f"fine_passes must be >= 1, got {fine_passes}")
         self.fine_passes = int(fine_passes)
-        largest_margin = (config.fine.window_size - 3) // 2
+        largest_margin = largest_share_margin(config.fine.window_size)
         for option, margin in (("share_windows_margin_voxel", share_windows_margin_voxel),
                                ("refine_share_margin_voxel", refine_share_margin_voxel)):
             if margin is not None and not 0 <= margin <= largest_margin:

@@ -187,14 +187,13 @@ def test_stage_models_rebuilt_from_an_export_are_the_exported_ones(base_dir: Pat
     inference options) and refuses a folder that is no export."""
     from mdgru_keras.export import stage_models_from_export
 
+    def weights(model):  # DropConnect's random-seed states differ from one loading to the next
+        return {re.sub(r"_\d+/", "/", v.path): v.numpy() for v in model.variables if "seed_generator" not in v.path}
+
     coarse, fine, config, info = stage_models_from_export(base_dir / MODEL / "1")
     assert config.landmarks == CONFIG.landmarks and info["landmarks"] == list(CONFIG.landmarks)
     for rebuilt, run in ((coarse, runs[0]), (fine, runs[1])):
-        trained = load_model(str(run / "model.keras"))
-        def weights(model):  # DropConnect's random-seed states differ from one loading to the next
-            return {re.sub(r"_\d+/", "/", v.path): v.numpy() for v in model.variables if "seed_generator" not in v.path}
-
-        rebuilt_weights, trained_weights = weights(rebuilt), weights(trained)
+        rebuilt_weights, trained_weights = weights(rebuilt), weights(load_model(str(run / "model.keras")))
         assert list(rebuilt_weights) == list(trained_weights)
         for path, value in rebuilt_weights.items():
             np.testing.assert_array_equal(value, trained_weights[path], err_msg=path)

@@ -110,6 +110,12 @@ def crop_with_padding_tf(volume: tf.Tensor, origin_voxel: tf.Tensor, window_size
 # shared fine windows (localizer)
 
 
+def largest_share_margin(window_size: int) -> int:
+    """The largest ``margin_voxel`` that :func:`shared_window_groups` accepts for ``window_size`` windows (a
+    group then spans 0 or 1 voxels)."""
+    return (window_size - 3) // 2
+
+
 def shared_window_groups(
     center_voxel: np.ndarray, window_size: int, margin_voxel: int
 ) -> tuple[np.ndarray, np.ndarray]:
