@@ -345,7 +345,7 @@ def build_coarse_model(config: Config) -> keras.Model:
     net = config.coarse.network
     volume = keras.Input(shape=(size, size, size, INPUT_CHANNELS), name="volume")
     # The paper reduces the padded scan with one strided convolution of filter 2s + 1 (linear). StridedConv3D:
-    # Conv3D's forward and weights, exact gradients without the strided conv3d gradient kernels (slow on AVX2).
+    # Conv3D's output and weights, forward and exact gradients by matrix products (strided conv3d is slow on AVX2).
     x = StridedConv3D(
         config.coarse.input_channels,
         2 * stride + 1,

@@ -133,7 +133,7 @@ def _conv3d_ops(concrete: tf.types.experimental.ConcreteFunction) -> set[tuple[s
     return found
 
 
-def test_training_graphs_contain_no_strided_conv3d_gradient_kernels(rng):
+def test_training_graphs_contain_no_strided_conv3d_kernels(rng):
     layer = StridedConv3D(8, 9, strides=4, padding="same")
     up = StridedConv3DTranspose(2, 2)
     x = tf.constant(rng.normal(size=(2, 32, 32, 32, 2)).astype("float32"))
@@ -148,7 +148,7 @@ def test_training_graphs_contain_no_strided_conv3d_gradient_kernels(rng):
         return tape.gradient(loss, [x, *layer.trainable_weights, *up.trainable_weights])
 
     concrete = step.get_concrete_function(x)
-    assert _conv3d_ops(concrete) == {("Conv3D", 4)}  # the forward strided convolution is TensorFlow's
+    assert _conv3d_ops(concrete) == set()  # forward and gradients are matrix products
     assert "MatMul" in {op.type for op in concrete.graph.get_operations()}
 
     # The whole tiny coarse model's training step as well.
@@ -163,8 +163,8 @@ def test_training_graphs_contain_no_strided_conv3d_gradient_kernels(rng):
         return tape.gradient(loss, model.trainable_variables)
 
     ops = _conv3d_ops(model_step.get_concrete_function(volume))
-    assert ("Conv3D", 4) in ops  # the input convolution; the 1x1x1 voxelwise layers have stride 1
-    assert not {(kind, stride) for kind, stride in ops if kind.startswith("Conv3DBackprop") and stride > 1}
+    assert ("Conv3D", 1) in ops  # the 1x1x1 voxelwise layers: stride 1
+    assert not {(kind, stride) for kind, stride in ops if stride > 1}  # no strided conv3d, forward or gradient
 
 
 def test_config_round_trip_and_argument_errors():
@@ -259,8 +259,8 @@ def test_coarse_model_saved_with_keras_conv3d_loads_with_the_same_outputs(tmp_pa
     old.save(tmp_path / "old.keras")
     loaded = N.load_model(str(tmp_path / "old.keras"))
     assert type(loaded.get_layer("coarse_input_conv")) is StridedConv3D
-    for axis in "xyz":
-        np.testing.assert_array_equal(loaded(volume)[axis].numpy(), expected[axis].numpy())
+    for axis in "xyz":  # same weights; the forward's sums run in another order (float32 rounding)
+        np.testing.assert_allclose(loaded(volume)[axis].numpy(), expected[axis].numpy(), rtol=1e-5, atol=1e-5)
     loaded.save(tmp_path / "new.keras")  # and it saves as a current model
     assert type(N.load_model(str(tmp_path / "new.keras")).get_layer("coarse_input_conv")) is StridedConv3D
 
@@ -269,7 +269,7 @@ def test_coarse_model_saved_with_keras_conv3d_loads_with_the_same_outputs(tmp_pa
     new = N.build_coarse_model(config)
     tf.train.Checkpoint(model=model_variables(new)).read(str(tmp_path / "ckpt" / "ckpt")).assert_consumed()
     for axis in "xyz":
-        np.testing.assert_array_equal(new(volume)[axis].numpy(), expected[axis].numpy())
+        np.testing.assert_allclose(new(volume)[axis].numpy(), expected[axis].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_upgrade_replaces_only_plain_strided_layers(rng):

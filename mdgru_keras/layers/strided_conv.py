@@ -1,12 +1,13 @@
-"""Strided 3D convolutions whose training never runs a strided-convolution gradient kernel.
+"""Strided 3D convolutions computed by matrix products: no strided-convolution kernel, forward or gradient.
 
 Why: on CPUs without AVX-512 (e.g. 2-core AMD EPYC with AVX2), TensorFlow's kernels for the gradients of a
 strided ``conv3d`` are catastrophically slow: for batch 8, 32^3 x 2 channels, filter 9, stride 4, 8 outputs the
 forward convolution takes 0.03 s but ``Conv3DBackpropFilterV2`` 16.8 s and ``Conv3DBackpropInputV2`` 15.1 s.
-(With oneDNN on AVX-512 they are fast.) The forward convolution is fast everywhere, so:
+(With oneDNN on AVX-512 they are fast.) Its strided forward is slow there too for the big coarse input
+(8 x 160^3 x 2, filter 11, stride 5: 1.44 s, 11 GFLOP at 8 GFLOP/s on a 130 GFLOP/s machine). So:
 
-* :func:`strided_conv3d` / :class:`StridedConv3D`: the forward is the plain ``tf.nn.conv3d``; its gradient
-  (a ``tf.custom_gradient``) is computed exactly with two matrix products in a *space-to-depth* formulation.
+* :func:`strided_conv3d` / :class:`StridedConv3D`: forward and both gradients are one matrix product each in a
+  *space-to-depth* formulation (a ``tf.custom_gradient``), plus reshapes, transposes and shifted slices.
 * :func:`block_conv3d_transpose` / :class:`StridedConv3DTranspose`: a transposed convolution whose filter
   equals its stride (the U-Net's 2x2x2, stride-2 upsampling) is a per-voxel matrix product followed by
   depth-to-space; forward and gradients are matrix products, reshapes and transposes only.
@@ -22,6 +23,9 @@ at voxel 0 (zeros fill the last block when ``S`` does not divide ``N``): voxel `
 ``m S`` taps (zeros before and after it) the strided convolution is a stride-1 convolution over blocks::
 
     y[i, o] = sum_{v < m, r < S, c} X[i + u_low + v, (r, c)] W_blocked[v S + r, c, o]    X: S^3 C_in channels
+
+The forward is one matrix product ``P = X W_blocked`` (``[B Nb, m^3 C_out]``) followed by the sum of ``m^3``
+shifted slices, ``y[i, o] = sum_v P[i + u_low + v, (v, o)]``.
 
 Blocks that would hold only padding (before voxel 0, after the last block) are left out: they add nothing to
 the kernel gradient and need no input gradient. With ``D[J, (v, o)] = dy[J - u_low - v, o]`` (``m^3``
@@ -40,6 +44,7 @@ input is only reshaped and transposed, never padded, when ``S`` divides its size
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import keras
@@ -195,6 +200,43 @@ def _shifted_output_gradient(dy: tf.Tensor, plans: list[_AxisPlan]) -> tf.Tensor
     return tf.reshape(shifted, [-1, math.prod(p.blocks_per_field for p in plans) * dy.shape[-1]])
 
 
+def _vector(values: list) -> list | tf.Tensor:
+    """``values`` as a list of ints when they all are, else stacked to one int32 tensor."""
+    return values if all(isinstance(v, int) for v in values) else tf.stack(values)
+
+
+def _sum_shifted_blocks(products: tf.Tensor, batch: tf.Tensor, plans: list[_AxisPlan], channels_out: int) -> tf.Tensor:
+    """``y[b, i, o] = sum_v P[b, i + u_low + v, (v, o)]`` (zero outside the blocks): ``[B, n1, n2, n3, C_out]``.
+
+    ``products`` is ``P = X W_blocked``, ``[B * Nb1 * Nb2 * Nb3, m1 m2 m3 C_out]`` (:func:`_space_to_depth_input`
+    times :func:`_blocked_kernel_matrix`, columns ``(v1, v2, v3, o)``, ``v1`` slowest); this is the adjoint of
+    :func:`_shifted_output_gradient`. Each of the ``m^3`` terms is one slice of ``P`` (only its valid part,
+    padded to the output's size afterwards: padding ``P`` itself, or shifting it axis by axis, moves the whole
+    ``m^3 C_out``-channel tensor several times and took 2-4 x longer on a 2-core AVX2 EPYC).
+    """
+    grid = tf.reshape(products, [batch, *(p.blocks for p in plans), products.shape[-1]])
+    terms = []
+    for index, offsets in enumerate(itertools.product(*(range(p.blocks_per_field) for p in plans))):
+        begin, size, pads = [0], [-1], [[0, 0]]
+        for plan, v in zip(plans, offsets):
+            shift = plan.u_low + v  # output i reads block i + shift
+            first = max(-shift, 0)  # outputs before this one read blocks before 0 (zeros)
+            if isinstance(plan.outputs, int) and isinstance(plan.blocks, int):
+                count = max(min(plan.outputs, plan.blocks - shift) - first, 0)
+            else:
+                count = tf.maximum(tf.minimum(plan.outputs, plan.blocks - shift) - first, 0)
+            begin.append(first + shift)
+            size.append(count)
+            pads.append([first, plan.outputs - first - count])
+        if any(isinstance(n, int) and n == 0 for n in size):
+            continue  # a term that reads only padding
+        begin.append(index * channels_out)
+        size.append(channels_out)
+        pads.append([0, 0])
+        terms.append(tf.pad(tf.slice(grid, _vector(begin), _vector(size)), pads))
+    return tf.add_n(terms)
+
+
 def _blocked_kernel_matrix(kernel: tf.Tensor, plans: list[_AxisPlan], strides: tuple[int, int, int]) -> tf.Tensor:
     """The kernel ``[k1, k2, k3, C_in, C_out]`` as the blocked kernel matrix ``[S^3 C_in, m^3 C_out]``."""
     channels_in, channels_out = kernel.shape[3], kernel.shape[4]
@@ -223,7 +265,7 @@ def _kernel_from_blocked_matrix(
 
 
 def strided_conv3d(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int, int], padding: str = "same") -> tf.Tensor:
-    """``tf.nn.conv3d(x, kernel, strides, padding)`` whose gradient uses matrix products, no conv gradient.
+    """``tf.nn.conv3d(x, kernel, strides, padding)`` computed, with its gradients, by matrix products.
 
     Args:
         x: ``[B, N1, N2, N3, C_in]`` (batch and spatial sizes may be dynamic; ``C_in`` static).
@@ -248,12 +290,17 @@ def strided_conv3d(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int, int
 
     @tf.custom_gradient
     def conv(x: tf.Tensor, kernel: tf.Tensor):
+        shape = tf.shape(x)
+        sizes = [x.shape[1 + a] if x.shape[1 + a] is not None else shape[1 + a] for a in range(3)]
+        plans = [_axis_plan(sizes[a], kernel_size[a], strides[a], padding) for a in range(3)]
+        blocked_x = _space_to_depth_input(x, plans, strides)  # [B Nb, S^3 C_in], kept for the kernel gradient
+        products = tf.matmul(blocked_x, _blocked_kernel_matrix(kernel, plans, strides))  # [B Nb, m^3 C_out]
+        y = _sum_shifted_blocks(products, shape[0], plans, kernel.shape[-1])
+        spatial = (conv_output_size(n, k, s, padding) for n, k, s in zip(x.shape[1:4], kernel_size, strides))
+        y.set_shape([x.shape[0], *spatial, kernel.shape[-1]])
+
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            shape = tf.shape(x)
-            sizes = [x.shape[1 + a] if x.shape[1 + a] is not None else shape[1 + a] for a in range(3)]
-            plans = [_axis_plan(sizes[a], kernel_size[a], strides[a], padding) for a in range(3)]
             shifted = _shifted_output_gradient(dy, plans)  # [B Nb, m^3 C_out]
-            blocked_x = _space_to_depth_input(x, plans, strides)  # [B Nb, S^3 C_in]
             kernel_grad = tf.matmul(blocked_x, shifted, transpose_a=True)  # [S^3 C_in, m^3 C_out]
             kernel_grad = _kernel_from_blocked_matrix(kernel_grad, kernel_size, plans, strides)
             input_grad = tf.matmul(shifted, _blocked_kernel_matrix(kernel, plans, strides), transpose_b=True)
@@ -262,7 +309,7 @@ def strided_conv3d(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int, int
             kernel_grad.set_shape(kernel.shape)
             return input_grad, kernel_grad
 
-        return tf.nn.conv3d(x, kernel, tf_strides, tf_padding), grad
+        return y, grad
 
     return conv(x, kernel)
 
@@ -296,13 +343,13 @@ def block_conv3d_transpose(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 class StridedConv3D(keras.layers.Layer):
     """3D convolution (``keras.layers.Conv3D``, channels last, linear) trained without strided-conv gradients.
 
-    The forward pass is ``tf.nn.conv3d`` with the stride, as in ``keras.layers.Conv3D``. The gradients with
-    respect to the input and the kernel are computed exactly by two matrix products in a space-to-depth
-    formulation (:func:`strided_conv3d`; the derivation is in the module docstring) instead of TensorFlow's
-    ``Conv3DBackpropFilterV2`` / ``Conv3DBackpropInputV2`` kernels, which are hundreds of times slower than
-    the forward pass on CPUs without AVX-512 when the stride is > 1 (16.8 s against 0.03 s for the tiny
-    preset's coarse input convolution at batch 8 on a 2-core AVX2 EPYC). With stride 1 it is the plain
-    convolution.
+    The output is ``keras.layers.Conv3D``'s; the forward pass and the gradients with respect to the input and
+    the kernel are computed exactly by matrix products in a space-to-depth formulation (:func:`strided_conv3d`;
+    the derivation is in the module docstring) instead of TensorFlow's strided ``Conv3D``,
+    ``Conv3DBackpropFilterV2`` and ``Conv3DBackpropInputV2`` kernels, which are slow on CPUs without AVX-512
+    when the stride is > 1 (the gradients hundreds of times slower than the forward: 16.8 s against 0.03 s
+    for the tiny preset's coarse input convolution at batch 8 on a 2-core AVX2 EPYC). With stride 1 it is
+    the plain convolution.
 
     The weights have the names and shapes of ``keras.layers.Conv3D``'s (``kernel [k1, k2, k3, C_in,
     filters]``, ``bias [filters]``), so its variables are interchangeable with a ``Conv3D``'s
