@@ -123,7 +123,10 @@ def local_json(model_base: Path, scans: dict[str, Path], tmp_path_factory: pytes
     return document
 
 
-def assert_same_landmarks(actual: dict, expected: dict, atol: float = 1e-9) -> None:
+def assert_same_landmarks(actual: dict, expected: dict, atol: float = 1e-5) -> None:
+    """The same landmarks, positions equal to float32 rounding (``atol`` mm / voxels): the coarse input
+    convolution is a float32 matrix product whose summation order can differ between calls on other threads
+    (a server's against the local run: 1.9e-6 mm seen on a 15 mm coordinate)."""
     assert set(actual) == set(expected)
     for path, landmarks in expected.items():
         assert list(actual[path]) == list(landmarks), path
