@@ -294,7 +294,8 @@ def strided_conv3d(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int, int
         sizes = [x.shape[1 + a] if x.shape[1 + a] is not None else shape[1 + a] for a in range(3)]
         plans = [_axis_plan(sizes[a], kernel_size[a], strides[a], padding) for a in range(3)]
         blocked_x = _space_to_depth_input(x, plans, strides)  # [B Nb, S^3 C_in], kept for the kernel gradient
-        products = tf.matmul(blocked_x, _blocked_kernel_matrix(kernel, plans, strides))  # [B Nb, m^3 C_out]
+        blocked_kernel = _blocked_kernel_matrix(kernel, plans, strides)  # [S^3 C_in, m^3 C_out], also for dX
+        products = tf.matmul(blocked_x, blocked_kernel)  # [B Nb, m^3 C_out]
         y = _sum_shifted_blocks(products, shape[0], plans, kernel.shape[-1])
         spatial = (conv_output_size(n, k, s, padding) for n, k, s in zip(x.shape[1:4], kernel_size, strides))
         y.set_shape([x.shape[0], *spatial, kernel.shape[-1]])
@@ -303,7 +304,7 @@ def strided_conv3d(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int, int
             shifted = _shifted_output_gradient(dy, plans)  # [B Nb, m^3 C_out]
             kernel_grad = tf.matmul(blocked_x, shifted, transpose_a=True)  # [S^3 C_in, m^3 C_out]
             kernel_grad = _kernel_from_blocked_matrix(kernel_grad, kernel_size, plans, strides)
-            input_grad = tf.matmul(shifted, _blocked_kernel_matrix(kernel, plans, strides), transpose_b=True)
+            input_grad = tf.matmul(shifted, blocked_kernel, transpose_b=True)
             input_grad = _depth_to_space_input(input_grad, shape[0], plans, strides, x.shape[-1])
             input_grad.set_shape(x.shape)
             kernel_grad.set_shape(kernel.shape)
@@ -341,7 +342,7 @@ def block_conv3d_transpose(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 
 @keras.saving.register_keras_serializable(package="mdgru_keras")
 class StridedConv3D(keras.layers.Layer):
-    """3D convolution (``keras.layers.Conv3D``, channels last, linear) trained without strided-conv gradients.
+    """3D convolution (``keras.layers.Conv3D``, channels last, linear) without TensorFlow's strided conv3d kernels.
 
     The output is ``keras.layers.Conv3D``'s; the forward pass and the gradients with respect to the input and
     the kernel are computed exactly by matrix products in a space-to-depth formulation (:func:`strided_conv3d`;
