@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mdgru_keras.config import Config, ConfigError, config_from_dict
@@ -40,8 +41,10 @@ from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints
 from mdgru_keras.geometry.resampling import canonical_resampling_grid_tf, central_grid_crop_tf, resample_axis_aligned_tf
+from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS
 from mdgru_keras.geometry.windows import largest_share_margin
 from mdgru_keras.io.atomic import check_writable
+from mdgru_keras.io.landmarks import read_landmarks, require_landmarks
 from mdgru_keras.localizer import TwoStageLocalizer
 from mdgru_keras.serving import (
     COARSE_SIGNATURE,
@@ -472,7 +475,8 @@ def export_localizer(
 # The inference options of an export (keyword arguments of TwoStageLocalizer), recorded under "inference"
 INFERENCE_DEFAULTS: dict[str, Any] = {"fine_passes": 1, "flip_average": False, "average_passes": False,
                                       "protocol_planes": False, "flip_first_pass": True,
-                                      "refine_share_margin_voxel": None, "pooled_decoding": False}
+                                      "refine_share_margin_voxel": None, "pooled_decoding": False,
+                                      "shape_prior": None, "shape_prior_tolerance_mm": 10.0}
 
 
 def export_runs(
@@ -539,6 +543,16 @@ def _export_models(coarse_model: keras.Model, fine_model: keras.Model, config: C
     if margin is not None and margin > largest_margin:
         raise InputError(source, f"--share-refined-windows {margin} leaves no room in its "
                                  f"{config.fine.window_size}^3 windows (at most {largest_margin})")
+    prior = inference["shape_prior"]
+    if prior is not None:
+        if inference["fine_passes"] < 2:
+            raise InputError(source, "--shape-prior needs --fine-passes 2 or more (it re-centres the later passes)")
+        if config.num_landmarks < MIN_SHAPE_PRIOR_LANDMARKS:
+            raise InputError(source, f"--shape-prior needs a model of at least {MIN_SHAPE_PRIOR_LANDMARKS} landmarks "
+                                     f"(this one has {config.num_landmarks})")
+        if isinstance(prior, str | os.PathLike):  # a landmark file: the reference positions of the model's landmarks
+            prior = list(require_landmarks(read_landmarks(prior), config.landmarks, prior).values())
+        inference["shape_prior"] = np.asarray(prior, dtype=np.float64).tolist()  # recorded in model_info.json
     localizer = TwoStageLocalizer(coarse_model, fine_model, config, fine_batch_size=fine_batch_size, **inference)
     info = {"fine_passes": inference["fine_passes"], "inference": inference, **info}
     return export_localizer(localizer, base_dir, name, version, info)

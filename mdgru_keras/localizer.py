@@ -34,6 +34,14 @@ are safe where the first is not: a later pass is centred on fine estimates (a fe
 coarse ones (often 10 voxels or more). The shipped AFIDs model uses both (``docs/MODEL_CARD.md``: about half
 the fine windows of two flip-averaged passes, at the same accuracy on held-out synthetic heads).
 
+Option ``shape_prior`` (the reference positions of the K landmarks, ``[K, 3]`` mm, e.g. the template's AFIDs;
+needs ``fine_passes > 1``): before each later pass the estimates are checked against the reference mapped by the
+robust affine fit to them (:mod:`mdgru_keras.geometry.shape_prior`). A landmark farther than
+``shape_prior_tolerance_mm`` from that prior most likely lay outside its window (a coarse estimate 20 mm off):
+its next window is centred on the prior instead, and with ``average_passes`` its earlier estimates leave the
+mean. ``shape_prior_distance_voxel`` is each final estimate's distance from the prior fitted to the final
+estimates (zeros without the option): a QC signal.
+
 Option ``pooled_decoding``: ``voxel`` is the parabola through the per-voxel sums of the n classes of each voxel
 (``voxel_n1_parabola``) instead of through the n classes (``voxel_parabola``; ``config.parabola`` false: the
 argmax of either).
@@ -66,6 +74,7 @@ from mdgru_keras.config import Config
 from mdgru_keras.data.pipeline import coarse_centre_origin
 from mdgru_keras.geometry.coordinate_classes import decode_axis_tf, peak_mass_tf, pool_classes_tf
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints, project_onto_planes_tf
+from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS, fit_shape_prior_tf
 from mdgru_keras.geometry.windows import (
     crop_with_padding_tf,
     largest_share_margin,
@@ -92,6 +101,8 @@ class TwoStageLocalizer(tf.Module):
     ``voxel_n1_parabola``      [K, 3] float32  fine stage, classes pooled to one per voxel, parabola
     ``flip_disagreement_voxel`` [K] float32    distance of the direct and mirrored fine estimates (0 without
                                                ``flip_average``)
+    ``shape_prior_distance_voxel`` [K] float32 distance of ``voxel`` from the shape prior fitted to all of
+                                               ``voxel`` (0 without ``shape_prior``)
     ``coarse_voxel``           [K, 3] float32  coarse position (centre of the fine windows)
     ``coarse_voxel_argmax``    [K, 3] float32  coarse stage, argmax decoding
     ``coarse_voxel_parabola``  [K, 3] float32  coarse stage, parabola decoding
@@ -128,6 +139,9 @@ class TwoStageLocalizer(tf.Module):
         refine_share_margin_voxel: ``None``: passes after the first place windows as the first does; ``m``:
             they share windows with ``m`` voxels to spare around the current estimates.
         pooled_decoding: answer (``voxel``) with the classes pooled to one per voxel (``voxel_n1_*``).
+        shape_prior: ``None``, or the landmarks' reference positions ``[K, 3]`` (mm, any space): re-centre later
+            passes of landmarks whose estimates stray from the shape prior (module docstring).
+        shape_prior_tolerance_mm: how far (mm) an estimate may lie from the prior before it is re-centred.
     """
 
     def __init__(
@@ -144,6 +158,8 @@ class TwoStageLocalizer(tf.Module):
         flip_first_pass: bool = True,
         refine_share_margin_voxel: int | None = None,
         pooled_decoding: bool = False,
+        shape_prior: np.ndarray | Sequence[Sequence[float]] | None = None,
+        shape_prior_tolerance_mm: float = 10.0,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -171,6 +187,21 @@ class TwoStageLocalizer(tf.Module):
             raise ValueError("protocol_planes needs AC, PC and at least one of "
                              f"{', '.join(PLANE_ANCHORS)} among the landmarks")
         self.protocol_planes = bool(protocol_planes)
+        if shape_prior is not None:
+            shape_prior = np.asarray(shape_prior, dtype=np.float64)
+            if shape_prior.shape != (self.num_landmarks, 3) or not np.all(np.isfinite(shape_prior)):
+                raise ValueError(f"shape_prior must be [{self.num_landmarks}, 3] finite positions, got shape "
+                                 f"{shape_prior.shape}")
+            if fine_passes < 2:
+                raise ValueError("shape_prior needs fine_passes >= 2 (it re-centres the passes after the first)")
+            if self.num_landmarks < MIN_SHAPE_PRIOR_LANDMARKS:
+                raise ValueError(f"shape_prior needs at least {MIN_SHAPE_PRIOR_LANDMARKS} landmarks (an affine map has "
+                                 f"12 parameters), got {self.num_landmarks}")
+            if not shape_prior_tolerance_mm > 0:
+                raise ValueError(f"shape_prior_tolerance_mm must be positive, got {shape_prior_tolerance_mm}")
+        self.shape_prior = shape_prior
+        # the model grid is isotropic: its voxels are config.spacing_mm wide
+        self.shape_prior_tolerance_voxel = float(shape_prior_tolerance_mm) / float(config.spacing_mm)
         # a constant (not a variable): the export saves no state beyond the models' variables
         self._mirror = tf.constant(mirror_permutation(config.landmarks), tf.int32)
         self.fine_trunk, self.fine_heads = split_fine_model(fine_model)
@@ -210,7 +241,7 @@ class TwoStageLocalizer(tf.Module):
         features = self._preprocess(volume)
         result = self._coarse_stage(features)
         centre = result["coarse_voxel"]
-        passes, flipped = [], []
+        passes, flipped, weights = [], [], []
         for index in range(self.fine_passes):
             flip = self.flip_average and (index > 0 or self.flip_first_pass or self.fine_passes == 1)
             margin = self.share_windows_margin_voxel
@@ -220,13 +251,23 @@ class TwoStageLocalizer(tf.Module):
                 self._fine_stage(features, centre, margin))
             passes.append(fine)
             flipped.append(flip)
+            weights.append(tf.ones([self.num_landmarks], tf.float32))
             if self.average_passes:
-                fine = _mean_of_passes(passes, flipped)
+                fine = _mean_of_passes(passes, flipped, weights)
             centre = fine["voxel"]
+            if self.shape_prior is not None and index + 1 < self.fine_passes:
+                prior = fit_shape_prior_tf(self.shape_prior, centre)
+                strayed = tf.norm(centre - prior, axis=-1) > self.shape_prior_tolerance_voxel  # [K]
+                centre = tf.where(strayed[:, None], prior, centre)
+                weights = [weight * (1.0 - tf.cast(strayed, tf.float32)) for weight in weights]
         result.update(fine)
         if self.protocol_planes:  # every fine decoding: evaluate's rows and the answer stay one and the same
             for key in _POSITIONS:
                 result[key] = project_onto_planes_tf(result[key], list(self.config.landmarks))
+        result["shape_prior_distance_voxel"] = (
+            tf.norm(result["voxel"] - fit_shape_prior_tf(self.shape_prior, result["voxel"]), axis=-1)
+            if self.shape_prior is not None else tf.zeros([self.num_landmarks], tf.float32)
+        )
         return result
 
     def _preprocess(self, volume: tf.Tensor) -> tf.Tensor:
@@ -362,13 +403,18 @@ class TwoStageLocalizer(tf.Module):
 _POSITIONS = ("voxel", "voxel_argmax", "voxel_parabola", "voxel_n1_argmax", "voxel_n1_parabola")
 
 
-def _mean_of_passes(passes: list[dict[str, tf.Tensor]], flipped: list[bool]) -> dict[str, tf.Tensor]:
-    """The last pass's outputs, with positions and confidence replaced by their mean over ``passes``, and the
-    flip disagreement by its mean over the passes that ran on the mirror image (``flipped``; a pass on the
-    volume alone measures none)."""
+def _mean_of_passes(
+    passes: list[dict[str, tf.Tensor]], flipped: list[bool], weights: list[tf.Tensor]
+) -> dict[str, tf.Tensor]:
+    """The last pass's outputs, with positions and confidence replaced by their mean over ``passes`` (per landmark,
+    weighted by ``weights`` ``[K]`` per pass; the last pass's are ones), and the flip disagreement by its mean over
+    the passes that ran on the mirror image (``flipped``; a pass on the volume alone measures none)."""
     result = dict(passes[-1])
+    total = tf.add_n(weights)  # [K], at least the last pass's 1
     for key in (*_POSITIONS, "confidence"):
-        result[key] = tf.add_n([one[key] for one in passes]) / float(len(passes))
+        weighted = [one[key] * (weight[:, None] if one[key].shape.rank == 2 else weight)
+                    for one, weight in zip(passes, weights)]
+        result[key] = tf.add_n(weighted) / (total[:, None] if result[key].shape.rank == 2 else total)
     mirrored = [one["flip_disagreement_voxel"] for one, flip in zip(passes, flipped) if flip]
     if mirrored:
         result["flip_disagreement_voxel"] = tf.add_n(mirrored) / float(len(mirrored))

@@ -523,7 +523,8 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
     info = json.loads((tmp_path / "m" / "1" / "assets" / "model_info.json").read_text())
     assert info["inference"] == {"fine_passes": 2, "flip_average": True, "average_passes": True,
                                  "protocol_planes": False, "flip_first_pass": False,
-                                 "refine_share_margin_voxel": 2, "pooled_decoding": True}  # fmt: skip
+                                 "refine_share_margin_voxel": 2, "pooled_decoding": True,
+                                 "shape_prior": None, "shape_prior_tolerance_mm": 10.0}  # fmt: skip
     report = tmp_path / "eval.json"
     result = run("evaluate", "--model", str(tmp_path / "m"), "--manifest", str(data["manifest"]), "--json",
                  str(report))  # fmt: skip
@@ -543,6 +544,22 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
                  "--fine-passes", "2", "--share-refined-windows", "7")  # fmt: skip
     assert result.exit_code != 0 and "--share-refined-windows 7 leaves no room" in result.output
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@pytest.mark.slow
+def test_a_shape_prior_the_export_cannot_use_is_refused_in_one_line(runs, data: dict, tmp_path: Path) -> None:
+    """`export --shape-prior`: the 2-landmark test model is too few for an affine fit, and one fine pass leaves
+    nothing to re-centre; each is one line naming the source, and nothing is written."""
+    common = ("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "p",
+              "--shape-prior", str(data["template_landmarks"]))  # fmt: skip
+    for extra, problem in ((("--fine-passes", "2"), "--shape-prior needs a model of at least 6 landmarks (this "
+                                                    "one has 2)"),
+                           ((), "--shape-prior needs --fine-passes 2 or more")):
+        result = run(*common, *extra)
+        assert result.exit_code == 1, result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and problem in last, last
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
 
 
 @pytest.mark.slow

@@ -344,3 +344,52 @@ def test_protocol_planes_project_only_the_final_estimates_of_the_ventricle_landm
         np.testing.assert_array_equal(result[key].numpy(), expected[key].numpy())
     with pytest.raises(ValueError, match="protocol_planes needs AC, PC"):
         TwoStageLocalizer(coarse, fine, with_landmarks(config, ["AC", "M", "RLVAC", "X", "Y"]), protocol_planes=True)
+
+
+def test_shape_prior_recentres_the_strayed_landmarks_and_drops_their_first_estimates(rng):
+    """``shape_prior``: after the first pass, a landmark farther than the tolerance from the robust affine fit of
+    the reference to the first estimates (geometry.shape_prior) gets its second window centred on that prior,
+    and its answer is the second pass's alone; the others are centred and averaged as without the prior. A
+    tolerance that no landmark exceeds changes nothing."""
+    from mdgru_keras.geometry.shape_prior import fit_shape_prior
+
+    names = ["A", "B", "C", "D", "E", "F", "G", "H"]
+    config = with_landmarks(load_preset("tiny"), names)
+    keras.utils.set_random_seed(11)
+    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
+    reference = rng.uniform(-20, 20, size=(len(names), 3))
+    volume = rng.normal(size=(34, 30, 32)).astype(np.float32)
+    one_pass = TwoStageLocalizer(coarse, fine, config)
+    first = one_pass(volume)["voxel"].numpy().astype(np.float64)
+    distance_mm = np.linalg.norm(first - fit_shape_prior(reference, first), axis=1) * config.spacing_mm
+    tolerance_mm = float(np.median(distance_mm))
+    strayed = distance_mm > tolerance_mm
+    assert 0 < strayed.sum() < len(names)
+
+    options = {"fine_passes": 2, "average_passes": True}
+    checked = TwoStageLocalizer(coarse, fine, config, shape_prior=reference, shape_prior_tolerance_mm=tolerance_mm,
+                                **options)(volume)
+    centres = np.where(strayed[:, None], fit_shape_prior(reference, first), first)
+    second = one_pass.fine(volume, tf.constant(centres, tf.float32))
+    expected = np.where(strayed[:, None], second["voxel"].numpy(), 0.5 * (first + second["voxel"].numpy()))
+    np.testing.assert_allclose(checked["voxel"].numpy(), expected, atol=1e-3)
+    np.testing.assert_allclose(checked["window_origin_voxel"].numpy(), second["window_origin_voxel"].numpy())
+    final = checked["voxel"].numpy().astype(np.float64)
+    np.testing.assert_allclose(checked["shape_prior_distance_voxel"].numpy(),
+                               np.linalg.norm(final - fit_shape_prior(reference, final), axis=1), atol=1e-3)
+
+    plain = TwoStageLocalizer(coarse, fine, config, **options)(volume)
+    lenient = TwoStageLocalizer(coarse, fine, config, shape_prior=reference, shape_prior_tolerance_mm=1e4,
+                                **options)(volume)
+    for key in ("voxel", "voxel_n1_parabola", "confidence"):
+        np.testing.assert_allclose(lenient[key].numpy(), plain[key].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(plain["shape_prior_distance_voxel"].numpy(), np.zeros(len(names)))
+
+    with pytest.raises(ValueError, match="fine_passes >= 2"):
+        TwoStageLocalizer(coarse, fine, config, shape_prior=reference)
+    with pytest.raises(ValueError, match=r"\[8, 3\]"):
+        TwoStageLocalizer(coarse, fine, config, shape_prior=reference[:5], fine_passes=2)
+    few = with_landmarks(config, names[:4])
+    with pytest.raises(ValueError, match="at least 6 landmarks"):
+        TwoStageLocalizer(N.build_coarse_model(few), N.build_fine_model(few), few, shape_prior=reference[:4],
+                          fine_passes=2)

@@ -90,3 +90,24 @@ def test_the_recipe_trains_from_the_in_memory_cache():
     from train.model_afids import TRAIN_SUBJECTS
 
     assert TRAIN_SUBJECTS <= CACHE_MAX_SUBJECTS
+
+
+def test_the_shipped_export_checks_its_estimates_against_the_template_shape(tmp_path):
+    """The afids config's export runs with --protocol-planes and the template's AFIDs as --shape-prior; the
+    manifest records that file relative to the repository. A one-landmark config gets neither (an affine fit
+    needs several landmarks, the planes need AC and PC)."""
+    from train.model_afids import CONFIG, EXPORT_OPTIONS, export_options, recorded_options
+
+    fiducials = REPO / "demo" / "afids.fcsv"
+    options = export_options(CONFIG, fiducials)
+    assert options[: len(EXPORT_OPTIONS)] == list(EXPORT_OPTIONS)
+    assert "--protocol-planes" in options
+    assert options[options.index("--shape-prior") + 1] == str(fiducials)
+    assert recorded_options(options)[options.index("--shape-prior") + 1] == "demo/afids.fcsv"
+    assert recorded_options(["--shape-prior", "/elsewhere/a.fcsv"]) == ["--shape-prior", "/elsewhere/a.fcsv"]
+
+    config = yaml.safe_load((REPO / "mdgru_keras" / "configs" / "tiny.yaml").read_text())
+    config.update(landmarks=["A"])
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump(config))
+    assert export_options(one, fiducials) == list(EXPORT_OPTIONS)

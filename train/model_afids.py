@@ -44,14 +44,28 @@ EXPORT_OPTIONS = ("--fine-passes", "2", "--flip-average", "--average-passes", "-
                   "--share-refined-windows", "4", "--pooled-decoding")
 
 
-def export_options(config_path: Path) -> list[str]:
-    """:data:`EXPORT_OPTIONS`, and ``--protocol-planes`` when the config's landmarks include AC, PC and the
-    lateral ventricles' AFIDs (the shipped model's do; a test's one-landmark config does not)."""
+def export_options(config_path: Path, fiducials: Path) -> list[str]:
+    """:data:`EXPORT_OPTIONS`; ``--protocol-planes`` when the config's landmarks include AC, PC and the lateral
+    ventricles' AFIDs, and the template's landmarks ``fiducials`` as ``--shape-prior`` when there are enough
+    landmarks for its affine fit (the shipped model's 32 are; a test's one-landmark config is not)."""
     from mdgru_keras.config import load_config
     from mdgru_keras.geometry.protocol_planes import plane_constraints
+    from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS
 
-    planes = ["--protocol-planes"] if plane_constraints(load_config(config_path).landmarks) else []
-    return [*EXPORT_OPTIONS, *planes]
+    landmarks = load_config(config_path).landmarks
+    planes = ["--protocol-planes"] if plane_constraints(landmarks) else []
+    prior = ["--shape-prior", str(fiducials)] if len(landmarks) >= MIN_SHAPE_PRIOR_LANDMARKS else []
+    return [*EXPORT_OPTIONS, *planes, *prior]
+
+
+def recorded_options(options: list[str]) -> list[str]:
+    """``options`` as the manifest records them: paths inside the repository relative to it (no machine's
+    folders in the package)."""
+    recorded = []
+    for option in options:
+        path = Path(option)
+        recorded.append(str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else option)
+    return recorded
 
 
 def _cli() -> list[str]:
@@ -122,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         "SavedModel",
         export_dir,
         [*_cli(), "export", "--coarse", str(work / "coarse"), "--fine", str(work / "fine"),
-         "--out", str(work / "export"), "--name", "afids32", "--version", "1", *export_options(args.config)],
+         "--out", str(work / "export"), "--name", "afids32", "--version", "1",
+         *export_options(args.config, fiducials)],
     )
     if not args.no_install:
         from mdgru_keras.pretrained import install_pretrained
 
-        target = install_pretrained("afids32", export_dir, recipe=_recipe(work, args))
+        target = install_pretrained("afids32", export_dir, recipe=_recipe(work, args, fiducials))
         size_mb = sum(p.stat().st_size for p in target.rglob("*") if p.is_file()) / 1e6
         print(f"[model-afids] installed {target} ({size_mb:.1f} MB)", flush=True)
     print(f"[model-afids] done in {time.monotonic() - started:.0f} s", flush=True)
@@ -144,17 +159,18 @@ def export_again(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     source = pretrained_model_dir("afids32")
     recipe = read_manifest("afids32")["recipe"]
-    options = export_options(args.config)
+    options = export_options(args.config, args.fiducials or args.demo.resolve() / "afids.fcsv")
     _step("SavedModel from the installed weights", None,
           [*_cli(), "export", "--weights-from", str(source), "--out", str(work), "--name", "afids32", "--version", "1",
            *options])  # fmt: skip
     if not args.no_install:
-        target = install_pretrained("afids32", work / "afids32" / "1", recipe={**recipe, "export_options": options})
+        target = install_pretrained("afids32", work / "afids32" / "1",
+                                    recipe={**recipe, "export_options": recorded_options(options)})
         print(f"[model-afids] installed {target}", flush=True)
     return 0
 
 
-def _recipe(work: Path, args: argparse.Namespace) -> dict:
+def _recipe(work: Path, args: argparse.Namespace, fiducials: Path) -> dict:
     """What the manifest records about how the model was made: the command's settings and each stage's run."""
     recipe = {
         "command": "make model-afids",
@@ -162,7 +178,7 @@ def _recipe(work: Path, args: argparse.Namespace) -> dict:
         "subjects": args.subjects,
         "population_seed": TRAIN_SEED,
         "epochs": {"coarse": args.coarse_epochs, "fine": args.fine_epochs},
-        "export_options": export_options(args.config),
+        "export_options": recorded_options(export_options(args.config, fiducials)),
     }
     for stage in ("coarse", "fine"):
         path = work / stage / "summary.json"

@@ -110,6 +110,26 @@ import click
     help="Move the lateral ventricles' AFIDs (RLVAC, LLVAC, RLVPC, LLVPC) along the estimated AC-PC line onto "
     "the coronal plane of the estimated AC or PC, where the AFIDs protocol places them. Needs AC and PC.",
 )
+@click.option(
+    "--shape-prior",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    metavar="LANDMARKS",
+    help="With --fine-passes 2 or more: reference positions of the model's landmarks (.fcsv, .mrk.json or .csv, "
+    "e.g. the template's AFIDs). Before each later pass the estimates are compared with the reference mapped "
+    "by the robust affine fit to them; a landmark farther than --shape-prior-tolerance from it gets its next "
+    "window centred there (it was most likely outside its first window) and leaves the mean of the passes.",
+)
+@click.option(
+    "--shape-prior-tolerance",
+    "shape_prior_tolerance_mm",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="MM",
+    help="How far an estimate may lie from the shape prior before its next window is centred on the prior "
+    "(gross errors only: the AFIDs of real heads lie 3-4 mm from the template's affine image on average).",
+)
 def export(
     coarse_run: Path | None,
     fine_run: Path | None,
@@ -126,6 +146,8 @@ def export(
     direct_first_pass: bool,
     refine_share_margin_voxel: int | None,
     pooled_decoding: bool,
+    shape_prior: Path | None,
+    shape_prior_tolerance_mm: float,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -165,7 +187,8 @@ def export(
         raise click.UsageError("give --coarse and --fine (training runs), --pretrained NAME or --weights-from DIR")
     inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
                  "protocol_planes": protocol_planes, "flip_first_pass": not direct_first_pass,
-                 "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding}
+                 "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding,
+                 "shape_prior": shape_prior, "shape_prior_tolerance_mm": shape_prior_tolerance_mm}
     started = time.monotonic()
     shown_version = version or next_version(base_dir / name)
     source = f"{weights_from} (weights)" if weights_from else f"{coarse_run} (coarse) and {fine_run} (fine)"
