@@ -128,7 +128,7 @@ import click
     show_default=True,
     metavar="MM",
     help="How far an estimate may lie from the shape prior before its next window is centred on the prior "
-    "(gross errors only: the AFIDs of real heads lie 3-4 mm from the template's affine image on average).",
+    "(gross errors only: affine registration of a template places AFIDs 3-4 mm from the truth on average).",
 )
 def export(
     coarse_run: Path | None,

@@ -12,6 +12,8 @@
   resampling to the model spacing, the exported model's bounded central grid.
 * :mod:`~mdgru_keras.geometry.protocol_planes` — AFIDs landmarks that the protocol places in the coronal plane of
   AC or PC: estimates projected onto those planes, and synthetic labels placed on them.
+* :mod:`~mdgru_keras.geometry.shape_prior` — the reference landmarks (the template's) mapped by the robust affine
+  fit to a set of estimates: where the estimates agree each landmark should be, to catch gross errors.
 
 Two concepts with one user each live next to it: the Gaussian heatmaps of the U-Net baseline in
 :mod:`mdgru_keras.baselines.heatmaps`, the rigid poses and deformations of the synthetic population in

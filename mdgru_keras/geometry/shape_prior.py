@@ -1,8 +1,9 @@
 """A shape prior for a set of landmark estimates: the reference's landmarks mapped by the affine map that fits the
 estimates best, robustly.
 
-The 32 AFIDs of a head lie close to an affine image of the template's 32: atlas registration with an affine map
-alone places them within 3-4 mm on average (``docs/BASELINES.md``). A landmark estimate much farther than that
+The 32 AFIDs of a head lie close to an affine image of the template's 32: rigid + affine registration of the
+template places them 3-4 mm from the truth on average (measured on synthetic heads in ``docs/MODEL_CARD.md``,
+and reported for real heads). A landmark estimate much farther than that
 from the affine image that the other estimates agree on is more likely a wrong peak (the fine window did not
 contain the landmark because the coarse estimate was 20 mm off) than a real head's anatomy. The localizer's
 ``shape_prior`` option re-centres the next fine pass on the prior for such landmarks
