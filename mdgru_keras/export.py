@@ -41,7 +41,7 @@ from mdgru_keras.errors import InputError, one_line
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints
 from mdgru_keras.geometry.resampling import canonical_resampling_grid_tf, central_grid_crop_tf, resample_axis_aligned_tf
-from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS
+from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS, TOLERANCE_MM
 from mdgru_keras.geometry.windows import largest_share_margin
 from mdgru_keras.io.atomic import check_writable
 from mdgru_keras.io.landmarks import read_landmarks, require_landmarks
@@ -476,7 +476,7 @@ def export_localizer(
 INFERENCE_DEFAULTS: dict[str, Any] = {"fine_passes": 1, "flip_average": False, "average_passes": False,
                                       "protocol_planes": False, "flip_first_pass": True,
                                       "refine_share_margin_voxel": None, "pooled_decoding": False,
-                                      "shape_prior": None, "shape_prior_tolerance_mm": 10.0}
+                                      "shape_prior": None, "shape_prior_tolerance_mm": TOLERANCE_MM}
 
 
 def export_runs(

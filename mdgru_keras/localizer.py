@@ -74,7 +74,7 @@ from mdgru_keras.config import Config
 from mdgru_keras.data.pipeline import coarse_centre_origin
 from mdgru_keras.geometry.coordinate_classes import decode_axis_tf, peak_mass_tf, pool_classes_tf
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints, project_onto_planes_tf
-from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS, fit_shape_prior_tf
+from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS, TOLERANCE_MM, fit_shape_prior_tf
 from mdgru_keras.geometry.windows import (
     crop_with_padding_tf,
     largest_share_margin,
@@ -159,7 +159,7 @@ class TwoStageLocalizer(tf.Module):
         refine_share_margin_voxel: int | None = None,
         pooled_decoding: bool = False,
         shape_prior: np.ndarray | Sequence[Sequence[float]] | None = None,
-        shape_prior_tolerance_mm: float = 10.0,
+        shape_prior_tolerance_mm: float = TOLERANCE_MM,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -411,10 +411,10 @@ def _mean_of_passes(
     the passes that ran on the mirror image (``flipped``; a pass on the volume alone measures none)."""
     result = dict(passes[-1])
     total = tf.add_n(weights)  # [K], at least the last pass's 1
-    for key in (*_POSITIONS, "confidence"):
-        weighted = [one[key] * (weight[:, None] if one[key].shape.rank == 2 else weight)
-                    for one, weight in zip(passes, weights)]
-        result[key] = tf.add_n(weighted) / (total[:, None] if result[key].shape.rank == 2 else total)
+    shares = [weight / total for weight in weights]
+    for key in (*_POSITIONS, "confidence"):  # [K, 3] or [K]: each landmark's share along its first axis
+        result[key] = tf.add_n([one[key] * tf.reshape(share, [-1] + [1] * (one[key].shape.rank - 1))
+                                for one, share in zip(passes, shares)])
     mirrored = [one["flip_disagreement_voxel"] for one, flip in zip(passes, flipped) if flip]
     if mirrored:
         result["flip_disagreement_voxel"] = tf.add_n(mirrored) / float(len(mirrored))

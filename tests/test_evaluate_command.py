@@ -560,6 +560,11 @@ def test_a_shape_prior_the_export_cannot_use_is_refused_in_one_line(runs, data: 
         last = result.output.strip().splitlines()[-1]
         assert last.startswith("Error: ") and problem in last, last
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+    from mdgru_keras.commands.export import export
+    from mdgru_keras.geometry.shape_prior import TOLERANCE_MM
+
+    tolerance = next(option for option in export.params if option.name == "shape_prior_tolerance_mm")
+    assert tolerance.default == TOLERANCE_MM  # the command's default is the library's
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     t1 = args.t1 or demo / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
     t2 = args.t2 or demo / "tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz"
-    fiducials = args.fiducials or demo / "afids.fcsv"
+    fiducials = _fiducials(args)
     if args.t1 is None:
         _step("demo data", demo / "afids.fcsv", [*_cli(), "demo-data", "--out", str(demo)])
     _step(
@@ -159,7 +159,7 @@ def export_again(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)
     source = pretrained_model_dir("afids32")
     recipe = read_manifest("afids32")["recipe"]
-    options = export_options(args.config, args.fiducials or args.demo.resolve() / "afids.fcsv")
+    options = export_options(args.config, _fiducials(args))
     _step("SavedModel from the installed weights", None,
           [*_cli(), "export", "--weights-from", str(source), "--out", str(work), "--name", "afids32", "--version", "1",
            *options])  # fmt: skip
@@ -168,6 +168,11 @@ def export_again(args: argparse.Namespace) -> int:
                                     recipe={**recipe, "export_options": recorded_options(options)})
         print(f"[model-afids] installed {target}", flush=True)
     return 0
+
+
+def _fiducials(args: argparse.Namespace) -> Path:
+    """The template's landmark file: ``--fiducials``, else the demo data's."""
+    return args.fiducials or args.demo.resolve() / "afids.fcsv"
 
 
 def _recipe(work: Path, args: argparse.Namespace, fiducials: Path) -> dict:

@@ -124,7 +124,7 @@ import click
     "--shape-prior-tolerance",
     "shape_prior_tolerance_mm",
     type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
+    default=10.0,  # geometry.shape_prior.TOLERANCE_MM, written out: the command line starts without NumPy
     show_default=True,
     metavar="MM",
     help="How far an estimate may lie from the shape prior before its next window is centred on the prior "

@@ -25,6 +25,9 @@ import numpy as np
 from mdgru_keras.geometry._tensorflow import tf
 
 MIN_SHAPE_PRIOR_LANDMARKS = 6  # the affine map's 12 parameters need 4; a robust fit needs some to spare
+# How far (mm) an estimate may lie from its prior before the localizer re-centres it: gross errors only. Chosen
+# on 16 selection heads (docs/MODEL_CARD.md, "Choosing the shape prior's tolerance").
+TOLERANCE_MM = 10.0
 CUTOFF = 4.685  # Tukey's biweight constant (95 % efficiency for Gaussian residuals)
 ITERATIONS = 5
 MIN_SCALE = 1.0  # residual scale floor, in the units of the estimates (voxels: 1 mm on the afids grid)
