@@ -476,7 +476,8 @@ def export_localizer(
 INFERENCE_DEFAULTS: dict[str, Any] = {"fine_passes": 1, "flip_average": False, "average_passes": False,
                                       "protocol_planes": False, "flip_first_pass": True,
                                       "refine_share_margin_voxel": None, "pooled_decoding": False,
-                                      "shape_prior": None, "shape_prior_tolerance_mm": TOLERANCE_MM}
+                                      "shape_prior": None, "shape_prior_tolerance_mm": TOLERANCE_MM,
+                                      "aligned_windows": None}
 
 
 def export_runs(
@@ -553,6 +554,8 @@ def _export_models(coarse_model: keras.Model, fine_model: keras.Model, config: C
         if isinstance(prior, str | os.PathLike):  # a landmark file: the reference positions of the model's landmarks
             prior = list(require_landmarks(read_landmarks(prior), config.landmarks, prior).values())
         inference["shape_prior"] = np.asarray(prior, dtype=np.float64).tolist()  # recorded in model_info.json
+    elif inference["aligned_windows"] is not None:
+        raise InputError(source, "--aligned-windows needs --shape-prior (the windows take the axes of its fit)")
     localizer = TwoStageLocalizer(coarse_model, fine_model, config, fine_batch_size=fine_batch_size, **inference)
     info = {"fine_passes": inference["fine_passes"], "inference": inference, **info}
     return export_localizer(localizer, base_dir, name, version, info)

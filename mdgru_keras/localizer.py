@@ -42,6 +42,16 @@ its next window is centred on the prior instead, and with ``average_passes`` its
 mean. ``shape_prior_distance_voxel`` is each final estimate's distance from the prior fitted to the final
 estimates (zeros without the option): a QC signal.
 
+Option ``aligned_windows`` (needs ``shape_prior``): the windows of every pass after the first are cut along the
+axes of that fit instead of the volume's: ``"rotation"`` its nearest rotation (the fine network sees each head
+in the reference's pose, whatever the pose in the scanner), ``"affine"`` its whole linear part (also the
+reference's size). Windows are placed and shared in the fitted frame (``frame = linear^-1 (voxel - anchor)``),
+sampled trilinearly (``training_crops.sample_window_affine_tf``, zero outside the volume) and their decoded
+positions mapped back (``voxel = linear @ frame + anchor``); in the mirror image the same axes are mirrored.
+The fine network was trained on heads turned by up to 15 degrees; turned with the head, its windows stay near
+the middle of that range for heads tilted more (on synthetic heads pitched by 20-30 degrees: 2.16 -> 1.62 mm,
+``docs/MODEL_CARD.md``).
+
 Option ``pooled_decoding``: ``voxel`` is the parabola through the per-voxel sums of the n classes of each voxel
 (``voxel_n1_parabola``) instead of through the n classes (``voxel_parabola``; ``config.parabola`` false: the
 argmax of either).
@@ -74,7 +84,15 @@ from mdgru_keras.config import Config
 from mdgru_keras.data.pipeline import coarse_centre_origin
 from mdgru_keras.geometry.coordinate_classes import decode_axis_tf, peak_mass_tf, pool_classes_tf
 from mdgru_keras.geometry.protocol_planes import PLANE_ANCHORS, plane_constraints, project_onto_planes_tf
-from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS, TOLERANCE_MM, fit_shape_prior_tf
+from mdgru_keras.geometry.shape_prior import (
+    MIN_SHAPE_PRIOR_LANDMARKS,
+    TOLERANCE_MM,
+    fit_affine_tf,
+    fit_shape_prior_tf,
+    nearest_rotation_tf,
+    shape_prior_of_fit_tf,
+)
+from mdgru_keras.geometry.training_crops import sample_window_affine_tf
 from mdgru_keras.geometry.windows import (
     crop_with_padding_tf,
     largest_share_margin,
@@ -110,7 +128,8 @@ class TwoStageLocalizer(tf.Module):
     ``coarse_confidence``      [K] float32     coarse-stage confidence
     ``probabilities_{x,y,z}``  [K, C] float32  fine per-axis class probabilities (of the direct pass)
     ``coarse_probabilities_*`` [K, Cc] float32 coarse per-axis class probabilities
-    ``window_origin_voxel``    [K, 3] int32    origin of the fine window each landmark was decoded in (direct)
+    ``window_origin_voxel``    [K, 3] int32    origin of the fine window each landmark was decoded in (direct;
+                                               an aligned window's voxel 0, rounded)
     ``fine_windows``           [] int32        number of fine windows run (K unless windows are shared;
                                                twice that with ``flip_average``)
     ``coarse_origin_voxel``    [3] int32       origin of the coarse ``P^3`` region in the volume
@@ -142,6 +161,8 @@ class TwoStageLocalizer(tf.Module):
         shape_prior: ``None``, or the landmarks' reference positions ``[K, 3]`` (mm, any space): re-centre later
             passes of landmarks whose estimates stray from the shape prior (module docstring).
         shape_prior_tolerance_mm: how far (mm) an estimate may lie from the prior before it is re-centred.
+        aligned_windows: ``None`` (the volume's axes), ``"rotation"`` or ``"affine"``: the axes of the windows
+            of every pass after the first (module docstring); needs ``shape_prior``.
     """
 
     def __init__(
@@ -160,6 +181,7 @@ class TwoStageLocalizer(tf.Module):
         pooled_decoding: bool = False,
         shape_prior: np.ndarray | Sequence[Sequence[float]] | None = None,
         shape_prior_tolerance_mm: float = TOLERANCE_MM,
+        aligned_windows: str | None = None,
         name: str | None = "two_stage_localizer",
     ) -> None:
         super().__init__(name=name)
@@ -200,6 +222,12 @@ class TwoStageLocalizer(tf.Module):
             if not shape_prior_tolerance_mm > 0:
                 raise ValueError(f"shape_prior_tolerance_mm must be positive, got {shape_prior_tolerance_mm}")
         self.shape_prior = shape_prior
+        if aligned_windows not in ALIGNED_WINDOWS:
+            raise ValueError(f"aligned_windows must be one of {', '.join(map(str, ALIGNED_WINDOWS))}, got "
+                             f"{aligned_windows!r}")
+        if aligned_windows is not None and shape_prior is None:
+            raise ValueError("aligned_windows needs a shape_prior (its fit gives the windows' axes)")
+        self.aligned_windows = aligned_windows
         # the model grid is isotropic: its voxels are config.spacing_mm wide
         self.shape_prior_tolerance_voxel = float(shape_prior_tolerance_mm) / float(config.spacing_mm)
         # a constant (not a variable): the export saves no state beyond the models' variables
@@ -242,13 +270,14 @@ class TwoStageLocalizer(tf.Module):
         result = self._coarse_stage(features)
         centre = result["coarse_voxel"]
         passes, flipped, weights = [], [], []
+        frame = None  # the axes of the next pass's windows (None: the volume's own)
         for index in range(self.fine_passes):
             flip = self.flip_average and (index > 0 or self.flip_first_pass or self.fine_passes == 1)
             margin = self.share_windows_margin_voxel
             if index > 0 and self.refine_share_margin_voxel is not None:
                 margin = self.refine_share_margin_voxel
-            fine = self._flip_averaged_fine_stage(features, centre, margin) if flip else (
-                self._fine_stage(features, centre, margin))
+            fine = self._flip_averaged_fine_stage(features, centre, margin, frame) if flip else (
+                self._fine_stage(features, centre, margin, frame))
             passes.append(fine)
             flipped.append(flip)
             weights.append(tf.ones([self.num_landmarks], tf.float32))
@@ -256,7 +285,10 @@ class TwoStageLocalizer(tf.Module):
                 fine = _mean_of_passes(passes, flipped, weights)
             centre = fine["voxel"]
             if self.shape_prior is not None and index + 1 < self.fine_passes:
-                prior = fit_shape_prior_tf(self.shape_prior, centre)
+                fit = fit_affine_tf(self.shape_prior, centre)
+                prior = shape_prior_of_fit_tf(self.shape_prior, fit)
+                if self.aligned_windows is not None:
+                    frame = self._window_frame(fit)
                 strayed = tf.norm(centre - prior, axis=-1) > self.shape_prior_tolerance_voxel  # [K]
                 centre = tf.where(strayed[:, None], prior, centre)
                 weights = [weight * (1.0 - tf.cast(strayed, tf.float32)) for weight in weights]
@@ -293,33 +325,63 @@ class TwoStageLocalizer(tf.Module):
         result.update({f"coarse_probabilities_{axis}": probabilities[axis] for axis in AXES})
         return result
 
-    def _fine_stage(self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None) -> dict[str, tf.Tensor]:
-        return self._fine_views([features], [centre_voxel], margin)[0]
+    def _fine_stage(self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None,
+                    frame: tuple[tf.Tensor, tf.Tensor] | None = None) -> dict[str, tf.Tensor]:
+        return self._fine_views([features], [centre_voxel], margin, [frame])[0]
+
+    def _window_frame(self, fit: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(linear [3, 3], anchor_voxel [3])`` float32 of aligned windows, from a shape-prior fit ``[4, 3]``
+        (:func:`mdgru_keras.geometry.shape_prior.fit_affine_tf`): a window's voxel ``c`` shows the volume at
+        ``linear @ (c + origin) + anchor_voxel``, with window origins placed in that frame. ``linear`` is the
+        fit's rotation (``aligned_windows="rotation"``) or its whole linear part per model-grid voxel of the
+        reference (``"affine"``: the head also brought to the reference's size and shape)."""
+        linear = tf.transpose(fit[:3])  # reference mm -> model-grid voxels
+        if self.aligned_windows == "rotation":
+            linear = nearest_rotation_tf(linear)
+        else:
+            linear = linear * float(self.config.spacing_mm)
+        return tf.cast(linear, tf.float32), tf.cast(fit[3], tf.float32)
 
     def _fine_views(
-        self, views: list[tf.Tensor], centres: list[tf.Tensor], margin: int | None
+        self, views: list[tf.Tensor], centres: list[tf.Tensor], margin: int | None,
+        frames: list[tuple[tf.Tensor, tf.Tensor] | None] | None = None,
     ) -> list[dict[str, tf.Tensor]]:
         """The fine stage on each preprocessed volume of ``views`` around its ``centres`` ``[K, 3]``, with one
         trunk call for the windows of all views (one copy of the trunk in the graph, larger batches); windows
-        shared with ``margin`` voxels to spare (``None``: one centred window per landmark)."""
+        shared with ``margin`` voxels to spare (``None``: one centred window per landmark), along the volume's
+        axes or, where the view's entry of ``frames`` is ``(linear, anchor_voxel)``, along those axes
+        (:meth:`_window_frame`: placed and grouped in that frame, sampled trilinearly)."""
         config = self.config
         size = config.fine.window_size
         crops = []
-        for features, centre in zip(views, centres):
+        for features, centre, frame in zip(views, centres, frames or [None] * len(views)):
+            # the centres in the windows' frame: volume voxels, or the aligned frame's coordinates
+            placed = centre if frame is None else tf.transpose(
+                tf.linalg.solve(frame[0], tf.transpose(centre - frame[1][None, :])))
             if margin is None:  # the paper: one window centred on each landmark
                 window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
-                window_origins = window_origin_around_tf(centre, size)  # [K, 3]
+                window_origins = window_origin_around_tf(placed, size)  # [K, 3]
             else:
-                window_of_landmark, window_origins = shared_window_groups_tf(centre, size, margin)  # [K], [G, 3]
-            windows = tf.map_fn(
-                lambda origin, features=features: crop_with_padding_tf(features, origin, (size,) * 3),
-                window_origins,
-                fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
-            )  # [G, W, W, W, 2]
-            crops.append((windows, window_of_landmark, window_origins))
-        all_features = self._fine_features(tf.concat([windows for windows, _, _ in crops], axis=0))
+                window_of_landmark, window_origins = shared_window_groups_tf(placed, size, margin)  # [K], [G, 3]
+            if frame is None:
+                windows = tf.map_fn(
+                    lambda origin, features=features: crop_with_padding_tf(features, origin, (size,) * 3),
+                    window_origins,
+                    fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
+                )  # [G, W, W, W, 2]
+            else:
+                linear, anchor = frame
+                windows = tf.map_fn(
+                    lambda origin, features=features, linear=linear, anchor=anchor: sample_window_affine_tf(
+                        features, linear, tf.linalg.matvec(linear, tf.cast(origin, tf.float32)) + anchor,
+                        (size,) * 3),
+                    window_origins,
+                    fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
+                )
+            crops.append((windows, window_of_landmark, window_origins, frame))
+        all_features = self._fine_features(tf.concat([crop[0] for crop in crops], axis=0))
         results, start = [], tf.constant(0)
-        for windows, window_of_landmark, window_origins in crops:
+        for windows, window_of_landmark, window_origins, frame in crops:
             count = tf.shape(windows)[0]
             window_features = all_features[start : start + count]  # [G, F] or [G, g, g, g, F]
             start += count
@@ -327,18 +389,27 @@ class TwoStageLocalizer(tf.Module):
                 tf.gather(window_features, window_of_landmark), tf.range(self.num_landmarks, dtype=tf.int32)
             )
             origins = tf.gather(window_origins, window_of_landmark)  # [K, 3]
-            results.append(self._decode_fine(logits, origins, count))
+            results.append(self._decode_fine(logits, origins, count, frame))
         return results
 
     def _decode_fine(
-        self, logits: dict[str, tf.Tensor], origins: tf.Tensor, windows: tf.Tensor
+        self, logits: dict[str, tf.Tensor], origins: tf.Tensor, windows: tf.Tensor,
+        frame: tuple[tf.Tensor, tf.Tensor] | None = None,
     ) -> dict[str, tf.Tensor]:
-        """The fine outputs (class docstring) of per-landmark logits ``[K, C]`` decoded in windows at ``origins``."""
+        """The fine outputs (class docstring) of per-landmark logits ``[K, C]`` decoded in windows at ``origins``
+        (in the windows' ``frame``, see :meth:`_fine_views`)."""
         config = self.config
         probabilities = {axis: tf.nn.softmax(logits[axis], axis=-1) for axis in AXES}  # [K, C]
         decoded = _decode(probabilities, config.superresolution, 1, origins)
         pooled = {axis: pool_classes_tf(probabilities[axis], config.superresolution) for axis in AXES}
         decoded_n1 = _decode(pooled, 1, 1, origins)
+        if frame is not None:  # frame coordinates -> volume voxels
+            linear, anchor = frame
+            for positions in (decoded, decoded_n1):
+                for name in ("argmax", "parabola"):
+                    positions[name] = tf.linalg.matmul(positions[name], linear, transpose_b=True) + anchor[None, :]
+            origins = tf.cast(tf.round(tf.linalg.matmul(tf.cast(origins, tf.float32), linear, transpose_b=True)
+                                       + anchor[None, :]), tf.int32)
         answer = decoded_n1 if self.pooled_decoding else decoded
         result = {
             "voxel": answer["parabola"] if config.parabola else answer["argmax"],
@@ -361,12 +432,20 @@ class TwoStageLocalizer(tf.Module):
         return tf.concat([tf.cast(size_x, voxel.dtype) - 1.0 - voxel[:, :1], voxel[:, 1:]], axis=1)
 
     def _flip_averaged_fine_stage(
-        self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None
+        self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None,
+        frame: tuple[tf.Tensor, tf.Tensor] | None = None,
     ) -> dict[str, tf.Tensor]:
         """:meth:`_fine_stage` on the volume and on its left-right mirror image, averaged (module docstring)."""
         size_x = tf.shape(features)[0]
+        mirrored_frame = None
+        if frame is not None:  # the same axes seen in the mirror: x negated on both sides of the map
+            linear, anchor = frame
+            flip = tf.constant([-1.0, 1.0, 1.0])
+            mirrored_frame = (flip[:, None] * linear * flip[None, :],
+                              tf.concat([tf.cast(size_x, tf.float32)[None] - 1.0 - anchor[:1], anchor[1:]], 0))
         direct, mirrored = self._fine_views(
-            [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)], margin
+            [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)], margin,
+            [frame, mirrored_frame],
         )
         result = dict(direct)
         for key in _POSITIONS:
@@ -398,6 +477,9 @@ class TwoStageLocalizer(tf.Module):
         )
         return tf.reshape(features, [-1, *feature_shape])[:count]
 
+
+# values of the aligned_windows option: the volume's axes, the shape-prior fit's rotation, or its linear part
+ALIGNED_WINDOWS = (None, "rotation", "affine")
 
 # the fine-stage outputs that are positions (averaged over flips and passes) and the confidence
 _POSITIONS = ("voxel", "voxel_argmax", "voxel_parabola", "voxel_n1_argmax", "voxel_n1_parabola")

@@ -524,7 +524,8 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
     assert info["inference"] == {"fine_passes": 2, "flip_average": True, "average_passes": True,
                                  "protocol_planes": False, "flip_first_pass": False,
                                  "refine_share_margin_voxel": 2, "pooled_decoding": True,
-                                 "shape_prior": None, "shape_prior_tolerance_mm": 10.0}  # fmt: skip
+                                 "shape_prior": None, "shape_prior_tolerance_mm": 10.0,
+                                 "aligned_windows": None}  # fmt: skip
     report = tmp_path / "eval.json"
     result = run("evaluate", "--model", str(tmp_path / "m"), "--manifest", str(data["manifest"]), "--json",
                  str(report))  # fmt: skip
@@ -548,13 +549,16 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
 
 @pytest.mark.slow
 def test_a_shape_prior_the_export_cannot_use_is_refused_in_one_line(runs, data: dict, tmp_path: Path) -> None:
-    """`export --shape-prior`: the 2-landmark test model is too few for an affine fit, and one fine pass leaves
-    nothing to re-centre; each is one line naming the source, and nothing is written."""
-    common = ("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "p",
-              "--shape-prior", str(data["template_landmarks"]))  # fmt: skip
-    for extra, problem in ((("--fine-passes", "2"), "--shape-prior needs a model of at least 6 landmarks (this "
-                                                    "one has 2)"),
-                           ((), "--shape-prior needs --fine-passes 2 or more")):
+    """`export --shape-prior`: the 2-landmark test model is too few for an affine fit, one fine pass leaves
+    nothing to re-centre, and `--aligned-windows` has no axes without the prior's fit; each is one line naming
+    the source, and nothing is written."""
+    common = ("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "p")
+    prior = ("--shape-prior", str(data["template_landmarks"]))
+    for extra, problem in (((*prior, "--fine-passes", "2"), "--shape-prior needs a model of at least 6 landmarks "
+                                                            "(this one has 2)"),
+                           (prior, "--shape-prior needs --fine-passes 2 or more"),
+                           (("--fine-passes", "2", "--aligned-windows", "rotation"),
+                            "--aligned-windows needs --shape-prior")):
         result = run(*common, *extra)
         assert result.exit_code == 1, result.output
         last = result.output.strip().splitlines()[-1]

@@ -393,3 +393,57 @@ def test_shape_prior_recentres_the_strayed_landmarks_and_drops_their_first_estim
     with pytest.raises(ValueError, match="at least 6 landmarks"):
         TwoStageLocalizer(N.build_coarse_model(few), N.build_fine_model(few), few, shape_prior=reference[:4],
                           fine_passes=2)
+
+
+@pytest.mark.parametrize("aligned", ["rotation", "affine"])
+def test_aligned_windows_are_cut_along_the_shape_prior_fit_and_decoded_back(aligned, rng):
+    """``aligned_windows``: the second pass's windows are placed in the frame of the robust affine fit of the
+    reference to the first estimates (its rotation, or its linear part), sampled trilinearly along those axes,
+    and the decoded window positions are mapped back to volume voxels. Rebuilt here with NumPy and SciPy from the
+    first pass's estimates and the fine network alone."""
+    from scipy import ndimage
+
+    from mdgru_keras.geometry.shape_prior import fit_affine
+
+    names = ["A", "B", "C", "D", "E", "F", "G", "H"]
+    config = with_landmarks(load_preset("tiny"), names)
+    keras.utils.set_random_seed(13)
+    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
+    # a reference turned by 20 degrees about z and scaled: the fitted frame is far from the volume's axes
+    reference = rng.uniform(-12, 12, size=(len(names), 3))
+    volume = rng.normal(size=(34, 30, 32)).astype(np.float32)
+    first = TwoStageLocalizer(coarse, fine, config)(volume)["voxel"].numpy().astype(np.float64)
+    localizer = TwoStageLocalizer(coarse, fine, config, fine_passes=2, shape_prior=reference,
+                                  shape_prior_tolerance_mm=1e4, aligned_windows=aligned)
+    result = {k: v.numpy() for k, v in localizer(volume).items()}
+
+    fit = fit_affine(reference, first)
+    linear = fit[:3].T
+    if aligned == "rotation":
+        u, _, vt = np.linalg.svd(linear)
+        linear = u @ np.diag([1, 1, np.sign(np.linalg.det(u @ vt))]) @ vt
+        np.testing.assert_allclose(linear @ linear.T, np.eye(3), atol=1e-9)
+    anchor = fit[3]
+    size = config.fine.window_size
+    frame_voxel = np.linalg.solve(linear, (first - anchor).T).T
+    origins = window_origin_around(frame_voxel, size)  # one window per landmark (no sharing)
+    features = preprocess(volume, config.spacing_mm, config.highpass_sigma_mm).numpy()
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    windows = []
+    for origin in origins:
+        points = (grid + origin) @ linear.T + anchor  # volume voxels of the window's voxels
+        # zero outside the volume, interpolated up to it (the localizer's padding)
+        channels = [ndimage.map_coordinates(features[..., c], points.T, order=1, mode="grid-constant", cval=0.0)
+                    for c in range(2)]
+        windows.append(np.stack(channels, -1).reshape(size, size, size, 2))
+    logits = fine({"window": np.stack(windows).astype(np.float32)})
+    probabilities = np.stack([tf.nn.softmax(logits[a]).numpy()[np.arange(8), np.arange(8)] for a in "xyz"], 1)
+    np.testing.assert_allclose(result["probabilities_x"], probabilities[:, 0], atol=1e-4)
+    in_frame = decode_axis(probabilities.astype(np.float64), config.superresolution, 1, True) + origins
+    np.testing.assert_allclose(result["voxel"], in_frame @ linear.T + anchor, atol=2e-3)
+    assert np.max(np.abs(linear - np.eye(3))) > 0.05  # really turned, not the volume's own axes
+
+    with pytest.raises(ValueError, match="aligned_windows needs a shape_prior"):
+        TwoStageLocalizer(coarse, fine, config, fine_passes=2, aligned_windows=aligned)
+    with pytest.raises(ValueError, match="aligned_windows must be one of"):
+        TwoStageLocalizer(coarse, fine, config, fine_passes=2, shape_prior=reference, aligned_windows="shear")

@@ -93,9 +93,9 @@ def test_the_recipe_trains_from_the_in_memory_cache():
 
 
 def test_the_shipped_export_checks_its_estimates_against_the_template_shape(tmp_path):
-    """The afids config's export runs with --protocol-planes and the template's AFIDs as --shape-prior; the
-    manifest records that file relative to the repository. A one-landmark config gets neither (an affine fit
-    needs several landmarks, the planes need AC and PC)."""
+    """The afids config's export runs with --protocol-planes and the template's AFIDs as --shape-prior, its later
+    windows aligned with the prior's fit; the manifest records that file relative to the repository. A
+    one-landmark config gets none of them (an affine fit needs several landmarks, the planes need AC and PC)."""
     from train.model_afids import CONFIG, EXPORT_OPTIONS, export_options, recorded_options
 
     fiducials = REPO / "demo" / "afids.fcsv"
@@ -103,6 +103,7 @@ def test_the_shipped_export_checks_its_estimates_against_the_template_shape(tmp_
     assert options[: len(EXPORT_OPTIONS)] == list(EXPORT_OPTIONS)
     assert "--protocol-planes" in options
     assert options[options.index("--shape-prior") + 1] == str(fiducials)
+    assert options[options.index("--aligned-windows") + 1] == "rotation"
     assert recorded_options(options)[options.index("--shape-prior") + 1] == "demo/afids.fcsv"
     assert recorded_options(["--shape-prior", "/elsewhere/a.fcsv"]) == ["--shape-prior", "/elsewhere/a.fcsv"]
 

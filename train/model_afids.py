@@ -47,14 +47,17 @@ EXPORT_OPTIONS = ("--fine-passes", "2", "--flip-average", "--average-passes", "-
 def export_options(config_path: Path, fiducials: Path) -> list[str]:
     """:data:`EXPORT_OPTIONS`; ``--protocol-planes`` when the config's landmarks include AC, PC and the lateral
     ventricles' AFIDs, and the template's landmarks ``fiducials`` as ``--shape-prior`` when there are enough
-    landmarks for its affine fit (the shipped model's 32 are; a test's one-landmark config is not)."""
+    landmarks for its affine fit (the shipped model's 32 are; a test's one-landmark config is not), with the
+    second pass's windows turned with the head (``--aligned-windows rotation``: chosen on the selection heads,
+    docs/MODEL_CARD.md, "Windows turned with the head")."""
     from mdgru_keras.config import load_config
     from mdgru_keras.geometry.protocol_planes import plane_constraints
     from mdgru_keras.geometry.shape_prior import MIN_SHAPE_PRIOR_LANDMARKS
 
     landmarks = load_config(config_path).landmarks
     planes = ["--protocol-planes"] if plane_constraints(landmarks) else []
-    prior = ["--shape-prior", str(fiducials)] if len(landmarks) >= MIN_SHAPE_PRIOR_LANDMARKS else []
+    prior = (["--shape-prior", str(fiducials), "--aligned-windows", "rotation"]
+             if len(landmarks) >= MIN_SHAPE_PRIOR_LANDMARKS else [])
     return [*EXPORT_OPTIONS, *planes, *prior]
 
 

@@ -130,6 +130,15 @@ import click
     help="How far an estimate may lie from the shape prior before its next window is centred on the prior "
     "(gross errors only: affine registration of a template places AFIDs 3-4 mm from the truth on average).",
 )
+@click.option(
+    "--aligned-windows",
+    type=click.Choice(["rotation", "affine"]),
+    default=None,
+    help="With --shape-prior: cut the windows of every pass after the first along the axes of the shape "
+    "prior's fit instead of the scan's: 'rotation' turns them with the head (the fine network sees every head "
+    "in the reference's pose), 'affine' also scales and shears them to the reference's size. Default: the "
+    "scan's axes.",
+)
 def export(
     coarse_run: Path | None,
     fine_run: Path | None,
@@ -148,6 +157,7 @@ def export(
     pooled_decoding: bool,
     shape_prior: Path | None,
     shape_prior_tolerance_mm: float,
+    aligned_windows: str | None,
 ) -> None:
     """Export the coarse and the fine stage as ONE SavedModel that does the whole localization.
 
@@ -188,7 +198,8 @@ def export(
     inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
                  "protocol_planes": protocol_planes, "flip_first_pass": not direct_first_pass,
                  "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding,
-                 "shape_prior": shape_prior, "shape_prior_tolerance_mm": shape_prior_tolerance_mm}
+                 "shape_prior": shape_prior, "shape_prior_tolerance_mm": shape_prior_tolerance_mm,
+                 "aligned_windows": aligned_windows}
     started = time.monotonic()
     shown_version = version or next_version(base_dir / name)
     source = f"{weights_from} (weights)" if weights_from else f"{coarse_run} (coarse) and {fine_run} (fine)"

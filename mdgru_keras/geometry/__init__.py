@@ -13,7 +13,8 @@
 * :mod:`~mdgru_keras.geometry.protocol_planes` — AFIDs landmarks that the protocol places in the coronal plane of
   AC or PC: estimates projected onto those planes, and synthetic labels placed on them.
 * :mod:`~mdgru_keras.geometry.shape_prior` — the reference landmarks (the template's) mapped by the robust affine
-  fit to a set of estimates: where the estimates agree each landmark should be, to catch gross errors.
+  fit to a set of estimates: where the estimates agree each landmark should be, to catch gross errors; the
+  fit's nearest rotation, the axes of the localizer's aligned windows.
 
 Two concepts with one user each live next to it: the Gaussian heatmaps of the U-Net baseline in
 :mod:`mdgru_keras.baselines.heatmaps`, the rigid poses and deformations of the synthetic population in
@@ -25,7 +26,8 @@ Conventions (see ``docs/GEOMETRY.md`` for pictures):
 * Continuous voxel coordinates put voxel *centres* at integers (nibabel's convention): voxel ``i`` covers
   ``[i - 0.5, i + 0.5)``.
 * ``world_mm`` is RAS millimetres, reached through a 4x4 ``voxel_to_world`` affine.
-* A *window* is an axis-aligned block of a volume: ``window_voxel = volume_voxel - window_origin_voxel``.
+* A *window* is an axis-aligned block of a volume: ``window_voxel = volume_voxel - window_origin_voxel`` (the
+  localizer's aligned windows and the training crops are sampled through an affine map instead).
 * A window of ``size`` input voxels has ``C = n * size / factor`` coordinate classes per axis (superresolution
   ``n``, input downsampling ``factor``); see :mod:`~mdgru_keras.geometry.coordinate_classes`.
 

@@ -13,6 +13,9 @@ The fit is an iteratively reweighted least-squares affine map with Tukey's biwei
 1.4826 times their median (at least ``min_scale``), and a landmark whose residual exceeds ``CUTOFF`` times that
 scale gets weight 0. With 32 landmarks and a 12-parameter map a few gross errors do not move the fit.
 
+The fit also gives the head's pose: :func:`nearest_rotation_tf` of its linear part is the rotation that
+turns the reference's axes into the estimates' (the localizer's ``aligned_windows``).
+
 Points are ``[K, 3]``: ``reference`` in any space (the template's world mm), ``estimates`` in another (the model
 grid's voxels); the map between them is fitted, so their units need not agree. Residuals are in the units of
 ``estimates``.
@@ -39,6 +42,15 @@ def fit_shape_prior(reference: np.ndarray, estimates: np.ndarray, iterations: in
     """The prior ``[K, 3]``: ``reference`` ``[K, 3]`` mapped by the robust affine fit to ``estimates`` ``[K, 3]``
     (module docstring). Needs at least 4 landmarks not in one plane."""
     reference = np.asarray(reference, dtype=np.float64)
+    return _design(reference) @ fit_affine(reference, estimates, iterations, min_scale)
+
+
+def fit_affine(reference: np.ndarray, estimates: np.ndarray, iterations: int = ITERATIONS,
+               min_scale: float = MIN_SCALE) -> np.ndarray:
+    """The robust affine fit itself, ``[4, 3]`` float64: ``estimates ~ (reference - reference.mean(0)) @ fit[:3]
+    + fit[3]``. So ``fit[:3].T`` is the linear part (reference units -> estimate units) and ``fit[3]`` the image
+    of the reference's centroid."""
+    reference = np.asarray(reference, dtype=np.float64)
     estimates = np.asarray(estimates, dtype=np.float64)
     design = _design(reference)
     weights = np.ones(len(reference))
@@ -47,7 +59,7 @@ def fit_shape_prior(reference: np.ndarray, estimates: np.ndarray, iterations: in
         residual = np.linalg.norm(prior - estimates, axis=1)
         scale = max(1.4826 * float(np.median(residual)), min_scale)
         weights = np.square(np.clip(1.0 - np.square(residual / (CUTOFF * scale)), 0.0, None))
-    return design @ _weighted_fit(design, estimates, weights)
+    return _weighted_fit(design, estimates, weights)
 
 
 def _design(reference: np.ndarray) -> np.ndarray:
@@ -65,7 +77,19 @@ def fit_shape_prior_tf(reference: np.ndarray, estimates: tf.Tensor, iterations: 
                        min_scale: float = MIN_SCALE) -> tf.Tensor:
     """:func:`fit_shape_prior` in a TensorFlow graph: ``reference`` a NumPy constant ``[K, 3]``, ``estimates``
     a float tensor ``[K, 3]``; the prior in the dtype of ``estimates`` (computed in float64)."""
-    dtype = estimates.dtype
+    return shape_prior_of_fit_tf(reference, fit_affine_tf(reference, estimates, iterations, min_scale),
+                                 estimates.dtype)
+
+
+def shape_prior_of_fit_tf(reference: np.ndarray, fit: tf.Tensor, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """The prior ``[K, 3]`` (``dtype``) of a fit from :func:`fit_affine_tf`."""
+    design = tf.constant(_design(np.asarray(reference, dtype=np.float64)))
+    return tf.cast(tf.linalg.matmul(design, fit), dtype)
+
+
+def fit_affine_tf(reference: np.ndarray, estimates: tf.Tensor, iterations: int = ITERATIONS,
+                  min_scale: float = MIN_SCALE) -> tf.Tensor:
+    """:func:`fit_affine` in a TensorFlow graph: ``[4, 3]`` float64."""
     design = tf.constant(_design(np.asarray(reference, dtype=np.float64)))
     points = tf.cast(estimates, tf.float64)
     count = design.shape[0]
@@ -73,14 +97,24 @@ def fit_shape_prior_tf(reference: np.ndarray, estimates: tf.Tensor, iterations: 
     def fit(weights: tf.Tensor) -> tf.Tensor:
         weighted = weights[:, None] * design
         normal = tf.linalg.matmul(design, weighted, transpose_a=True) + _RIDGE * tf.eye(4, dtype=tf.float64)
-        return tf.linalg.matmul(design, tf.linalg.solve(normal, tf.linalg.matmul(weighted, points, transpose_a=True)))
+        return tf.linalg.solve(normal, tf.linalg.matmul(weighted, points, transpose_a=True))
 
     weights = tf.ones([count], tf.float64)
     for _ in range(iterations):
-        residual = tf.norm(fit(weights) - points, axis=1)
+        residual = tf.norm(tf.linalg.matmul(design, fit(weights)) - points, axis=1)
         scale = tf.maximum(1.4826 * _median(residual), min_scale)
         weights = tf.square(tf.nn.relu(1.0 - tf.square(residual / (CUTOFF * scale))))
-    return tf.cast(fit(weights), dtype)
+    return fit(weights)
+
+
+def nearest_rotation_tf(linear: tf.Tensor) -> tf.Tensor:
+    """The rotation ``[3, 3]`` nearest to ``linear`` ``[3, 3]`` (the orthogonal factor of its polar
+    decomposition, its determinant forced to +1): the pose of an affine fit without its scaling and shear."""
+    _, u, v = tf.linalg.svd(linear)
+    one = tf.ones([], linear.dtype)
+    sign = tf.where(tf.linalg.det(tf.linalg.matmul(u, v, transpose_b=True)) < 0, -one, one)
+    flip = tf.stack([one, one, sign])
+    return tf.linalg.matmul(u * flip[None, :], v, transpose_b=True)
 
 
 def _median(values: tf.Tensor) -> tf.Tensor:
