@@ -12,6 +12,15 @@ Run: ``python -m bench.bench_pretrained`` (``make bench-pretrained``). Every acc
 * ``template``: the AFIDs template itself, T1w and T2w, rotated, shifted and resampled to 1.2 mm (no synthetic
   deformation or appearance change at all).
 
+How real scans differ from all training heads (T1w only, seeds 204-207, every other range as in training):
+
+* ``defaced``: the face removed as defacing tools do before scans are shared (``synth --deface``);
+* ``small-heads``: heads 13 % smaller than the template (factors 0.84-0.90 per axis; the training heads are
+  0.90-1.10): most adult heads are smaller than the MNI152 average;
+* ``pitched``: tilted by 20-30 degrees about the left-right axis (training: up to 15);
+* ``research-t1w``: a research cohort's 1 mm T1w scans: defaced, heads 0.86-0.98 of the template, tilted by up to
+  25 degrees, noise up to 3 %, tissue order kept (no random non-monotone contrast: that is ``beyond``'s).
+
 The synthetic heads' labels follow the AFIDs protocol (``synth --protocol-planes``): the lateral ventricles'
 four landmarks lie in the coronal planes of AC and PC, where raters put them, not where an elastic deformation
 moves the template's points.
@@ -62,10 +71,19 @@ BEYOND = [
     "0.4", "--noise", "0.1", "--max-contrast-log-slope", "0.6", "--max-log-gamma", "0.45",
     "--strong-contrast-probability", "0.3", "--max-elastic-large-mm", "6",
 ]
+# How real T1w scans differ from every training head, one at a time and together (T1w only; every other range as
+# in training): defaced, smaller heads than the template, tilted more than 15 degrees, and a research-like cohort.
+T1W_ONLY = ["--image2-probability", "0"]
 CONDITIONS = {
     "unseen": ("201", ["--family", "all"]),
     "heldout-family": ("202", ["--family", "heldout"]),
     "beyond": ("203", BEYOND),
+    "defaced": ("204", [*T1W_ONLY, "--deface"]),
+    "small-heads": ("205", [*T1W_ONLY, "--scale-centre", "0.87", "--max-scale", "0.03"]),
+    "pitched": ("206", [*T1W_ONLY, "--pitch-deg", "20", "30"]),
+    "research-t1w": ("207", [*T1W_ONLY, "--deface", "--scale-centre", "0.92", "--max-scale", "0.06", "--pitch-deg",
+                             "0", "25", "--lowres-probability", "0", "--anisotropic-probability", "0", "--noise",
+                             "0.03", "--strong-contrast-probability", "0"]),
 }
 
 

@@ -49,8 +49,8 @@ reference's size). Windows are placed and shared in the fitted frame (``frame = 
 sampled trilinearly (``training_crops.sample_window_affine_tf``, zero outside the volume) and their decoded
 positions mapped back (``voxel = linear @ frame + anchor``); in the mirror image the same axes are mirrored.
 The fine network was trained on heads turned by up to 15 degrees; turned with the head, its windows stay near
-the middle of that range for heads tilted more (on synthetic heads pitched by 20-30 degrees: 2.16 -> 1.62 mm,
-``docs/MODEL_CARD.md``).
+the middle of that range for heads tilted more (bench-pretrained's heads tilted by 20-30 degrees: 3.46 -> 2.58
+mm, ``docs/MODEL_CARD.md``).
 
 Option ``pooled_decoding``: ``voxel`` is the parabola through the per-voxel sums of the n classes of each voxel
 (``voxel_n1_parabola``) instead of through the n classes (``voxel_parabola``; ``config.parabola`` false: the

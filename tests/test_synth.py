@@ -442,6 +442,48 @@ def test_switching_options_off_keeps_the_other_draws() -> None:
     assert drawn[0]["elastic_large_mm"] == drawn[0]["noise_fraction"] == drawn[0]["blur_sigma_mm"] == 0.0
 
 
+def test_head_size_centre_and_pitch_range_map_the_same_draws() -> None:
+    """``scale_centre`` multiplies the drawn head-size factors and ``pitch_deg`` maps the drawn angle about x onto
+    +-[low, high] (sign kept, magnitude scaled); neither takes a random number, so every other draw of a seed is
+    the same."""
+    plain_rng, moved_rng = np.random.default_rng(7), np.random.default_rng(7)
+    plain = [sample_parameters(SynthOptions(), plain_rng) for _ in range(20)]
+    options = SynthOptions(scale_centre=0.87, max_scale=0.03, pitch_deg=(20.0, 30.0))
+    moved = [sample_parameters(options, moved_rng) for _ in range(20)]
+    assert plain_rng.random() == moved_rng.random()
+    for a, b in zip(plain, moved):
+        np.testing.assert_allclose(b["scale"], 0.87 * (1 + 0.3 * (np.asarray(a["scale"]) - 1)), rtol=1e-12)
+        assert np.sign(b["rotation_deg"][0]) == np.sign(a["rotation_deg"][0])
+        np.testing.assert_allclose(abs(b["rotation_deg"][0]), 20 + 10 * abs(a["rotation_deg"][0]) / 15, rtol=1e-12)
+        assert b["rotation_deg"][1:] == a["rotation_deg"][1:]
+        assert {k: v for k, v in b.items() if k not in ("scale", "rotation_deg")} == {
+            k: v for k, v in a.items() if k not in ("scale", "rotation_deg")}
+    assert {np.sign(b["rotation_deg"][0]) for b in moved} == {-1.0, 1.0}
+
+
+def test_defacing_removes_the_face_region_and_nothing_else() -> None:
+    """``deface``: the subject is the same head with the voxels whose template position lies below the defacing
+    line set to 0: the marker placed there (D) is gone, the others are as bright as without defacing, and the
+    landmarks do not move."""
+    template = marker_template()
+    # the line through (y, z) = (-5, -8) and (10, 12) mm: D (y 0.5, z -3.1 mm) lies 2.4 mm below it, A, B and C
+    # 3 mm and more above
+    options = replace(SMALL, neck_probability=0.0, deface_line_yz_mm=((-5.0, -8.0), (10.0, 12.0)))
+    plain = make_subject(template, options, np.random.default_rng(4))
+    defaced = make_subject(template, replace(options, deface=True), np.random.default_rng(4))
+    for name in "ABCD":
+        np.testing.assert_array_equal(defaced.landmarks_world_mm[name], plain.landmarks_world_mm[name])
+    removed = (defaced.data == 0) & (plain.data != 0)
+    assert 0.05 < removed.mean() < 0.6
+    np.testing.assert_array_equal(defaced.data[~removed], plain.data[~removed])
+    inverse = np.linalg.inv(plain.voxel_to_world)
+    for name, gone in (("A", False), ("B", False), ("C", False), ("D", True)):
+        voxel = np.round(affine_maps.voxel_to_world(plain.landmarks_world_mm[name], inverse)).astype(int)
+        assert plain.data[tuple(voxel)] > 300
+        assert (defaced.data[tuple(voxel)] == 0) == gone, name
+    assert defaced.parameters["defaced"] and "defaced" not in plain.parameters
+
+
 @pytest.mark.parametrize(
     ("field_name", "value", "message"),
     [
@@ -464,6 +506,10 @@ def test_switching_options_off_keeps_the_other_draws() -> None:
         ("max_blur_mm", -1.0, "max_blur_mm must be >= 0, got -1.0"),
         ("max_noise", -0.01, "max_noise must be >= 0, got -0.01"),
         ("family", "test", "family must be all, train or heldout, got 'test'"),
+        ("scale_centre", 0.0, "scale_centre must be > 0, got 0.0"),
+        ("pitch_deg", (30.0, 20.0), "pitch_deg must be (low, high) with 0 <= low <= high, got (30.0, 20.0)"),
+        ("deface_line_yz_mm", ((1.0, 0.0), (1.0, 5.0)),
+         "deface_line_yz_mm needs two points of different y, got ((1.0, 0.0), (1.0, 5.0))"),
     ],
 )
 def test_options_validation(field_name: str, value: object, message: str) -> None:
@@ -594,3 +640,19 @@ def test_synth_command_family_and_new_ranges(tmp_path: Path, template_files) -> 
         assert subject["lowres"] and min(subject["spacing_mm"]) >= 1.6
     result = CliRunner().invoke(main, [*args[:9], "--lowres-spacing-mm", "2", "1"])
     assert result.exit_code == 2 and "lowres_spacing_mm must be (low, high) with 0 < low <= high" in result.output
+
+
+def test_synth_command_acquisition_options(tmp_path: Path, template_files) -> None:
+    """--scale-centre, --pitch-deg and --deface reach the options and every subject's draws."""
+    t1, _, landmarks = template_files
+    out = tmp_path / "tilted"
+    args = ["synth", "--image", str(t1), "--landmarks", str(landmarks), "--n", "2", "--out", str(out)]
+    args += ["--max-translation-mm", "3", "--elastic-smoothness-mm", "10", "--elastic-large-smoothness-mm", "20"]
+    args += ["--scale-centre", "0.9", "--max-scale", "0.02", "--pitch-deg", "20", "30", "--deface"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    description = json.loads((out / "synth.json").read_text())
+    assert description["options"]["deface"] and description["options"]["pitch_deg"] == [20.0, 30.0]
+    for subject in description["subjects"]:
+        assert all(0.88 <= s <= 0.92 for s in subject["scale"])
+        assert 20 <= abs(subject["rotation_deg"][0]) <= 30 and subject["defaced"]

@@ -39,7 +39,23 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="Head size: each template axis scaled by a factor in [1 - s, 1 + s].",
 )
+@click.option(
+    "--scale-centre",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Mean head size: the --max-scale factors are multiplied by this (e.g. 0.87 with --max-scale 0.03: heads "
+    "13 % smaller than the template).",
+)
 @click.option("--max-rotation-deg", type=click.FloatRange(min=0), default=15.0, show_default=True)
+@click.option(
+    "--pitch-deg",
+    type=(float, float),
+    default=None,
+    metavar="LOW HIGH",
+    help="Tilt about the left-right axis between LOW and HIGH degrees (either sign) instead of up to "
+    "--max-rotation-deg: heads tilted more than the training heads.",
+)
 @click.option("--max-translation-mm", type=click.FloatRange(min=0), default=20.0, show_default=True)
 @click.option(
     "--elastic-mm",
@@ -145,6 +161,13 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="Place RLVAC/LLVAC and RLVPC/LLVPC where a rater following the AFIDs protocol would: in the subject's "
     "coronal plane of AC or PC (perpendicular to its AC-PC line), on the moved ventricle edge. "
     "--tissue-labels: move them with the tissue like every other landmark.",
+)
+@click.option(
+    "--deface",
+    is_flag=True,
+    default=False,
+    help="Remove the face (eyes, nose, mouth, chin: set to 0 after the noise), as defacing tools do with shared "
+    "scans; the region is given in MNI152 coordinates (docs/SYNTH.md).",
 )
 @click.option("--landmark-format", type=click.Choice(["fcsv", "mrk.json", "csv"]), default="fcsv", show_default=True)
 @click.option(

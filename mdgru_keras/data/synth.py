@@ -76,6 +76,12 @@ CONTRAST_SEGMENTS = len(CONTRAST_PERCENTILES) + 1
 SHARPEN_SIGMA_MM = 1.0  # Gaussian of the unsharp mask
 _LOOKUP_SIZE = 2048  # entries of the intensity lookup table (linear between entries)
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+# Defacing (``SynthOptions.deface``): voxels whose template position lies below (z) the straight line through
+# these two (y, z) points of the template's world, in mm, are set to 0 in the subject image, as defacing tools
+# (pydeface, mri_deface) do. For MNI152NLin2009cAsym the line runs from 60 mm below AC at y = 40 mm to the tip of
+# the nose at y = 96 mm (it leaves the template's field of view below y = 25 mm): eyes, nose, mouth and chin go,
+# the frontal lobe and the orbital gyri stay.
+DEFACE_LINE_YZ_MM = ((40.0, -60.0), (96.0, 10.0))
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,10 @@ class SynthOptions:
 
     # geometry
     max_scale: float = 0.10  # [family] head size: each template axis scaled by a factor uniform in [1 - s, 1 + s]
+    scale_centre: float = 1.0  # ... times this (e.g. 0.87: heads smaller than the template); no random draw
     max_rotation_deg: float = 15.0  # each Euler angle uniform in [-a, a]
+    pitch_deg: tuple[float, float] | None = None  # the angle about x (left-right) in +-[low, high] instead: the
+    # same draw, its magnitude mapped from [0, a] onto [low, high] (heads tilted more than max_rotation_deg)
     max_translation_mm: float = 20.0  # each axis uniform in [-t, t]
     elastic_mm: float = 3.0  # fine displacement field: standard deviation of each component
     elastic_smoothness_mm: float = 20.0  # Gaussian correlation length of the fine displacement field
@@ -114,6 +123,8 @@ class SynthOptions:
     bias_grid: int = 4
     max_noise: float = 0.06  # [family] Rician noise sigma, uniform in [0, max_noise] x the 99th percentile
     image2_probability: float = 0.5  # chance of a subject from the second image (when one is given)
+    deface: bool = False  # face removed (set to 0) after the noise, as defacing tools do
+    deface_line_yz_mm: tuple[tuple[float, float], tuple[float, float]] = DEFACE_LINE_YZ_MM  # below it: the face
     family: str = "all"  # "all" (every range whole), "train" or "heldout" (disjoint parts; docs/SYNTH.md)
     # labels
     protocol_planes: bool = False  # RLVAC/LLVAC/RLVPC/LLVPC in the coronal planes of AC/PC (AFIDs), not moved
@@ -144,6 +155,13 @@ class SynthOptions:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.max_scale < 1:
             problems.append(f"max_scale must be in [0, 1), got {self.max_scale!r}")
+        if not self.scale_centre > 0:
+            problems.append(f"scale_centre must be > 0, got {self.scale_centre!r}")
+        (y0, _), (y1, _) = self.deface_line_yz_mm
+        if not y0 != y1:
+            problems.append(f"deface_line_yz_mm needs two points of different y, got {self.deface_line_yz_mm!r}")
+        if self.pitch_deg is not None and (len(self.pitch_deg) != 2 or not 0 <= self.pitch_deg[0] <= self.pitch_deg[1]):
+            problems.append(f"pitch_deg must be (low, high) with 0 <= low <= high, got {tuple(self.pitch_deg)!r}")
         for name in (
             "neck_probability",
             "lowres_probability",
@@ -266,8 +284,12 @@ def sample_parameters(options: SynthOptions, rng: np.random.Generator) -> dict:
     changing the family) leaves all other draws of a seed as they were.
     """
     family = options.family
-    scale = 1.0 + _signed(rng, options.max_scale, family, 3)
+    scale = options.scale_centre * (1.0 + _signed(rng, options.max_scale, family, 3))
     rotation_deg = rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3)
+    if options.pitch_deg is not None:  # the same draw: its sign kept, its magnitude mapped onto [low, high]
+        low, high = options.pitch_deg
+        fraction = abs(rotation_deg[0]) / options.max_rotation_deg if options.max_rotation_deg > 0 else 0.5
+        rotation_deg[0] = (-1.0 if rotation_deg[0] < 0 else 1.0) * (low + (high - low) * fraction)
     translation_mm = rng.uniform(-options.max_translation_mm, options.max_translation_mm, 3)
     elastic_large_mm = options.max_elastic_large_mm * float(_fraction(rng, family))
     # resolution: isotropic lower resolution, then possibly one thick axis
@@ -570,6 +592,7 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
     )
     source = _appearance(template.images[label], template.voxel_to_world, forward, spacing, drawn)
     data = ndimage.map_coordinates(source, coordinates, order=1, mode="nearest", prefilter=False)
+    face = _face(coordinates, template.voxel_to_world, options.deface_line_yz_mm) if options.deface else None
     del coordinates, source
 
     # smooth multiplicative bias, then Rician noise
@@ -585,9 +608,22 @@ def make_subject(template: Template, options: SynthOptions, rng: np.random.Gener
         real = data + sigma * rng.standard_normal(shape, dtype=np.float32)
         imaginary = sigma * rng.standard_normal(shape, dtype=np.float32)
         data = np.sqrt(real * real + imaginary * imaginary)
-    parameters = {"modality": label, **drawn, **fov}
+    if face is not None:
+        data[face] = 0.0
+    parameters = {"modality": label, **drawn, **fov, **({"defaced": True} if options.deface else {})}
     landmarks = {name: geometry.landmarks_mm[k] for k, name in enumerate(names)}
     return Subject(data.astype(np.float32, copy=False), subject_affine, landmarks, parameters)
+
+
+def _face(template_voxel: np.ndarray, template_voxel_to_world: np.ndarray,
+          line_yz_mm: tuple[tuple[float, float], tuple[float, float]]) -> np.ndarray:
+    """Boolean mask ``[X, Y, Z]`` of the subject voxels whose template position (template voxels ``[3, X, Y, Z]``)
+    lies below the line through the two ``(y, z)`` world points ``line_yz_mm`` (the face, for
+    :data:`DEFACE_LINE_YZ_MM` and the MNI template)."""
+    y = sum(template_voxel_to_world[1, a] * template_voxel[a] for a in range(3)) + template_voxel_to_world[1, 3]
+    z = sum(template_voxel_to_world[2, a] * template_voxel[a] for a in range(3)) + template_voxel_to_world[2, 3]
+    (y0, z0), (y1, z1) = line_yz_mm
+    return z < z0 + (z1 - z0) / (y1 - y0) * (y - y0)
 
 
 # ---------------------------------------------------------------------------------------------------------
