@@ -346,6 +346,14 @@ def test_protocol_planes_project_only_the_final_estimates_of_the_ventricle_landm
         TwoStageLocalizer(coarse, fine, with_landmarks(config, ["AC", "M", "RLVAC", "X", "Y"]), protocol_planes=True)
 
 
+def _eight_landmark_models(seed: int) -> tuple[list[str], object, keras.Model, keras.Model]:
+    """The tiny preset with 8 landmarks (enough for the shape prior's affine fit), random weights from ``seed``."""
+    names = ["A", "B", "C", "D", "E", "F", "G", "H"]
+    config = with_landmarks(load_preset("tiny"), names)
+    keras.utils.set_random_seed(seed)
+    return names, config, N.build_coarse_model(config), N.build_fine_model(config)
+
+
 def test_shape_prior_recentres_the_strayed_landmarks_and_drops_their_first_estimates(rng):
     """``shape_prior``: after the first pass, a landmark farther than the tolerance from the robust affine fit of
     the reference to the first estimates (geometry.shape_prior) gets its second window centred on that prior,
@@ -353,10 +361,7 @@ def test_shape_prior_recentres_the_strayed_landmarks_and_drops_their_first_estim
     tolerance that no landmark exceeds changes nothing."""
     from mdgru_keras.geometry.shape_prior import fit_shape_prior
 
-    names = ["A", "B", "C", "D", "E", "F", "G", "H"]
-    config = with_landmarks(load_preset("tiny"), names)
-    keras.utils.set_random_seed(11)
-    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
+    names, config, coarse, fine = _eight_landmark_models(11)
     reference = rng.uniform(-20, 20, size=(len(names), 3))
     volume = rng.normal(size=(34, 30, 32)).astype(np.float32)
     one_pass = TwoStageLocalizer(coarse, fine, config)
@@ -405,11 +410,8 @@ def test_aligned_windows_are_cut_along_the_shape_prior_fit_and_decoded_back(alig
 
     from mdgru_keras.geometry.shape_prior import fit_affine
 
-    names = ["A", "B", "C", "D", "E", "F", "G", "H"]
-    config = with_landmarks(load_preset("tiny"), names)
-    keras.utils.set_random_seed(13)
-    coarse, fine = N.build_coarse_model(config), N.build_fine_model(config)
-    # a reference turned by 20 degrees about z and scaled: the fitted frame is far from the volume's axes
+    names, config, coarse, fine = _eight_landmark_models(13)
+    # random reference points: the fit to random-weight estimates is far from the volume's axes (asserted below)
     reference = rng.uniform(-12, 12, size=(len(names), 3))
     volume = rng.normal(size=(34, 30, 32)).astype(np.float32)
     first = TwoStageLocalizer(coarse, fine, config)(volume)["voxel"].numpy().astype(np.float64)
