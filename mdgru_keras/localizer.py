@@ -428,8 +428,7 @@ class TwoStageLocalizer(tf.Module):
     def _mirrored(self, voxel: tf.Tensor, size_x: tf.Tensor) -> tf.Tensor:
         """Positions ``[K, 3]`` in the left-right mirrored volume (``x -> X - 1 - x``), in the mirrored landmark
         order (row ``k`` holds the mirror image of landmark ``k``'s partner). Its own inverse."""
-        voxel = tf.gather(voxel, self._mirror)
-        return tf.concat([tf.cast(size_x, voxel.dtype) - 1.0 - voxel[:, :1], voxel[:, 1:]], axis=1)
+        return _reflect_x(tf.gather(voxel, self._mirror), size_x)
 
     def _flip_averaged_fine_stage(
         self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None,
@@ -441,8 +440,7 @@ class TwoStageLocalizer(tf.Module):
         if frame is not None:  # the same axes seen in the mirror: x negated on both sides of the map
             linear, anchor = frame
             flip = tf.constant([-1.0, 1.0, 1.0])
-            mirrored_frame = (flip[:, None] * linear * flip[None, :],
-                              tf.concat([tf.cast(size_x, tf.float32)[None] - 1.0 - anchor[:1], anchor[1:]], 0))
+            mirrored_frame = (flip[:, None] * linear * flip[None, :], _reflect_x(anchor, size_x))
         direct, mirrored = self._fine_views(
             [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)], margin,
             [frame, mirrored_frame],
@@ -501,6 +499,11 @@ def _mean_of_passes(
     if mirrored:
         result["flip_disagreement_voxel"] = tf.add_n(mirrored) / float(len(mirrored))
     return result
+
+
+def _reflect_x(points: tf.Tensor, size_x: tf.Tensor) -> tf.Tensor:
+    """Positions ``[..., 3]`` in the volume reversed along x (``x -> X - 1 - x``), the same points otherwise."""
+    return tf.concat([tf.cast(size_x, points.dtype) - 1.0 - points[..., :1], points[..., 1:]], axis=-1)
 
 
 def mirror_permutation(landmarks: Sequence[str]) -> np.ndarray:
