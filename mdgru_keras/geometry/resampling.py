@@ -203,11 +203,33 @@ def _interpolate_axis_tf(volume: tf.Tensor, old_coordinate: tf.Tensor, axis: int
     lower = tf.floor(coordinate)
     weight = tf.cast(coordinate - lower, volume.dtype)
     lower = tf.cast(lower, tf.int32)
-    below = tf.gather(volume, lower, axis=axis)
-    above = tf.gather(volume, tf.minimum(lower + 1, size - 1), axis=axis)
-    view = [1, 1, 1]
-    view[axis] = -1
-    return below + tf.reshape(weight, view) * (above - below)
+
+    def interpolate() -> tf.Tensor:
+        below = tf.gather(volume, lower, axis=axis)
+        above = tf.gather(volume, tf.minimum(lower + 1, size - 1), axis=axis)
+        view = [1, 1, 1]
+        view[axis] = -1
+        return below + tf.reshape(weight, view) * (above - below)
+
+    def take() -> tf.Tensor:
+        # Whole-voxel positions (a 1 mm scan on the 1 mm model grid): the values themselves, as in the NumPy
+        # form. A run of consecutive voxels, forwards or backwards (a flipped axis), is a slice, else a gather.
+        count = tf.shape(lower)[0]
+        steps = tf.range(count)
+        extent = tf.tensor_scatter_nd_update(tf.shape(volume), [[axis]], [count])
+
+        def run_from(first: tf.Tensor) -> tf.Tensor:
+            return tf.slice(volume, tf.one_hot(axis, 3, on_value=first, off_value=0, dtype=tf.int32), extent)
+
+        return tf.case(
+            [
+                (tf.reduce_all(tf.equal(lower, lower[0] + steps)), lambda: run_from(lower[0])),
+                (tf.reduce_all(tf.equal(lower, lower[0] - steps)), lambda: tf.reverse(run_from(lower[-1]), [axis])),
+            ],
+            default=lambda: tf.gather(volume, lower, axis=axis),
+        )
+
+    return tf.cond(tf.reduce_any(tf.not_equal(weight, 0.0)), interpolate, take)
 
 
 def resample_axis_aligned_tf(volume: tf.Tensor, new_to_old: tf.Tensor, new_shape: tf.Tensor) -> tf.Tensor:
