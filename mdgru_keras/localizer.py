@@ -356,8 +356,7 @@ class TwoStageLocalizer(tf.Module):
         crops = []
         for features, centre, frame in zip(views, centres, frames or [None] * len(views)):
             # the centres in the windows' frame: volume voxels, or the aligned frame's coordinates
-            placed = centre if frame is None else tf.transpose(
-                tf.linalg.solve(frame[0], tf.transpose(centre - frame[1][None, :])))
+            placed = centre if frame is None else _frame_of_voxel(centre, frame)
             if margin is None:  # the paper: one window centred on each landmark
                 window_of_landmark = tf.range(self.num_landmarks, dtype=tf.int32)
                 window_origins = window_origin_around_tf(placed, size)  # [K, 3]
@@ -370,11 +369,9 @@ class TwoStageLocalizer(tf.Module):
                     fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
                 )  # [G, W, W, W, 2]
             else:
-                linear, anchor = frame
                 windows = tf.map_fn(
-                    lambda origin, features=features, linear=linear, anchor=anchor: sample_window_affine_tf(
-                        features, linear, tf.linalg.matvec(linear, tf.cast(origin, tf.float32)) + anchor,
-                        (size,) * 3),
+                    lambda origin, features=features, frame=frame: sample_window_affine_tf(
+                        features, frame[0], _voxel_of_frame(tf.cast(origin, tf.float32), frame), (size,) * 3),
                     window_origins,
                     fn_output_signature=tf.TensorSpec([size, size, size, 2], tf.float32),
                 )
@@ -404,12 +401,10 @@ class TwoStageLocalizer(tf.Module):
         pooled = {axis: pool_classes_tf(probabilities[axis], config.superresolution) for axis in AXES}
         decoded_n1 = _decode(pooled, 1, 1, origins)
         if frame is not None:  # frame coordinates -> volume voxels
-            linear, anchor = frame
             for positions in (decoded, decoded_n1):
                 for name in ("argmax", "parabola"):
-                    positions[name] = tf.linalg.matmul(positions[name], linear, transpose_b=True) + anchor[None, :]
-            origins = tf.cast(tf.round(tf.linalg.matmul(tf.cast(origins, tf.float32), linear, transpose_b=True)
-                                       + anchor[None, :]), tf.int32)
+                    positions[name] = _voxel_of_frame(positions[name], frame)
+            origins = tf.cast(tf.round(_voxel_of_frame(tf.cast(origins, tf.float32), frame)), tf.int32)
         answer = decoded_n1 if self.pooled_decoding else decoded
         result = {
             "voxel": answer["parabola"] if config.parabola else answer["argmax"],
@@ -499,6 +494,19 @@ def _mean_of_passes(
     if mirrored:
         result["flip_disagreement_voxel"] = tf.add_n(mirrored) / float(len(mirrored))
     return result
+
+
+def _voxel_of_frame(points: tf.Tensor, frame: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    """Aligned-window frame coordinates ``[..., 3]`` -> volume voxels: ``linear @ point + anchor_voxel``
+    (``frame = (linear, anchor_voxel)``, :meth:`TwoStageLocalizer._window_frame`)."""
+    linear, anchor = frame
+    return tf.linalg.matvec(linear, points) + anchor
+
+
+def _frame_of_voxel(voxel: tf.Tensor, frame: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    """The inverse of :func:`_voxel_of_frame` for points ``[K, 3]``."""
+    linear, anchor = frame
+    return tf.transpose(tf.linalg.solve(linear, tf.transpose(voxel - anchor[None, :])))
 
 
 def _reflect_x(points: tf.Tensor, size_x: tf.Tensor) -> tf.Tensor:
