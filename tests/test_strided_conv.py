@@ -16,7 +16,12 @@ from training_helpers import ROOT, cli_env
 from mdgru_keras import networks as N
 from mdgru_keras.config import load_preset
 from mdgru_keras.layers import StridedConv3D, StridedConv3DTranspose, upgrade_strided_convolutions
-from mdgru_keras.layers.strided_conv import block_conv3d_transpose, strided_conv3d, strided_conv3d_flops
+from mdgru_keras.layers.strided_conv import (
+    block_conv3d_transpose,
+    space_to_depth_convolution,
+    strided_conv3d,
+    strided_conv3d_flops,
+)
 
 # (input shape, kernel size, strides, padding, output channels)
 CASES = [
@@ -58,6 +63,55 @@ def test_forward_and_gradients_equal_tensorflows_conv3d(shape, kernel_size, stri
     for name, want, got in zip(("forward", "input gradient", "kernel gradient"), expected, actual):
         assert got.shape == want.shape, name
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-10 * np.abs(want).max(), err_msg=name)
+
+
+# (input shape, kernel size, stride, output channels): 1-3 spatial axes, 'same' padding
+SPACE_TO_DEPTH_CASES = [
+    ((6, 32, 32, 2), 3, 2, 5),  # the MD-GRU's first-level slice input convolution (2-channel window)
+    ((3, 15, 12, 2), 3, 2, 4),  # odd size: TensorFlow pads one voxel before
+    ((2, 11, 13, 3), 5, 2, 2),  # padding (2) as large as the stride
+    ((2, 14, 10, 1), 7, 3, 3),  # padding larger than the stride
+    ((2, 13, 9, 2), 4, 3, 2),  # even filter
+    ((2, 9, 8, 2), 1, 2, 3),  # filter smaller than the stride: blocks no output reads
+    ((4, 17, 2), 3, 2, 3),  # 1D slices (a 2D MD-GRU)
+    ((2, 9, 10, 11, 2), 3, 2, 3),  # 3 axes
+]
+
+
+@pytest.mark.parametrize(("shape", "kernel_size", "stride", "channels"), SPACE_TO_DEPTH_CASES)
+def test_space_to_depth_convolution_and_gradients_equal_the_strided_convolution(
+    shape, kernel_size, stride, channels, rng
+):
+    rank = len(shape) - 2
+    x = tf.constant(rng.normal(size=shape))  # float64: agreement to rounding
+    kernel = tf.constant(rng.normal(size=(*(kernel_size,) * rank, shape[-1], channels)))
+    reference = tf.nn.convolution(x, kernel, strides=stride, padding="SAME")
+    dy = tf.constant(rng.normal(size=reference.shape))
+    # in tf.function: TensorFlow's eager gradient of a conv3d fails to read the op's data_format
+    expected = tf.function(_conv_and_gradients)(
+        lambda a, b: tf.nn.convolution(a, b, strides=stride, padding="SAME"), x, kernel, dy
+    )
+    actual = tf.function(_conv_and_gradients)(lambda a, b: space_to_depth_convolution(a, b, stride), x, kernel, dy)
+    for name, want, got in zip(("forward", "input gradient", "kernel gradient"), expected, actual):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-10 * np.abs(want).max(), err_msg=name)
+
+
+def test_space_to_depth_convolution_gives_the_same_numbers_with_dynamic_sizes(rng):
+    kernel = tf.constant(rng.normal(size=(3, 3, 2, 4)).astype("float32"))
+
+    def conv(signature):
+        return tf.function(lambda a: space_to_depth_convolution(a, kernel, 2), input_signature=[signature])
+
+    static = conv(tf.TensorSpec([None, 16, 15, 2]))
+    dynamic = conv(tf.TensorSpec([None, None, None, 2]))
+    for batch in (1, 5):
+        x = tf.constant(rng.normal(size=(batch, 16, 15, 2)).astype("float32"))
+        want = tf.nn.convolution(x, kernel, strides=2, padding="SAME")
+        np.testing.assert_allclose(static(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+        # the same blocking whether the sizes are known or not: a SavedModel with any input shape computes the
+        # numbers its static-shape trace does
+        np.testing.assert_array_equal(dynamic(x).numpy(), static(x).numpy())
 
 
 def test_layer_equals_keras_conv3d_in_float32_with_bias_gradient(rng):

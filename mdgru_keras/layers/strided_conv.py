@@ -11,6 +11,9 @@ forward convolution takes 0.03 s but ``Conv3DBackpropFilterV2`` 16.8 s and ``Con
 * :func:`block_conv3d_transpose` / :class:`StridedConv3DTranspose`: a transposed convolution whose filter
   equals its stride (the U-Net's 2x2x2, stride-2 upsampling) is a per-voxel matrix product followed by
   depth-to-space; forward and gradients are matrix products, reshapes and transposes only.
+* :func:`space_to_depth_convolution`: a strided convolution with 1-3 spatial axes as space-to-depth and a
+  stride-1 convolution (the MD-GRUs' slice input convolutions where their input has few channels; forward
+  and gradients are stride-1 convolutions, reshapes and transposes).
 * :func:`upgrade_strided_convolutions`: replaces ``keras.layers.Conv3D`` / ``Conv3DTranspose`` layers of a
   loaded model by these, with the same weights (models saved before these layers existed).
 
@@ -334,6 +337,51 @@ def block_conv3d_transpose(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
     y = tf.reshape(y, [shape[0], shape[1], shape[2], shape[3], s1, s2, s3, channels_out])
     y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])
     return tf.reshape(y, [shape[0], shape[1] * s1, shape[2] * s2, shape[3] * s3, channels_out])
+
+
+def space_to_depth_convolution(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+    """``tf.nn.convolution(x, kernel, strides=stride, padding='SAME')`` as space-to-depth and a stride-1 convolution.
+
+    Args:
+        x: ``[B, N_1, ..., N_r, C_in]`` with ``r`` = 1, 2 or 3 spatial axes (batch and sizes may be dynamic).
+        kernel: ``[k]*r + [C_in, C_out]`` (static shape).
+        stride: ``S`` on every spatial axis.
+
+    Returns:
+        ``[B, n_1, ..., n_r, C_out]``, ``n = ceil(N / S)``: TensorFlow's strided convolution, up to the order of the
+        float32 sums (the same order whether the sizes are static or not).
+
+    Per axis TensorFlow pads ``p = max((n - 1) S + k - N, 0) // 2`` zeros before the input, so output ``i`` reads
+    voxels ``i S - p .. i S - p + k - 1``. With ``p`` zeros before the input and zeros after it up to
+    ``(n + m - 1) S`` voxels, ``m = ceil(k / S)``, that is blocks ``i .. i + m - 1`` of ``S`` voxels. The blocks
+    become ``S^r C_in`` channels, the kernel (zeros after its taps up to ``m S``) ``[m]*r + [S^r C_in, C_out]``,
+    and a stride-1 'VALID' convolution of the two is the strided convolution. Its gradients are stride-1
+    convolution gradients and the adjoints of pad, reshape and transpose. Where ``C_in`` is small this is
+    faster than TensorFlow's strided kernels on CPU (the MD-GRUs' first-level input convolutions of 2-channel
+    windows, ``docs/BENCH_STRIDED_CONV.md``); with many channels slower (``(m S / k)^r`` times the multiply-adds).
+    """
+    rank = len(x.shape) - 2
+    shape = tf.shape(x)
+    sizes = [n if n is not None else shape[1 + a] for a, n in enumerate(x.shape[1:-1])]
+    kernel_size = [int(n) for n in kernel.shape[:rank]]
+    channels_in, channels_out = int(x.shape[-1]), int(kernel.shape[-1])
+    fields = [(k - 1) // stride + 1 for k in kernel_size]  # m per axis
+    outputs = [(n + stride - 1) // stride for n in sizes]
+    fronts = [_maximum((o - 1) * stride + k - n, 0) // 2 for o, k, n in zip(outputs, kernel_size, sizes)]
+    blocks = [o + m - 1 for o, m in zip(outputs, fields)]
+    padded = tf.pad(x, [[0, 0], *[[f, b * stride - f - n] for f, b, n in zip(fronts, blocks, sizes)], [0, 0]])
+    grid = tf.reshape(padded, [-1, *[v for b in blocks for v in (b, stride)], channels_in])
+    order = [0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1]
+    grid = tf.reshape(tf.transpose(grid, order), [-1, *blocks, stride**rank * channels_in])
+    blocked = tf.pad(kernel, [*[[0, m * stride - k] for m, k in zip(fields, kernel_size)], [0, 0], [0, 0]])
+    blocked = tf.reshape(blocked, [*[v for m in fields for v in (m, stride)], channels_in, channels_out])
+    order = [*range(0, 2 * rank, 2), *range(1, 2 * rank, 2), 2 * rank, 2 * rank + 1]
+    blocked = tf.reshape(tf.transpose(blocked, order), [*fields, stride**rank * channels_in, channels_out])
+    return tf.nn.convolution(grid, blocked, padding="VALID")
+
+
+def _maximum(value: int | tf.Tensor, floor: int) -> int | tf.Tensor:
+    return max(value, floor) if isinstance(value, int) else tf.maximum(value, floor)
 
 
 # ---------------------------------------------------------------------------------------------------------
