@@ -1,6 +1,6 @@
-"""Benchmark of the models' strided 3D convolutions: TensorFlow's layers against the matmul-gradient layers.
+"""Benchmark of the models' strided convolutions: TensorFlow's kernels against the formulations that replace them.
 
-Run: ``python -m bench.bench_strided_conv [--repeats 5] [--cases tiny,cpu,unet_up1,unet_up0]``
+Run: ``python -m bench.bench_strided_conv [--repeats 5] [--cases tiny,cpu,unet_up1,unet_up0,...]``
 (``make bench-strided-conv``); writes ``bench/results/bench_strided_conv.json``. ``--cases paper`` adds the
 paper preset's coarse input convolution (256^3 x 2, batch 1: about 0.7 GB of temporaries; not in the default).
 
@@ -11,6 +11,13 @@ Cases:
 - ``unet_up1`` / ``unet_up0``: the U-Net baseline's 2x2x2 stride-2 upsampling layers for the cpu preset's
   32^3 fine window (3 levels, 8/16/32 filters, batch 8): ``keras.layers.Conv3DTranspose`` against
   :class:`~mdgru_keras.layers.StridedConv3DTranspose`.
+- ``mdgru_fine0`` / ``mdgru_fine0_train`` / ``mdgru_fine1`` / ``mdgru_coarse0``: an MD-GRU direction's input
+  gates (:func:`~mdgru_keras.layers.cgru.input_gates`: three 'same' 3x3 convolutions of ``units`` channels with
+  stride 2 on every slice, time folded into the batch) of the afids preset, ``method="strided"`` (TensorFlow's
+  kernel) against ``method="space_to_depth"``: the fine trunk's first level on the 32 windows of a first pass
+  (32 steps x 32 windows of 32^2 x 2) and on a training batch (8 windows), its second level (16 x 32 of
+  16^2 x 16, 32 units), the coarse trunk's first level on a training batch (32 x 8 of 32^2 x 8). The layers
+  choose space-to-depth by the channels (``SPACE_TO_DEPTH_MAX_CHANNELS``): only the first two cases take it.
 
 Timed with ``tf.function`` on whatever device TensorFlow picks, as in ``bench/bench_layer.py`` (its helpers:
 machine info, median of ``--repeats`` runs after two warm-ups, wall clock and process CPU time, a 2048^2
@@ -45,6 +52,7 @@ from bench.bench_layer import (  # noqa: E402
     write_json_atomic,
 )
 from mdgru_keras.layers import StridedConv3D, StridedConv3DTranspose  # noqa: E402
+from mdgru_keras.layers.cgru import input_gates  # noqa: E402
 from mdgru_keras.layers.strided_conv import strided_conv3d_flops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_strided_conv.json"
@@ -55,8 +63,46 @@ CASES = {
     "paper": {"kind": "conv", "shape": (1, 256, 256, 256, 2), "filter": 9, "strides": 4, "filters": 16},
     "unet_up1": {"kind": "transpose", "shape": (8, 8, 8, 8, 32), "filter": 2, "strides": 2, "filters": 16},
     "unet_up0": {"kind": "transpose", "shape": (8, 16, 16, 16, 16), "filter": 2, "strides": 2, "filters": 8},
+    # MD-GRU input gates, shape [T, B, slice, slice, C]; "filters" = units (3 gates of them)
+    "mdgru_fine0": {"kind": "gates", "shape": (32, 32, 32, 32, 2), "filter": 3, "strides": 2, "filters": 8},
+    "mdgru_fine0_train": {"kind": "gates", "shape": (32, 8, 32, 32, 2), "filter": 3, "strides": 2, "filters": 8},
+    "mdgru_fine1": {"kind": "gates", "shape": (16, 32, 16, 16, 16), "filter": 3, "strides": 2, "filters": 32},
+    "mdgru_coarse0": {"kind": "gates", "shape": (32, 8, 32, 32, 8), "filter": 3, "strides": 2, "filters": 8},
 }
-DEFAULT_CASES = ("tiny", "cpu", "unet_up1", "unet_up0")
+DEFAULT_CASES = (
+    "tiny",
+    "cpu",
+    "unet_up1",
+    "unet_up0",
+    "mdgru_fine0",
+    "mdgru_fine0_train",
+    "mdgru_fine1",
+    "mdgru_coarse0",
+)
+
+
+class InputGates(keras.layers.Layer):
+    """One MD-GRU direction's input gates (:func:`input_gates`) with a fixed ``method``, concatenated:
+    ``[T, B, s, s, C]`` -> ``[T, B, s / S, s / S, 3 units]``."""
+
+    def __init__(self, units: int, kernel_size: int, strides: int, method: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.units, self.kernel_size, self.strides, self.method = units, kernel_size, strides, method
+
+    def build(self, input_shape: tuple) -> None:
+        shape = (self.kernel_size, self.kernel_size, input_shape[-1], 3 * self.units)
+        self.kernel = self.add_weight(name="kernel", shape=shape, initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(3 * self.units,), initializer="zeros")
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        slices = [-(-n // self.strides) for n in input_shape[2:-1]]
+        return (*input_shape[:2], *slices, 3 * self.units)
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        gates = input_gates(
+            x, tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.bias), self.strides, self.method
+        )
+        return tf.concat(gates, axis=-1)
 
 
 def make_layers(case: dict) -> tuple[keras.layers.Layer, keras.layers.Layer]:
@@ -65,13 +111,16 @@ def make_layers(case: dict) -> tuple[keras.layers.Layer, keras.layers.Layer]:
     if case["kind"] == "conv":
         plain = keras.layers.Conv3D(filters, k, strides=s, padding="same")
         new = StridedConv3D(filters, k, strides=s, padding="same")
+    elif case["kind"] == "gates":
+        plain = InputGates(filters, k, s, "strided")
+        new = InputGates(filters, k, s, "space_to_depth")
     else:
         plain = keras.layers.Conv3DTranspose(filters, k, strides=s)
         new = StridedConv3DTranspose(filters, k, strides=s)
     plain.build(case["shape"])
     new.build(case["shape"])
     kernel = plain.get_weights()[0]
-    bias = np.random.default_rng(0).normal(size=filters).astype(np.float32)
+    bias = np.random.default_rng(0).normal(size=plain.get_weights()[1].shape).astype(np.float32)
     plain.set_weights([kernel, bias])
     new.set_weights([kernel, bias])
     return plain, new
@@ -83,6 +132,15 @@ def case_flops(case: dict) -> dict[str, float]:
     if case["kind"] == "conv":
         flops = strided_conv3d_flops(case["shape"], case["filter"], case["strides"], case["filters"])
         return {"forward_gflop": flops["direct"] / 1e9, "matmul_gradient_gflop": flops["blocked"] / 1e9}
+    if case["kind"] == "gates":  # per output voxel: k^2 taps (strided) or m^2 S^2 (space-to-depth) of C inputs
+        steps, batch, *slices, channels = case["shape"]
+        k, stride = case["filter"], case["strides"]
+        outputs = steps * batch * np.prod([-(-n // stride) for n in slices]) * 3 * case["filters"]
+        blocked_taps = (((k - 1) // stride + 1) * stride) ** len(slices)
+        return {
+            "forward_gflop": 2.0 * outputs * k ** len(slices) * channels / 1e9,
+            "space_to_depth_gflop": 2.0 * outputs * blocked_taps * channels / 1e9,
+        }
     # filter = stride: every input voxel times a [C_in, S^3 C_out] matrix, forward and each gradient alike
     forward = 2.0 * batch * np.prod(spatial) * channels * case["strides"] ** 3 * case["filters"]
     return {"forward_gflop": forward / 1e9, "matmul_gradient_gflop": forward / 1e9}

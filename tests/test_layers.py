@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from mdgru_keras.layers import CGRU, MDGRU
+from mdgru_keras.layers.cgru import input_gates, slice_convolution
 
 # ----------------------------------------------------------------------------------------------------------
 # NumPy reference, written from the equations (loops over time, batch and kernel offsets)
@@ -393,6 +394,36 @@ def test_saved_model_round_trips(tmp_path, rng):
     tf.saved_model.save(Wrapper(model), str(tmp_path / "module"))
     loaded = tf.saved_model.load(str(tmp_path / "module"))
     np.testing.assert_array_equal(loaded(tf.constant(x)).numpy(), expected_graph)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 10, 9, 2), (3, 2, 8, 8, 8), (5, 3, 11, 1)])
+def test_input_gates_are_the_same_by_either_convolution_method(shape, rng):
+    rank = len(shape) - 3
+    x = tf.constant(rng.normal(size=shape))  # [T, B, slice..., C], float64: agreement to rounding
+    kernel = tf.constant(rng.normal(size=(3,) * rank + (shape[-1], 3 * 4)))
+    bias = tf.constant(rng.normal(size=12))
+    strided = input_gates(x, kernel, bias, 2, "strided")
+    blocked = input_gates(x, kernel, bias, 2, "space_to_depth")
+    for want, got in zip(strided, blocked):
+        assert got.shape == want.shape == (*shape[:2], *[-(-n // 2) for n in shape[2:-1]], 4)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="method"):
+        input_gates(x, kernel, bias, 2, "im2col")
+
+
+def _strided_convolutions(function, spec) -> list[str]:
+    graph = tf.function(function).get_concrete_function(spec).graph
+    ops = [op for op in graph.get_operations() if op.type.startswith("Conv")]
+    return [op.type for op in ops if any(s > 1 for s in op.get_attr("strides"))]
+
+
+def test_few_channel_slices_run_no_strided_convolution_kernel(rng):
+    """The fine windows' 2 channels at stride 2 take space-to-depth (faster on CPU); 8 channels do not."""
+    kernel2, kernel8 = (tf.constant(rng.normal(size=(3, 3, c, 4)), tf.float32) for c in (2, 8))
+    assert _strided_convolutions(lambda a: slice_convolution(a, kernel2, 2), tf.TensorSpec([None, 32, 32, 2])) == []
+    assert _strided_convolutions(lambda a: slice_convolution(a, kernel8, 2), tf.TensorSpec([None, 32, 32, 8])) == [
+        "Conv2D"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------

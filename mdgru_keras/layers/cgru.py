@@ -130,7 +130,11 @@ class CGRU(keras.layers.Layer):
 
     def time_first_call(self, x: tf.Tensor, training: bool | None) -> tf.Tensor:
         """The C-GRU on ``x`` already in ``[T, B, slice..., C]`` order; returns ``[ceil(T/S), B, slice'..., U]``."""
-        gates = input_gates(x, self.dropconnect_kernel(training), tf.convert_to_tensor(self.bias), self.strides)
+        # Training takes TensorFlow's strided kernels, whose weight gradient is faster than that of space-to-depth;
+        # inference chooses by the channels (`slice_convolution`; docs/BENCH_STRIDED_CONV.md).
+        method = "strided" if is_training(training) else None
+        kernel, bias = self.dropconnect_kernel(training), tf.convert_to_tensor(self.bias)
+        gates = input_gates(x, kernel, bias, self.strides, method)
         states = gru_recursion(
             *gates,
             tf.convert_to_tensor(self.state_kernel),
@@ -196,13 +200,14 @@ def inverse_permutation(perm: list[int]) -> list[int]:
 
 
 def input_gates(
-    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, strides: int
+    x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor, strides: int, method: str | None = None
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Input convolutions (plus bias) of all time steps at once, time folded into the batch.
 
     Args:
         x: ``[T, B, slice..., C]``.
         kernel: ``[k]*(d-1) + [C, 3U]``, gates (r, z, h~) along the last axis; bias ``[3U]``.
+        method: how the strided convolutions are computed (:func:`slice_convolution`); ``None``: by the channels.
 
     Returns:
         The gates r, z, h~, each ``[T, B, slice'..., U]`` with slice' = ``ceil(slice / strides)`` ('SAME').
@@ -213,26 +218,33 @@ def input_gates(
     folded = tf.reshape(x, [-1, *slice_sizes, x.shape[-1]])
     gates = []
     for gate_kernel, gate_bias in zip(tf.split(kernel, 3, axis=-1), tf.split(bias, 3)):
-        gate = tf.nn.bias_add(slice_convolution(folded, gate_kernel, strides), gate_bias)
+        gate = tf.nn.bias_add(slice_convolution(folded, gate_kernel, strides, method), gate_bias)
         gates.append(tf.reshape(gate, tf.concat([shape[:2], tf.shape(gate)[1:]], axis=0)))
     return tuple(gates)
 
 
-# Most input channels (times S^(d-1), the channels of a block) for which the strided slice convolution is computed
-# as space-to-depth and a stride-1 convolution: on a 2-core AVX2 EPYC that is 1.2-1.6x faster for the fine
-# windows' 2 channels at stride 2 (8 channels of blocks) and 1.5-3x slower for 8 or 16 channels
-# (`docs/BENCH_STRIDED_CONV.md`).
+# Most input channels times S^(d-1) (the channels of a block) for which a strided slice convolution is computed
+# as space-to-depth and a stride-1 convolution. On a 2-core AVX2 EPYC its forward is faster for the fine
+# windows' 2 channels at stride 2 (8 channels of blocks: 1.6x, the fine trunk 15 % faster) and slower for 8 or 16
+# channels; its weight gradient is slower in every case (`make bench-strided-conv`, docs/BENCH_STRIDED_CONV.md).
 SPACE_TO_DEPTH_MAX_CHANNELS = 8
+SLICE_CONVOLUTION_METHODS = ("strided", "space_to_depth")
 
 
-def slice_convolution(slices: tf.Tensor, kernel: tf.Tensor, strides: int) -> tf.Tensor:
+def slice_convolution(slices: tf.Tensor, kernel: tf.Tensor, strides: int, method: str | None = None) -> tf.Tensor:
     """The 'SAME' convolution of ``slices`` ``[N, slice..., C]`` with ``kernel`` and stride ``strides``.
 
-    Inputs with few channels take :func:`space_to_depth_convolution` (the same numbers up to the order of the
-    float32 sums, whether the slice sizes are static or not), others TensorFlow's convolution.
+    ``method``: ``"space_to_depth"`` (:func:`space_to_depth_convolution`: the same numbers up to the order of
+    the float32 sums, whether the slice sizes are static or not), ``"strided"`` (TensorFlow's convolution), or
+    ``None``: space-to-depth where the blocks have at most ``SPACE_TO_DEPTH_MAX_CHANNELS`` channels.
     """
     rank = len(slices.shape) - 2
-    if strides > 1 and slices.shape[-1] * strides**rank <= SPACE_TO_DEPTH_MAX_CHANNELS:
+    if method is None:
+        few_channels = slices.shape[-1] * strides**rank <= SPACE_TO_DEPTH_MAX_CHANNELS
+        method = "space_to_depth" if strides > 1 and few_channels else "strided"
+    if method not in SLICE_CONVOLUTION_METHODS:
+        raise ValueError(f"method must be one of {SLICE_CONVOLUTION_METHODS} or None, got {method!r}")
+    if method == "space_to_depth":
         return space_to_depth_convolution(slices, kernel, strides)
     return tf.nn.convolution(slices, kernel, strides=[strides] * rank, padding="SAME")
 
