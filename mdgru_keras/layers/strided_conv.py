@@ -356,9 +356,10 @@ def space_to_depth_convolution(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> 
     ``(n + m - 1) S`` voxels, ``m = ceil(k / S)``, that is blocks ``i .. i + m - 1`` of ``S`` voxels. The blocks
     become ``S^r C_in`` channels, the kernel (zeros after its taps up to ``m S``) ``[m]*r + [S^r C_in, C_out]``,
     and a stride-1 'VALID' convolution of the two is the strided convolution. Its gradients are stride-1
-    convolution gradients and the adjoints of pad, reshape and transpose. Where ``C_in`` is small this is
-    faster than TensorFlow's strided kernels on CPU (the MD-GRUs' first-level input convolutions of 2-channel
-    windows, ``docs/BENCH_STRIDED_CONV.md``); with many channels slower (``(m S / k)^r`` times the multiply-adds).
+    convolution gradients and the adjoints of pad, reshape and transpose. Where ``C_in`` is small its forward is
+    faster than TensorFlow's strided kernel on CPU (the MD-GRUs' first-level input convolutions of 2-channel
+    windows, ``docs/BENCH_STRIDED_CONV.md``); with many channels it is slower (``(m S / k)^r`` times the
+    multiply-adds), and so is its weight gradient.
     """
     rank = len(x.shape) - 2
     shape = tf.shape(x)
