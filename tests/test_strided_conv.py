@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from training_helpers import ROOT, cli_env
+from training_helpers import ROOT, cli_env, convolution_ops
 
 from mdgru_keras import networks as N
 from mdgru_keras.config import load_preset
@@ -178,15 +178,6 @@ def test_conv3d_transpose_with_filter_equal_to_stride_equals_tensorflows(rng):
     np.testing.assert_allclose(layer(inputs).numpy(), keras_layer(inputs).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def _conv3d_ops(concrete: tf.types.experimental.ConcreteFunction) -> set[tuple[str, int]]:
-    """``(op type, largest stride)`` of the Conv3D* ops of a concrete function's graph and of every function in
-    its library (loop bodies etc.)."""
-    found = {(op.type, max(op.get_attr("strides"))) for op in concrete.graph.get_operations() if "Conv3D" in op.type}
-    for function in concrete.graph.as_graph_def().library.function:
-        found |= {(node.op, max(node.attr["strides"].list.i)) for node in function.node_def if "Conv3D" in node.op}
-    return found
-
-
 def test_training_graphs_contain_no_strided_conv3d_kernels(rng):
     layer = StridedConv3D(8, 9, strides=4, padding="same")
     up = StridedConv3DTranspose(2, 2)
@@ -202,7 +193,7 @@ def test_training_graphs_contain_no_strided_conv3d_kernels(rng):
         return tape.gradient(loss, [x, *layer.trainable_weights, *up.trainable_weights])
 
     concrete = step.get_concrete_function(x)
-    assert _conv3d_ops(concrete) == set()  # forward and gradients are matrix products
+    assert convolution_ops(concrete, "Conv3D") == set()  # forward and gradients are matrix products
     assert "MatMul" in {op.type for op in concrete.graph.get_operations()}
 
     # The whole tiny coarse model's training step as well.
@@ -216,7 +207,7 @@ def test_training_graphs_contain_no_strided_conv3d_kernels(rng):
             loss = tf.add_n([tf.reduce_sum(v**2) for v in outputs.values()])
         return tape.gradient(loss, model.trainable_variables)
 
-    ops = _conv3d_ops(model_step.get_concrete_function(volume))
+    ops = convolution_ops(model_step.get_concrete_function(volume), "Conv3D")
     assert ("Conv3D", 1) in ops  # the 1x1x1 voxelwise layers: stride 1
     assert not {(kind, stride) for kind, stride in ops if stride > 1}  # no strided conv3d, forward or gradient
 

@@ -1,5 +1,5 @@
-"""Helpers of the training tests: a small synthetic population written through ``prepare_dataset``, and a
-way to run the CLI in a subprocess (optionally with several logical CPU devices)."""
+"""Helpers of the training tests: a small synthetic population written through ``prepare_dataset``, a way to
+run the CLI in a subprocess (optionally with several logical CPU devices), and the convolution ops of a graph."""
 
 from __future__ import annotations
 
@@ -131,3 +131,12 @@ def run_cli(*args: str, logical_cpus: int = 1, timeout: float = 300, **env: str)
         text=True,
         timeout=timeout,
     )
+
+
+def convolution_ops(concrete, kind: str) -> set[tuple[str, int]]:
+    """``(op type, largest stride)`` of the ops whose type contains ``kind`` (``"Conv3D"``, ``"Conv2D"``) in a
+    concrete function's graph and in every function of its library (loop bodies etc.)."""
+    found = {(op.type, max(op.get_attr("strides"))) for op in concrete.graph.get_operations() if kind in op.type}
+    for function in concrete.graph.as_graph_def().library.function:
+        found |= {(node.op, max(node.attr["strides"].list.i)) for node in function.node_def if kind in node.op}
+    return found
