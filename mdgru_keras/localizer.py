@@ -100,7 +100,7 @@ from mdgru_keras.geometry.windows import (
     window_origin_around_tf,
     window_to_volume_voxel_tf,
 )
-from mdgru_keras.networks import AXES, split_fine_model
+from mdgru_keras.networks import AXES, marginal_features_mixed_by_level, split_fine_model
 from mdgru_keras.preprocessing import preprocess
 
 
@@ -233,6 +233,9 @@ class TwoStageLocalizer(tf.Module):
         # a constant (not a variable): the export saves no state beyond the models' variables
         self._mirror = tf.constant(mirror_permutation(config.landmarks), tf.int32)
         self.fine_trunk, self.fine_heads = split_fine_model(fine_model)
+        # marginal heads: the trunk's level mix done per level (the same features, less arithmetic)
+        self._trunk_features = marginal_features_mixed_by_level(self.fine_trunk) or (
+            lambda windows: self.fine_trunk(windows, training=False))
         # a constant, so that a graph using it needs no variable beyond the models' (mdgru_keras.export tracks those)
         self.landmark_names = tf.constant(list(config.landmarks), dtype=tf.string)
 
@@ -455,7 +458,7 @@ class TwoStageLocalizer(tf.Module):
         ``fine_batch_size`` at a time."""
         chunk = self.fine_batch_size
         if chunk is None:
-            return self.fine_trunk(windows, training=False)
+            return self._trunk_features(windows)
         size = self.config.fine.window_size
         count = tf.shape(windows)[0]
         chunks = (count + chunk - 1) // chunk
@@ -463,7 +466,7 @@ class TwoStageLocalizer(tf.Module):
         stacked = tf.reshape(padded, tf.stack([chunks, chunk, size, size, size, 2]))
         feature_shape = list(self.fine_trunk.output.shape[1:])  # [F] (dense heads) or [G, G, G, F] (marginal)
         features = tf.map_fn(
-            lambda batch: self.fine_trunk(batch, training=False),
+            self._trunk_features,
             stacked,
             fn_output_signature=tf.TensorSpec([chunk, *feature_shape], tf.float32),
             parallel_iterations=1,

@@ -27,6 +27,7 @@ Models (the contract in ``docs/ARCHITECTURE.md``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -319,6 +320,48 @@ def marginal_trunk(x: keras.KerasTensor, net: NetworkConfig, name: str) -> keras
     return keras.layers.Conv3D(
         net.fc_channels[-1], 1, activation="tanh", kernel_initializer="glorot_uniform", name=f"{name}_mix"
     )(joined)
+
+
+def marginal_features_mixed_by_level(
+    trunk: keras.Model, stage: str = "fine"
+) -> Callable[[tf.Tensor], tf.Tensor] | None:
+    """Inference form of a marginal trunk (:func:`marginal_trunk`): the same features, with the voxelwise mix
+    applied to each level before upsampling; ``None`` for a trunk without a level mix (dense heads).
+
+    A 1x1x1 convolution of concatenated channels is the sum of one convolution per level, and it commutes with
+    nearest upsampling, so ``tanh(sum_i up(W_i level_i) + b)`` equals ``tanh(W concat_i(up(level_i)) + b)`` up
+    to float rounding. The deeper levels are mixed on their own grids (8^3 and 4^3 rather than 16^3 in the fine
+    trunk), which spares most of the mix's arithmetic and the upsampled copies of their channels. Training keeps
+    the concatenation (one layer, the checkpoints' layout). The function uses the trunk's layers and weights:
+    ``window [B, W, W, W, C] -> features [B, G, G, G, F]``, always in inference mode.
+    """
+    names = {layer.name for layer in trunk.layers}
+    if f"{stage}_mix" not in names:
+        return None
+    mix = trunk.get_layer(f"{stage}_mix")
+    count = 0
+    while f"{stage}_voxelwise{count}" in names:
+        count += 1
+    levels_model = keras.Model(
+        trunk.input, [trunk.get_layer(f"{stage}_voxelwise{index}").output for index in range(count)],
+        name=f"{stage}_trunk_levels",
+    )
+
+    def features(windows: tf.Tensor) -> tf.Tensor:
+        levels = levels_model(windows, training=False)
+        grid = levels[0].shape[1]
+        kernel = tf.convert_to_tensor(mix.kernel)[0, 0, 0]  # [sum of the levels' channels, F]
+        total, start = None, 0
+        for level in levels:
+            channels, factor = level.shape[-1], grid // level.shape[1]
+            part = tf.tensordot(level, kernel[start : start + channels], axes=1)  # [B, g, g, g, F]
+            start += channels
+            if factor > 1:  # nearest upsampling: every cell copied to factor^3 cells
+                part = tf.repeat(tf.repeat(tf.repeat(part, factor, axis=1), factor, axis=2), factor, axis=3)
+            total = part if total is None else total + part
+        return tf.tanh(total + mix.bias)
+
+    return features
 
 
 def landmark_heads(x: keras.KerasTensor, config: Config, stage: str, net: NetworkConfig) -> dict:

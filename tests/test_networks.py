@@ -319,6 +319,26 @@ def test_marginal_heads_are_translation_equivariant(marginal3):
     np.testing.assert_allclose(np.roll(a, 2 * cells, axis=-1), b, rtol=1e-5, atol=1e-5)
 
 
+def test_level_mixed_marginal_features_equal_the_trunks(marginal3, tiny3, rng):
+    """The localizer's inference form of the marginal trunk (each level mixed on its own grid, then upsampled
+    and summed) gives the trunk's features; a dense trunk has no such form."""
+    config = marginal3[0]
+    trunk, _ = N.split_fine_model(N.build_fine_model(config))  # its own weights, changed below
+    mix = trunk.get_layer("fine_mix")
+    # a bias and weights far from their initial values, so that every level's slice of the kernel counts
+    mix.bias.assign(rng.normal(size=mix.bias.shape).astype("float32"))
+    mix.kernel.assign(rng.normal(size=mix.kernel.shape).astype("float32") * 0.3)
+    levels = [layer for layer in trunk.layers if layer.name.startswith("fine_voxelwise")]
+    assert len({layer.output.shape[1] for layer in levels}) == len(levels) > 1  # levels on different grids
+    features = N.marginal_features_mixed_by_level(trunk)
+    w = config.fine.window_size
+    windows = rng.normal(size=(3, w, w, w, 2)).astype("float32")
+    expected = trunk(windows, training=False).numpy()
+    np.testing.assert_allclose(features(tf.constant(windows)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 0.5  # a real signal, not saturated zeros
+    assert N.marginal_features_mixed_by_level(N.split_fine_model(tiny3[2])[0]) is None
+
+
 def test_marginal_models_count_save_and_load(marginal3, tmp_path, rng):
     config, coarse, fine = marginal3
     for stage, model in (("coarse", coarse), ("fine", fine)):
