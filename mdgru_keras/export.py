@@ -474,7 +474,7 @@ def export_localizer(
 
 # The inference options of an export (keyword arguments of TwoStageLocalizer), recorded under "inference"
 INFERENCE_DEFAULTS: dict[str, Any] = {"fine_passes": 1, "flip_average": False, "average_passes": False,
-                                      "protocol_planes": False, "flip_first_pass": True,
+                                      "protocol_planes": False, "pass_views": None,
                                       "refine_share_margin_voxel": None, "pooled_decoding": False,
                                       "shape_prior": None, "shape_prior_tolerance_mm": TOLERANCE_MM,
                                       "aligned_windows": None}
@@ -544,6 +544,14 @@ def _export_models(coarse_model: keras.Model, fine_model: keras.Model, config: C
     if margin is not None and margin > largest_margin:
         raise InputError(source, f"--share-refined-windows {margin} leaves no room in its "
                                  f"{config.fine.window_size}^3 windows (at most {largest_margin})")
+    views = inference["pass_views"]
+    if views is not None:
+        views = inference["pass_views"] = list(views)  # recorded in model_info.json
+        if len(views) != inference["fine_passes"]:
+            raise InputError(source, f"--pass-views names {len(views)} passes, --fine-passes is "
+                                     f"{inference['fine_passes']}")
+        if views[-1] == "mirror":
+            raise InputError(source, "--pass-views must end with a pass that sees the scan (scan or both)")
     prior = inference["shape_prior"]
     if prior is not None:
         if inference["fine_passes"] < 2:

@@ -27,12 +27,14 @@ errors: on the shipped AFIDs model this cut the mean error on unseen synthetic h
 (``docs/MODEL_CARD.md``), for twice the fine stage's work. ``flip_disagreement_voxel`` (how far the two
 estimates lie apart) is a per-landmark QC signal.
 
-Later passes (``fine_passes > 1``) can cost less than the first: with ``flip_first_pass=False`` the first
-pass runs on the volume only (it places the next pass's windows and, with ``average_passes``, joins the mean),
-and with ``refine_share_margin_voxel = m`` the windows of every pass after the first are shared as above. Both
-are safe where the first is not: a later pass is centred on fine estimates (a few voxels off), the first on
-coarse ones (often 10 voxels or more). The shipped AFIDs model uses both (``docs/MODEL_CARD.md``: about half
-the fine windows of two flip-averaged passes, at the same accuracy on held-out synthetic heads).
+Option ``pass_views`` says what each pass looks at: ``"scan"`` (the volume), ``"mirror"`` (its mirror image
+alone, the estimates mapped back) or ``"both"`` (flip-averaged); by default every pass is ``"both"`` with
+``flip_average``, else ``"scan"``. Alternating views gives the ensemble its mirror-image members without running
+both views in every pass. With ``refine_share_margin_voxel = m`` the windows of every pass after the first are
+shared as above: safe where the first pass is not, since a later pass is centred on fine estimates (a few voxels
+off), the first on coarse ones (often 10 voxels or more). The shipped AFIDs model uses both (``docs/MODEL_CARD.md``:
+three passes, ``scan, mirror, scan``, shared windows after the first: as many fine windows as one pass on the scan
+and one flip-averaged pass).
 
 Option ``shape_prior`` (the reference positions of the K landmarks, ``[K, 3]`` mm, e.g. the template's AFIDs;
 needs ``fine_passes > 1``): before each later pass the estimates are checked against the reference mapped by the
@@ -117,8 +119,8 @@ class TwoStageLocalizer(tf.Module):
     ``voxel_parabola``         [K, 3] float32  fine stage, argmax + parabola refinement
     ``voxel_n1_argmax``        [K, 3] float32  fine stage, classes pooled to one per voxel, argmax
     ``voxel_n1_parabola``      [K, 3] float32  fine stage, classes pooled to one per voxel, parabola
-    ``flip_disagreement_voxel`` [K] float32    distance of the direct and mirrored fine estimates (0 without
-                                               ``flip_average``)
+    ``flip_disagreement_voxel`` [K] float32    distance of the newest fine estimates from the scan and from its
+                                               mirror image (0 unless a pass saw the mirror image)
     ``shape_prior_distance_voxel`` [K] float32 distance of ``voxel`` from the shape prior fitted to all of
                                                ``voxel`` (0 without ``shape_prior``)
     ``coarse_voxel``           [K, 3] float32  coarse position (centre of the fine windows)
@@ -153,8 +155,9 @@ class TwoStageLocalizer(tf.Module):
             mean of the passes before it: an ensemble over window placements.
         protocol_planes: put the lateral ventricles' AFIDs on the coronal planes of AC and PC (module
             docstring); needs AC and PC among the landmarks.
-        flip_first_pass: with ``flip_average``, whether the first of several passes runs on the mirror image
-            too (``False``: on the volume only; later passes always do).
+        pass_views: per pass, ``"scan"``, ``"mirror"`` or ``"both"`` (module docstring); as many as
+            ``fine_passes``, the last one seeing the scan (its probabilities and windows are reported). ``None``:
+            ``"both"`` for every pass with ``flip_average``, ``"scan"`` without.
         refine_share_margin_voxel: ``None``: passes after the first place windows as the first does; ``m``:
             they share windows with ``m`` voxels to spare around the current estimates.
         pooled_decoding: answer (``voxel``) with the classes pooled to one per voxel (``voxel_n1_*``).
@@ -176,7 +179,7 @@ class TwoStageLocalizer(tf.Module):
         flip_average: bool = False,
         average_passes: bool = False,
         protocol_planes: bool = False,
-        flip_first_pass: bool = True,
+        pass_views: Sequence[str] | None = None,
         refine_share_margin_voxel: int | None = None,
         pooled_decoding: bool = False,
         shape_prior: np.ndarray | Sequence[Sequence[float]] | None = None,
@@ -201,7 +204,16 @@ class TwoStageLocalizer(tf.Module):
                 raise ValueError(f"{option} must be in [0, {largest_margin}] for {config.fine.window_size}^3 "
                                  f"windows, got {margin}")
         self.refine_share_margin_voxel = refine_share_margin_voxel
-        self.flip_first_pass = bool(flip_first_pass)
+        if pass_views is None:
+            pass_views = ("both" if flip_average else "scan",) * self.fine_passes
+        pass_views = tuple(pass_views)
+        if len(pass_views) != self.fine_passes or any(view not in PASS_VIEWS for view in pass_views):
+            raise ValueError(f"pass_views must be {self.fine_passes} of {', '.join(PASS_VIEWS)} (one per fine pass), "
+                             f"got {pass_views}")
+        if pass_views[-1] == "mirror":
+            raise ValueError("pass_views must end with a pass that sees the scan ('scan' or 'both'), got "
+                             f"{pass_views}")
+        self.pass_views = pass_views
         self.pooled_decoding = bool(pooled_decoding)
         self.flip_average = bool(flip_average)
         self.average_passes = bool(average_passes)
@@ -261,9 +273,7 @@ class TwoStageLocalizer(tf.Module):
         center_voxel = tf.ensure_shape(center_voxel, [self.num_landmarks, 3])
         features = self._preprocess(volume)
         margin = self.share_windows_margin_voxel
-        if self.flip_average:
-            return self._flip_averaged_fine_stage(features, center_voxel, margin)
-        return self._fine_stage(features, center_voxel, margin)
+        return self._fine_pass(features, center_voxel, margin, None, "both" if self.flip_average else "scan")[0]
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -272,20 +282,19 @@ class TwoStageLocalizer(tf.Module):
         features = self._preprocess(volume)
         result = self._coarse_stage(features)
         centre = result["coarse_voxel"]
-        passes, flipped, weights = [], [], []
+        passes, weights = [], []
+        latest = {}  # the newest estimates ``voxel`` of each view, "scan" and "mirror"
         frame = None  # the axes of the next pass's windows (None: the volume's own)
-        for index in range(self.fine_passes):
-            flip = self.flip_average and (index > 0 or self.flip_first_pass or self.fine_passes == 1)
+        for index, view in enumerate(self.pass_views):
             margin = self.share_windows_margin_voxel
             if index > 0 and self.refine_share_margin_voxel is not None:
                 margin = self.refine_share_margin_voxel
-            fine = self._flip_averaged_fine_stage(features, centre, margin, frame) if flip else (
-                self._fine_stage(features, centre, margin, frame))
+            fine, seen = self._fine_pass(features, centre, margin, frame, view)
+            latest.update(seen)
             passes.append(fine)
-            flipped.append(flip)
             weights.append(tf.ones([self.num_landmarks], tf.float32))
             if self.average_passes:
-                fine = _mean_of_passes(passes, flipped, weights)
+                fine = _mean_of_passes(passes, weights)
             centre = fine["voxel"]
             if self.shape_prior is not None and index + 1 < self.fine_passes:
                 fit = fit_affine_tf(self.shape_prior, centre)
@@ -296,6 +305,11 @@ class TwoStageLocalizer(tf.Module):
                 centre = tf.where(strayed[:, None], prior, centre)
                 weights = [weight * (1.0 - tf.cast(strayed, tf.float32)) for weight in weights]
         result.update(fine)
+        # how far the newest estimates from the mirror image and from the scan lie apart (zeros without both)
+        result["flip_disagreement_voxel"] = (
+            tf.norm(latest["scan"] - latest["mirror"], axis=-1) if len(latest) == 2
+            else tf.zeros([self.num_landmarks], tf.float32)
+        )
         if self.protocol_planes:  # every fine decoding: evaluate's rows and the answer stay one and the same
             for key in _POSITIONS:
                 result[key] = project_onto_planes_tf(result[key], list(self.config.landmarks))
@@ -428,30 +442,44 @@ class TwoStageLocalizer(tf.Module):
         order (row ``k`` holds the mirror image of landmark ``k``'s partner). Its own inverse."""
         return _reflect_x(tf.gather(voxel, self._mirror), size_x)
 
-    def _flip_averaged_fine_stage(
+    def _fine_pass(
         self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None,
-        frame: tuple[tf.Tensor, tf.Tensor] | None = None,
-    ) -> dict[str, tf.Tensor]:
-        """:meth:`_fine_stage` on the volume and on its left-right mirror image, averaged (module docstring)."""
+        frame: tuple[tf.Tensor, tf.Tensor] | None, view: str,
+    ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+        """One fine pass that sees ``view`` (``"scan"``, ``"mirror"`` or ``"both"``, module docstring), windows
+        placed around ``centre_voxel`` in ``frame``: its outputs (for ``"both"`` the mean of the two views; for
+        ``"mirror"`` the positions and confidence mapped back, the rest as the mirror image saw it) and each view's
+        estimates ``voxel`` ``{view: [K, 3]}`` in the volume's voxels and landmark order."""
         size_x = tf.shape(features)[0]
-        mirrored_frame = None
-        if frame is not None:  # the same axes seen in the mirror: x negated on both sides of the map
-            linear, anchor = frame
-            flip = tf.constant([-1.0, 1.0, 1.0])
-            mirrored_frame = (flip[:, None] * linear * flip[None, :], _reflect_x(anchor, size_x))
-        direct, mirrored = self._fine_views(
-            [features, tf.reverse(features, [0])], [centre_voxel, self._mirrored(centre_voxel, size_x)], margin,
-            [frame, mirrored_frame],
-        )
+        views = ("scan", "mirror") if view == "both" else (view,)
+        inputs = {"scan": (features, centre_voxel, frame)}
+        if "mirror" in views:
+            mirrored_frame = None
+            if frame is not None:  # the same axes seen in the mirror: x negated on both sides of the map
+                linear, anchor = frame
+                flip = tf.constant([-1.0, 1.0, 1.0])
+                mirrored_frame = (flip[:, None] * linear * flip[None, :], _reflect_x(anchor, size_x))
+            inputs["mirror"] = (tf.reverse(features, [0]), self._mirrored(centre_voxel, size_x), mirrored_frame)
+        outputs = dict(zip(views, self._fine_views(
+            [inputs[one][0] for one in views], [inputs[one][1] for one in views], margin,
+            [inputs[one][2] for one in views],
+        )))
+        if "mirror" in outputs:  # back to the volume's voxels and landmark order
+            mirrored = dict(outputs["mirror"])
+            for key in _POSITIONS:
+                mirrored[key] = self._mirrored(mirrored[key], size_x)
+            mirrored["confidence"] = tf.gather(mirrored["confidence"], self._mirror)
+            outputs["mirror"] = mirrored
+        seen = {one: outputs[one]["voxel"] for one in views}
+        if view != "both":
+            return outputs[view], seen
+        direct, mirrored = outputs["scan"], outputs["mirror"]
         result = dict(direct)
-        for key in _POSITIONS:
-            result[key] = 0.5 * (direct[key] + self._mirrored(mirrored[key], size_x))
-        result["confidence"] = 0.5 * (direct["confidence"] + tf.gather(mirrored["confidence"], self._mirror))
-        result["flip_disagreement_voxel"] = tf.norm(
-            direct["voxel"] - self._mirrored(mirrored["voxel"], size_x), axis=-1
-        )
+        for key in (*_POSITIONS, "confidence"):
+            result[key] = 0.5 * (direct[key] + mirrored[key])
+        result["flip_disagreement_voxel"] = tf.norm(direct["voxel"] - mirrored["voxel"], axis=-1)
         result["fine_windows"] = direct["fine_windows"] + mirrored["fine_windows"]
-        return result
+        return result, seen
 
     def _fine_features(self, windows: tf.Tensor) -> tf.Tensor:
         """Trunk features ``[N, F]`` (``[N, G, G, G, F]`` for marginal heads) of fine windows ``[N, W, W, W, 2]``,
@@ -474,6 +502,9 @@ class TwoStageLocalizer(tf.Module):
         return tf.reshape(features, [-1, *feature_shape])[:count]
 
 
+# what a fine pass looks at (pass_views): the volume, its left-right mirror image, or both, averaged
+PASS_VIEWS = ("scan", "mirror", "both")
+
 # values of the aligned_windows option: the volume's axes, the shape-prior fit's rotation, or its linear part
 ALIGNED_WINDOWS = (None, "rotation", "affine")
 
@@ -481,21 +512,15 @@ ALIGNED_WINDOWS = (None, "rotation", "affine")
 _POSITIONS = ("voxel", "voxel_argmax", "voxel_parabola", "voxel_n1_argmax", "voxel_n1_parabola")
 
 
-def _mean_of_passes(
-    passes: list[dict[str, tf.Tensor]], flipped: list[bool], weights: list[tf.Tensor]
-) -> dict[str, tf.Tensor]:
+def _mean_of_passes(passes: list[dict[str, tf.Tensor]], weights: list[tf.Tensor]) -> dict[str, tf.Tensor]:
     """The last pass's outputs, with positions and confidence replaced by their mean over ``passes`` (per landmark,
-    weighted by ``weights`` ``[K]`` per pass; the last pass's are ones), and the flip disagreement by its mean over
-    the passes that ran on the mirror image (``flipped``; a pass on the volume alone measures none)."""
+    weighted by ``weights`` ``[K]`` per pass; the last pass's are ones)."""
     result = dict(passes[-1])
     total = tf.add_n(weights)  # [K], at least the last pass's 1
     shares = [weight / total for weight in weights]
     for key in (*_POSITIONS, "confidence"):  # [K, 3] or [K]: each landmark's share along its first axis
         result[key] = tf.add_n([one[key] * tf.reshape(share, [-1] + [1] * (one[key].shape.rank - 1))
                                 for one, share in zip(passes, shares)])
-    mirrored = [one["flip_disagreement_voxel"] for one, flip in zip(passes, flipped) if flip]
-    if mirrored:
-        result["flip_disagreement_voxel"] = tf.add_n(mirrored) / float(len(mirrored))
     return result
 
 

@@ -55,7 +55,7 @@ MIN_SCAN_VOXELS = 2
 # real scans.
 MIN_CONFIDENCE = 0.001
 # Default threshold of the ``unstable`` status: the distance between the fine estimates in the scan and in its
-# left-right mirror image (``flip_disagreement_mm``, models exported with --flip-average). Calibrated on held-out
+# left-right mirror image (``flip_disagreement_mm``, models whose passes see the mirror image). Calibrated on held-out
 # synthetic heads of the shipped models (docs/MODEL_CARD.md, bench-pretrained, 2026-12-05 05:37 UTC): above 8 mm,
 # 4.1 % of the landmarks of unseen and held-out-family heads were flagged, with 8.8 mm mean error against 1.5 mm
 # for the others, and 46 % of the errors over 5 mm among them (earlier exports: 3.5 %, 8.3 against 1.6 mm; 6.4 %,

@@ -508,7 +508,7 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
     options on the weights of a plain export of the same runs (--weights-from) give the same SavedModel answers."""
     from mdgru_keras.serving.servable import LocalLocalizationClient
 
-    options = ("--fine-passes", "2", "--flip-average", "--average-passes", "--direct-first-pass",
+    options = ("--pass-views", "scan,both", "--average-passes",
                "--share-refined-windows", "2", "--pooled-decoding")  # fmt: skip
     result = run("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "m",
                  *options)  # fmt: skip
@@ -521,8 +521,8 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
     result = run("export", "--weights-from", str(model_base / "1"), "--coarse", str(runs[0]), "--out", str(tmp_path))
     assert result.exit_code == 2 and "not --coarse/--fine and --weights-from" in result.output
     info = json.loads((tmp_path / "m" / "1" / "assets" / "model_info.json").read_text())
-    assert info["inference"] == {"fine_passes": 2, "flip_average": True, "average_passes": True,
-                                 "protocol_planes": False, "flip_first_pass": False,
+    assert info["inference"] == {"fine_passes": 2, "flip_average": False, "average_passes": True,
+                                 "protocol_planes": False, "pass_views": ["scan", "both"],
                                  "refine_share_margin_voxel": 2, "pooled_decoding": True,
                                  "shape_prior": None, "shape_prior_tolerance_mm": 10.0,
                                  "aligned_windows": None}  # fmt: skip
@@ -550,15 +550,19 @@ def test_an_export_with_pooled_decoding_answers_with_the_n1_parabola_row(
 @pytest.mark.slow
 def test_a_shape_prior_the_export_cannot_use_is_refused_in_one_line(runs, data: dict, tmp_path: Path) -> None:
     """`export --shape-prior`: the 2-landmark test model is too few for an affine fit, one fine pass leaves
-    nothing to re-centre, and `--aligned-windows` has no axes without the prior's fit; each is one line naming
-    the source, and nothing is written."""
+    nothing to re-centre, and `--aligned-windows` has no axes without the prior's fit; `--pass-views` must end on
+    the scan and agree with `--fine-passes`. Each is one line naming the source, and nothing is written."""
     common = ("export", "--coarse", str(runs[0]), "--fine", str(runs[1]), "--out", str(tmp_path), "--name", "p")
     prior = ("--shape-prior", str(data["template_landmarks"]))
     for extra, problem in (((*prior, "--fine-passes", "2"), "--shape-prior needs a model of at least 6 landmarks "
                                                             "(this one has 2)"),
                            (prior, "--shape-prior needs --fine-passes 2 or more"),
                            (("--fine-passes", "2", "--aligned-windows", "rotation"),
-                            "--aligned-windows needs --shape-prior")):
+                            "--aligned-windows needs --shape-prior"),
+                           (("--pass-views", "scan,mirror"),
+                            "--pass-views must end with a pass that sees the scan"),
+                           (("--fine-passes", "3", "--pass-views", "scan,both"),
+                            "--pass-views names 2 passes, --fine-passes is 3")):
         result = run(*common, *extra)
         assert result.exit_code == 1, result.output
         last = result.output.strip().splitlines()[-1]

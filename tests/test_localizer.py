@@ -290,24 +290,55 @@ def test_averaged_passes_are_an_ensemble_centred_on_the_running_mean(mirrored_pa
     )
 
 
-def test_a_direct_first_pass_and_shared_refinement_windows_are_that_ensemble_for_less(mirrored_pair, rng):
-    """``flip_first_pass=False`` with ``refine_share_margin_voxel``: the first pass is the plain localizer's
-    (centred windows, the volume only), the second a flip-averaged pass with shared windows around it; the
-    answer is their mean, and the flip disagreement is the second pass's alone (the first measures none)."""
+def test_pass_views_and_shared_refinement_windows_are_that_ensemble_for_less(mirrored_pair, rng):
+    """``pass_views`` with ``refine_share_margin_voxel``: the first pass is the plain localizer's (centred
+    windows), the later ones look at the scan, its mirror image alone (estimates mapped back) or both (averaged)
+    through shared windows, each centred on the mean so far; the answer is the mean of all passes, and the flip
+    disagreement is the distance of the newest estimates from the scan and from the mirror image."""
     config, plain, _ = mirrored_pair
     coarse, fine = plain.coarse_model, plain.fine_model
     volume = rng.normal(size=(30, 34, 28)).astype(np.float32)
-    cheap = TwoStageLocalizer(coarse, fine, config, fine_passes=2, flip_average=True, average_passes=True,
-                              flip_first_pass=False, refine_share_margin_voxel=2)(volume)
+    size_x = volume.shape[0]
     first = plain(volume)
-    shared = TwoStageLocalizer(coarse, fine, config, flip_average=True, share_windows_margin_voxel=2)
-    second = shared.fine(volume, first["voxel"])
-    for key in ("voxel", "voxel_argmax", "voxel_n1_parabola", "confidence"):
-        np.testing.assert_allclose(cheap[key].numpy(), 0.5 * (first[key].numpy() + second[key].numpy()), atol=1e-4)
-    np.testing.assert_allclose(cheap["flip_disagreement_voxel"].numpy(), second["flip_disagreement_voxel"].numpy(),
-                               atol=1e-5)
-    assert float(np.max(second["flip_disagreement_voxel"].numpy())) > 0
-    assert int(cheap["fine_windows"]) == int(second["fine_windows"])
+    shared = TwoStageLocalizer(coarse, fine, config, share_windows_margin_voxel=2)
+    shared_both = TwoStageLocalizer(coarse, fine, config, flip_average=True, share_windows_margin_voxel=2)
+
+    def mirror_only(centre):  # the mirror image's pass, mapped back (landmarks RX, M, LX)
+        out = shared.fine(volume[::-1].copy(), _mirror(centre, size_x).astype(np.float32))
+        back = {key: _mirror(out[key].numpy(), size_x) for key in ("voxel", "voxel_argmax", "voxel_n1_parabola")}
+        back["confidence"] = out["confidence"].numpy()[[2, 1, 0]]
+        return back
+
+    keys = ("voxel", "voxel_argmax", "voxel_n1_parabola", "confidence")
+    for views in (("scan", "both"), ("scan", "mirror", "scan")):
+        cheap = TwoStageLocalizer(coarse, fine, config, fine_passes=len(views), pass_views=views,
+                                  average_passes=True, refine_share_margin_voxel=2)(volume)
+        passes = [{key: first[key].numpy() for key in keys}]
+        latest = {"scan": first["voxel"].numpy()}
+        for view in views[1:]:
+            centre = np.mean([one["voxel"] for one in passes], axis=0).astype(np.float32)
+            if view == "mirror":
+                one = mirror_only(centre)
+            else:
+                out = (shared_both if view == "both" else shared).fine(volume, centre)
+                one = {key: out[key].numpy() for key in keys}
+                windows = int(out["fine_windows"])
+            if view == "both":
+                latest = {"scan": shared.fine(volume, centre)["voxel"].numpy(), "mirror": mirror_only(centre)["voxel"]}
+            else:
+                latest[view] = one["voxel"]
+            passes.append(one)
+        for key in keys:
+            np.testing.assert_allclose(cheap[key].numpy(), np.mean([one[key] for one in passes], axis=0), atol=1e-4)
+        disagreement = np.linalg.norm(latest["scan"] - latest["mirror"], axis=-1)
+        np.testing.assert_allclose(cheap["flip_disagreement_voxel"].numpy(), disagreement, atol=1e-4)
+        assert float(np.max(disagreement)) > 0
+        assert int(cheap["fine_windows"]) == windows  # the last pass's
+    for views, problem in ((("scan", "mirror"), "end with a pass that sees the scan"),
+                           (("scan", "sideways"), "pass_views must be 2 of"),
+                           (("scan",), "pass_views must be 2 of")):
+        with pytest.raises(ValueError, match=problem):
+            TwoStageLocalizer(coarse, fine, config, fine_passes=2, pass_views=views)
     with pytest.raises(ValueError, match="refine_share_margin_voxel"):
         TwoStageLocalizer(coarse, fine, config, fine_passes=2, refine_share_margin_voxel=config.fine.window_size)
 

@@ -61,10 +61,9 @@ import click
 @click.option(
     "--fine-passes",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
+    default=None,
     help="Fine passes: 1 centres the fine windows on the coarse estimates (the paper); 2 runs the fine stage "
-    "again with windows centred on the first fine estimates.",
+    "again with windows centred on the first fine estimates, and so on. Default: 1, or one per --pass-views.",
 )
 @click.option(
     "--flip-average/--no-flip-average",
@@ -82,10 +81,14 @@ import click
     "mean of the passes before it) instead of the last pass's.",
 )
 @click.option(
-    "--direct-first-pass",
-    is_flag=True,
-    help="With --flip-average and --fine-passes 2 or more: run the first pass on the scan only, not on its "
-    "mirror image (it places the next pass's windows and joins the mean); the later passes flip-average.",
+    "--pass-views",
+    type=str,
+    default=None,
+    metavar="VIEW,...",
+    help="What each fine pass looks at, one of scan, mirror (the left-right mirror image alone, its estimates "
+    "mapped back) or both (flip-averaged) per pass, e.g. scan,mirror,scan: an ensemble with mirror-image members "
+    "for the cost of single views. Sets --fine-passes; the last pass must see the scan. Default: both for every "
+    "pass with --flip-average, scan without.",
 )
 @click.option(
     "--share-refined-windows",
@@ -148,11 +151,11 @@ def export(
     name: str,
     version: int | None,
     fine_batch_size: int | None,
-    fine_passes: int,
+    fine_passes: int | None,
     flip_average: bool,
     average_passes: bool,
     protocol_planes: bool,
-    direct_first_pass: bool,
+    pass_views: str | None,
     refine_share_margin_voxel: int | None,
     pooled_decoding: bool,
     shape_prior: Path | None,
@@ -195,8 +198,16 @@ def export(
         return
     if weights_from is None and (coarse_run is None or fine_run is None):
         raise click.UsageError("give --coarse and --fine (training runs), --pretrained NAME or --weights-from DIR")
+    views = None if pass_views is None else [view.strip() for view in pass_views.split(",")]
+    if views is not None:
+        unknown = sorted({view for view in views if view not in ("scan", "mirror", "both")})
+        if unknown:
+            raise click.BadParameter(f"{', '.join(unknown)}: each view is scan, mirror or both",
+                                     param_hint="--pass-views")
+        fine_passes = fine_passes if fine_passes is not None else len(views)
+    fine_passes = 1 if fine_passes is None else fine_passes
     inference = {"fine_passes": fine_passes, "flip_average": flip_average, "average_passes": average_passes,
-                 "protocol_planes": protocol_planes, "flip_first_pass": not direct_first_pass,
+                 "protocol_planes": protocol_planes, "pass_views": views,
                  "refine_share_margin_voxel": refine_share_margin_voxel, "pooled_decoding": pooled_decoding,
                  "shape_prior": shape_prior, "shape_prior_tolerance_mm": shape_prior_tolerance_mm,
                  "aligned_windows": aligned_windows}

@@ -84,7 +84,7 @@ FATAL_CODES = ("UNAVAILABLE", "NOT_FOUND", "UNIMPLEMENTED", "UNAUTHENTICATED", "
     default=MAX_FLIP_DISAGREEMENT_MM,
     show_default=True,
     help="Landmarks whose estimates in the scan and in its left-right mirror image lie more than this many mm "
-    "apart get status unstable (models exported with --flip-average, such as the shipped one; calibrated on "
+    "apart get status unstable (models whose passes see the mirror image, such as the shipped one; calibrated on "
     "held-out synthetic heads, docs/MODEL_CARD.md).",
 )
 @click.option(
