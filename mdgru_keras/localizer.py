@@ -342,10 +342,6 @@ class TwoStageLocalizer(tf.Module):
         result.update({f"coarse_probabilities_{axis}": probabilities[axis] for axis in AXES})
         return result
 
-    def _fine_stage(self, features: tf.Tensor, centre_voxel: tf.Tensor, margin: int | None,
-                    frame: tuple[tf.Tensor, tf.Tensor] | None = None) -> dict[str, tf.Tensor]:
-        return self._fine_views([features], [centre_voxel], margin, [frame])[0]
-
     def _window_frame(self, fit: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``(linear [3, 3], anchor_voxel [3])`` float32 of aligned windows, from a shape-prior fit ``[4, 3]``
         (:func:`mdgru_keras.geometry.shape_prior.fit_affine_tf`): a window's voxel ``c`` shows the volume at
