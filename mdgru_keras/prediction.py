@@ -17,9 +17,9 @@ Answers that cannot be right are not passed off as good ones:
   reaches the model (:class:`~mdgru_keras.errors.InputError`), by the model's own rule;
 * every landmark gets a ``status``: ``ok``, or ``outside_image`` (its voxel lies more than half a voxel beyond
   the array on some axis: the landmark is not in the scan, or the model is lost), ``low_confidence``
-  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), ``unstable`` (a model exported
-  with flip averaging found it at places more than :data:`MAX_FLIP_DISAGREEMENT_MM` apart in the scan and in
-  its mirror image) and/or ``coarse_fine_disagree`` (the fine estimate lies more than
+  (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), ``unstable`` (a model whose fine
+  passes see the mirror image found it at places more than :data:`MAX_FLIP_DISAGREEMENT_MM` apart in the scan
+  and in its mirror image) and/or ``coarse_fine_disagree`` (the fine estimate lies more than
   :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``.
 """
 
@@ -142,7 +142,7 @@ class ScanPrediction:
     ``world_mm``, ``coarse_world_mm``: float64 ``[K, 3]`` RAS millimetres; ``voxel``, ``coarse_voxel``:
     float64 ``[K, 3]`` continuous voxel indices of the file's own array (0-based, as nibabel indexes it);
     ``confidence``: float32 ``[K]`` in ``[0, 1]``; ``flip_disagreement_mm``: float64 ``[K]``, the distance between
-    the estimates in the scan and in its mirror image (zeros for models exported without flip averaging);
+    the estimates in the scan and in its mirror image (zeros for models whose passes never see the mirror image);
     ``shape``: the file's array shape (``None``: unknown, then no landmark counts as outside).
     """
 
