@@ -359,7 +359,9 @@ def marginal_features_mixed_by_level(
             if factor > 1:  # nearest upsampling: every cell copied to factor^3 cells
                 part = tf.repeat(tf.repeat(tf.repeat(part, factor, axis=1), factor, axis=2), factor, axis=3)
             total = part if total is None else total + part
-        return tf.tanh(total + mix.bias)
+        if mix.use_bias:
+            total = total + mix.bias
+        return mix.activation(total)  # tanh (marginal_trunk)
 
     return features
 

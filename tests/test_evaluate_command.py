@@ -568,6 +568,8 @@ def test_a_shape_prior_the_export_cannot_use_is_refused_in_one_line(runs, data: 
         last = result.output.strip().splitlines()[-1]
         assert last.startswith("Error: ") and problem in last, last
     assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+    result = run(*common, "--pass-views", "scan,sideways")  # a usage error: before anything is read
+    assert result.exit_code == 2 and "sideways: each view is scan, mirror or both" in result.output, result.output
     from mdgru_keras.commands.export import export
     from mdgru_keras.geometry.shape_prior import TOLERANCE_MM
 

@@ -200,6 +200,7 @@ def export(
         raise click.UsageError("give --coarse and --fine (training runs), --pretrained NAME or --weights-from DIR")
     views = None if pass_views is None else [view.strip() for view in pass_views.split(",")]
     if views is not None:
+        # localizer.PASS_VIEWS, written out: the command line starts without TensorFlow
         unknown = sorted({view for view in views if view not in ("scan", "mirror", "both")})
         if unknown:
             raise click.BadParameter(f"{', '.join(unknown)}: each view is scan, mirror or both",
