@@ -5,7 +5,8 @@ The graph takes a scan as its file stores it and does everything else itself (th
 
 1. validate: a finite volume with at least 2 voxels per axis, a finite, non-singular ``voxel_to_world`` whose
    last row is ``[0, 0, 0, 1]`` (``tf.debugging`` asserts: ``INVALID_ARGUMENT`` with a one-line message);
-2. reorient to the closest RAS-canonical axis order and resample to the model spacing
+2. clip the scan's intensity outliers (``preprocessing.clip_outliers_tf``), reorient to the closest RAS-canonical
+   axis order and resample to the model spacing
    (``resampling.canonical_resampling_grid_tf`` + ``resample_axis_aligned_tf``: the same grid and values as
    ``mdgru_keras.io.read_volume``), keeping only the central ``(P + W)^3`` voxels of that grid (the
    oversized-input rule, ``resampling.central_grid_crop_tf``);
@@ -46,6 +47,7 @@ from mdgru_keras.geometry.windows import largest_share_margin
 from mdgru_keras.io.atomic import check_writable
 from mdgru_keras.io.landmarks import read_landmarks, require_landmarks
 from mdgru_keras.localizer import TwoStageLocalizer
+from mdgru_keras.preprocessing import clip_outliers_tf
 from mdgru_keras.serving import (
     COARSE_SIGNATURE,
     DECODINGS_SIGNATURE,
@@ -139,7 +141,8 @@ class LocalizationGraph:
         return done
 
     def _model_grid(self, volume: tf.Tensor, voxel_to_world: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(model_volume float32 [x,y,z], model_to_given float64 [4,4])`` after validating the inputs."""
+        """``(model_volume float32 [x,y,z], model_to_given float64 [4,4])`` after validating the inputs; the scan's
+        intensity outliers are clipped on its own voxels first, as :func:`mdgru_keras.io.read_volume` does."""
         with tf.control_dependencies([self._validate(volume, voxel_to_world)]):
             volume = tf.identity(volume)
             voxel_to_world = tf.identity(voxel_to_world)
@@ -147,7 +150,7 @@ class LocalizationGraph:
             tf.shape(volume), voxel_to_world, self._spacing_mm
         )
         new_shape, new_to_old, _ = central_grid_crop_tf(new_shape, new_to_old, self._max_grid_size)
-        return resample_axis_aligned_tf(volume, new_to_old, new_shape), new_to_old
+        return resample_axis_aligned_tf(clip_outliers_tf(volume), new_to_old, new_shape), new_to_old
 
     def _report(
         self, model_voxel: tf.Tensor, model_to_given: tf.Tensor, voxel_to_world: tf.Tensor

@@ -22,6 +22,7 @@ from mdgru_keras.geometry.resampling import (
     resample_axis_aligned_tf,
 )
 from mdgru_keras.io import read_volume, write_volume
+from mdgru_keras.preprocessing import OUTLIER_PERCENTILE, OUTLIER_SAMPLE_STRIDE
 
 
 def random_affine(rng: np.random.Generator, oblique_deg: float = 20.0) -> np.ndarray:
@@ -199,6 +200,33 @@ def test_resampling_keeps_a_bright_voxel_at_its_world_position(tmp_path: Path, r
         )
         # trilinear interpolation peaks at the new voxel closest to the old centre: within half a new voxel diagonal
         assert distance <= 0.5 * 0.5 * np.sqrt(3) + 1e-6
+
+
+def test_hot_voxels_are_clipped_on_the_files_voxels_before_resampling(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    """A few voxels at 30 times the scan's brightness are clipped where the file stores them (so resampling
+    cannot spread them): reading the scan gives what reading its clipped copy gives, and a scan without
+    outliers is read as before."""
+    shape = (36, 40, 32)
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij"), axis=-1)
+    data = np.where((grid**2).sum(-1) < 0.7, 900.0 + 100.0 * grid[..., 0], 10.0) + rng.normal(0, 10, shape)
+    data = data.astype(np.float32)
+    hot = data.copy()
+    hot[rng.random(shape) < 1e-3] = 30.0 * data.max()
+    affine = random_affine(rng)
+    stride = OUTLIER_SAMPLE_STRIDE
+    ordered = np.sort(hot[::stride, ::stride, ::stride].ravel())
+    k = int(ordered.size * OUTLIER_PERCENTILE / 100.0) + 1
+    low, high = ordered[k - 1], ordered[-k]
+    clipped = np.clip(hot, 2 * low - high, 2 * high - low)
+    assert clipped.max() < 2.5 * data.max()
+    read_hot = read_volume(save(tmp_path / "hot.nii.gz", hot, affine), spacing_mm=1.1)
+    read_clipped = read_volume(save(tmp_path / "clipped.nii.gz", clipped, affine), spacing_mm=1.1)
+    np.testing.assert_allclose(read_hot.data, read_clipped.data, rtol=1e-5)  # limits rounded apart in float32
+    assert read_hot.data.max() <= clipped.max()
+    plain = read_volume(save(tmp_path / "plain.nii.gz", data, affine), spacing_mm=None)
+    np.testing.assert_allclose(np.sort(plain.data.ravel()), np.sort(data.ravel()))  # reoriented, not clipped
 
 
 def test_resampling_reproduces_a_linear_world_ramp_exactly(tmp_path: Path, rng: np.random.Generator) -> None:

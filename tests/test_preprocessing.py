@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
-from mdgru_keras.preprocessing import gaussian_kernel_1d, gaussian_smooth_tf, preprocess
+from mdgru_keras.preprocessing import (
+    OUTLIER_MIN_SAMPLE,
+    OUTLIER_PERCENTILE,
+    OUTLIER_SAMPLE_STRIDE,
+    clip_outliers_tf,
+    gaussian_kernel_1d,
+    gaussian_smooth_tf,
+    preprocess,
+)
 
 
 def _znorm(volume: np.ndarray) -> np.ndarray:
@@ -83,6 +91,56 @@ def test_preprocess_scale_invariant(rng):
     volume = rng.normal(size=(12, 12, 12)).astype(np.float32)
     np.testing.assert_allclose(preprocess(volume, 1.0, 2.0).numpy(), preprocess(3.0 * volume + 40.0, 1.0, 2.0).numpy(),
                                atol=2e-4)
+
+
+def _clipped_by_numpy(volume: np.ndarray) -> np.ndarray:
+    """The outlier clip written out independently: nearest-rank percentiles of the strided sample."""
+    stride = OUTLIER_SAMPLE_STRIDE
+    ordered = np.sort(volume[::stride, ::stride, ::stride].ravel())
+    k = int(np.floor(ordered.size * OUTLIER_PERCENTILE / 100.0)) + 1
+    low, high = ordered[k - 1], ordered[-k]
+    if ordered.size < OUTLIER_MIN_SAMPLE or high == low:
+        return volume
+    return np.clip(volume, low - (high - low), high + (high - low))
+
+
+def head_like(rng: np.random.Generator, shape=(40, 44, 36)) -> np.ndarray:
+    """A bright textured ellipsoid on a dark background, with noise: a head's intensity histogram, roughly."""
+    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij"), axis=-1)
+    inside = (grid**2).sum(-1) < 0.7
+    volume = np.where(inside, 800.0 + 200.0 * np.sin(6 * grid[..., 0]) * np.cos(5 * grid[..., 1]), 20.0)
+    return (volume + rng.normal(0, 15, shape)).astype(np.float32)
+
+
+def test_outlier_clip_matches_numpy_and_leaves_ordinary_volumes_alone(rng):
+    volume = head_like(rng)
+    np.testing.assert_array_equal(clip_outliers_tf(volume).numpy(), volume)
+    hot = volume.copy()
+    spots = rng.random(hot.shape) < 2e-3
+    hot[spots] = 30.0 * volume.max()
+    hot[0, 0, :3] = -50.0 * volume.max()  # cold spots too
+    clipped = clip_outliers_tf(hot).numpy()
+    np.testing.assert_array_equal(clipped, _clipped_by_numpy(hot))
+    assert clipped.max() < 3.0 * volume.max() and clipped.min() > -3.0 * volume.max()
+    untouched = ~spots
+    untouched[0, 0, :3] = False
+    np.testing.assert_array_equal(clipped[untouched], hot[untouched])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 6, 7), (9, 2, 30), (29, 31, 33), (33, 31, 29)])
+def test_outlier_clip_of_small_and_odd_volumes_matches_numpy(rng, shape):
+    """Samples under OUTLIER_MIN_SAMPLE values are left alone; (29, 31, 33) samples 8 x 8 x 9 = 576 values."""
+    volume = rng.normal(size=shape).astype(np.float32)
+    volume.flat[-1] = 1e6  # never a sampled voxel unless the volume has one
+    np.testing.assert_array_equal(clip_outliers_tf(volume).numpy(), _clipped_by_numpy(volume))
+
+
+def test_outlier_clip_leaves_a_mostly_constant_volume_alone():
+    """Zeros with a small bright block: the sample's percentiles agree (spread 0), so nothing is clipped, where
+    clipping to [0, 0] would erase the block."""
+    volume = np.zeros((40, 40, 40), np.float32)
+    volume[10:13, 10:13, 10:13] = 5.0
+    np.testing.assert_array_equal(clip_outliers_tf(volume).numpy(), volume)
 
 
 def test_preprocess_refuses_bad_spacing():

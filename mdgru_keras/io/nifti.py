@@ -98,8 +98,11 @@ def read_nifti_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
-    """Read a 3D NIfTI scan, reorient it to the closest RAS-canonical order and resample it to ``spacing_mm``.
+    """Read a 3D NIfTI scan, clip its intensity outliers, reorient it to the closest RAS-canonical order and
+    resample it to ``spacing_mm``.
 
+    The clip (:func:`mdgru_keras.preprocessing.clip_outliers_tf`) acts on the file's own voxels, as the exported
+    SavedModel's does; it changes nothing in a scan without outliers.
     Reorientation is exact (axes permuted and flipped); resampling (trilinear, only along axes whose spacing
     differs from ``spacing_mm``) covers the file's field of view from its first voxel corner
     (:func:`~mdgru_keras.geometry.resampling.canonical_resampling_grid`). ``spacing_mm=None`` keeps the file's spacing.
@@ -111,7 +114,9 @@ def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
     if spacing_mm is not None and not (np.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
     from mdgru_keras.geometry.resampling import canonical_resampling_grid, resample_axis_aligned  # imports TF
+    from mdgru_keras.preprocessing import clip_outliers_tf
 
+    file_data = clip_outliers_tf(file_data).numpy()
     new_shape, new_affine, new_to_file = canonical_resampling_grid(file_data.shape, file_affine, spacing_mm)
     data = resample_axis_aligned(file_data, new_to_file, new_shape).astype(np.float32, copy=False)
     return Volume(
