@@ -10,7 +10,10 @@ Run: ``python -m bench.bench_pretrained`` (``make bench-pretrained``). Every acc
 * ``beyond``: ranges wider than any training subject (seed 203): head sizes up to +-15 %, slices up to 6 mm,
   noise up to 10 %, contrast and gamma 1.5 x wider, a random non-monotone contrast in 30 % of the subjects;
 * ``template``: the AFIDs template itself, T1w and T2w, rotated, shifted and resampled to 1.2 mm (no synthetic
-  deformation or appearance change at all).
+  deformation or appearance change at all);
+* ``hot-voxels``: the ``unseen`` heads with 0.1 % of their voxels (seeded, at random) set to 30 times the head's
+  brightest value: spikes, a broken coil element (the scan's intensity outliers are clipped before the model
+  sees it: ``mdgru_keras.preprocessing.clip_outliers_tf``).
 
 How real scans differ from all training heads (T1w only, seeds 204-207, every other range as in training):
 
@@ -86,6 +89,8 @@ CONDITIONS = {
                              "0.03", "--strong-contrast-probability", "0"]),
 }
 
+MADE_HERE = ("template", "hot-voxels")  # conditions made by this module, not by synth
+
 
 def cli() -> list[str]:
     return [str(Path(sys.executable).parent / "mdgru-localize")]
@@ -129,6 +134,36 @@ def template_condition(demo: Path, out: Path) -> Path:
     return out / "manifest.csv"
 
 
+HOT_VOXEL_FRACTION, HOT_VOXEL_FACTOR = 1e-3, 30.0
+
+
+def hot_voxel_condition(source: Path, out: Path) -> Path:
+    """Manifest of copies of the heads of ``source`` (a condition's folder) with hot voxels
+    (:data:`HOT_VOXEL_FRACTION` of them at :data:`HOT_VOXEL_FACTOR` times the head's maximum; seeded per head),
+    made again when ``source``'s manifest is newer."""
+    import csv
+
+    import nibabel as nib
+
+    manifest = out / "manifest.csv"
+    if manifest.is_file() and manifest.stat().st_mtime >= (source / "manifest.csv").stat().st_mtime:
+        return manifest
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    (out / "landmarks").mkdir()
+    rows = list(csv.DictReader((source / "manifest.csv").open()))
+    for index, row in enumerate(rows):
+        image = nib.load(source / row["image"])
+        volume = np.asarray(image.dataobj, np.float32)
+        hot = np.random.default_rng(index).random(volume.shape) < HOT_VOXEL_FRACTION
+        volume[hot] = HOT_VOXEL_FACTOR * volume.max()
+        nib.save(nib.Nifti1Image(volume, image.affine), out / row["image"])
+        shutil.copyfile(source / row["landmarks"], out / row["landmarks"])
+    lines = ["subject,image,landmarks,split"] + [f"{r['subject']},{r['image']},{r['landmarks']}," for r in rows]
+    manifest.write_text("\n".join(lines) + "\n")  # last: a half-made folder is made again
+    return manifest
+
+
 def _labels_follow_the_protocol(folder: Path) -> bool:
     """Whether the synthetic heads in ``folder`` were made with ``synth --protocol-planes``."""
     description = folder / "synth.json"
@@ -136,7 +171,7 @@ def _labels_follow_the_protocol(folder: Path) -> bool:
 
 
 def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]:
-    """The test heads of every condition (:data:`CONDITIONS` and the moved template) under ``out``, made when
+    """The test heads of every condition (:data:`CONDITIONS` and :data:`MADE_HERE`) under ``out``, made when
     missing: ``{condition: manifest.csv}``.
 
     Their labels follow the AFIDs protocol (``synth --protocol-planes``: the lateral ventricles' landmarks in the
@@ -159,6 +194,7 @@ def condition_manifests(demo: Path, out: Path, subjects: int) -> dict[str, Path]
                  "--protocol-planes", "--out", str(folder), *options])
         manifests[name] = folder / "manifest.csv"
     manifests["template"] = template_condition(demo, out / "template")
+    manifests["hot-voxels"] = hot_voxel_condition(out / "unseen", out / "hot-voxels")
     return manifests
 
 
@@ -209,7 +245,7 @@ def forget_other_models(out: Path, estimates: Path, model_dir: Path) -> None:
     model in ``model_dir``; then record that model's fingerprint in ``out/model.sha256``."""
     if made_with(out, model_dir):
         return
-    for cached in [*(out / f"{name}.json" for name in (*CONDITIONS, "template")), estimates]:
+    for cached in [*(out / f"{name}.json" for name in (*CONDITIONS, *MADE_HERE)), estimates]:
         cached.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.sha256").write_text(model_fingerprint(model_dir))
@@ -451,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-pretrained")
     parser.add_argument("--subjects", type=int, default=8, help="test subjects per synthetic condition")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ants", action="append", default=[], choices=[*CONDITIONS, "template"],
+    parser.add_argument("--ants", action="append", default=[], choices=[*CONDITIONS, *MADE_HERE],
                         metavar="CONDITION",
                         help="also register the template affine + SyN (ANTsPy) to this condition's heads "
                              "(repeatable; 78-100 s per head here); kept in OUT/CONDITION-ants.json for later runs")

@@ -55,11 +55,13 @@ MIN_SCAN_VOXELS = 2
 # real scans.
 MIN_CONFIDENCE = 0.001
 # Default threshold of the ``unstable`` status: the distance between the fine estimates in the scan and in its
-# left-right mirror image (``flip_disagreement_mm``, models whose passes see the mirror image). Calibrated on held-out
-# synthetic heads of the shipped models (docs/MODEL_CARD.md, bench-pretrained, 2026-12-05 05:37 UTC): above 8 mm,
-# 4.1 % of the landmarks of unseen and held-out-family heads were flagged, with 8.8 mm mean error against 1.5 mm
-# for the others, and 46 % of the errors over 5 mm among them (earlier exports: 3.5 %, 8.3 against 1.6 mm; 6.4 %,
-# 6.1 against 1.9 mm; 7.0 %, 9.6 against 2.3 mm). Not calibrated on real scans.
+# left-right mirror image (``flip_disagreement_mm``, models whose passes see the mirror image). Chosen on held-out
+# synthetic heads of the shipped models (docs/MODEL_CARD.md, bench-pretrained): above 8 mm, 4.1 % of the landmarks
+# of unseen and held-out-family heads were flagged with the export of 2026-12-05 05:37 UTC (8.8 mm mean error
+# against 1.5 mm for the others, 46 % of the errors over 5 mm among them). The current export's errors are smaller
+# and its mirror-image pass is a pass of its own: 2.0 % flagged, 3.6 against 1.2 mm, 33 % of the errors over 5 mm
+# (bench-pretrained, 2026-12-05 23:17 UTC; the MODEL_CARD's table gives other thresholds). Not calibrated on real
+# scans.
 MAX_FLIP_DISAGREEMENT_MM = 8.0
 # Default threshold of the ``coarse_fine_disagree`` status: the distance of the fine estimate from the coarse one
 # (``coarse_shift_mm``). Calibrated like the others (docs/MODEL_CARD.md, bench-pretrained, 2026-12-05 05:37 UTC):
