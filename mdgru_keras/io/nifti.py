@@ -103,6 +103,7 @@ def read_volume(path: str | Path, spacing_mm: float | None = 1.0) -> Volume:
 
     The clip (:func:`mdgru_keras.preprocessing.clip_outliers_tf`) acts on the file's own voxels, as the exported
     SavedModel's does; it changes nothing in a scan without outliers.
+
     Reorientation is exact (axes permuted and flipped); resampling (trilinear, only along axes whose spacing
     differs from ``spacing_mm``) covers the file's field of view from its first voxel corner
     (:func:`~mdgru_keras.geometry.resampling.canonical_resampling_grid`). ``spacing_mm=None`` keeps the file's spacing.
