@@ -20,7 +20,9 @@ Answers that cannot be right are not passed off as good ones:
   (``confidence`` below the threshold, :data:`MIN_CONFIDENCE` by default), ``unstable`` (a model whose fine
   passes see the mirror image found it at places more than :data:`MAX_FLIP_DISAGREEMENT_MM` apart in the scan
   and in its mirror image) and/or ``coarse_fine_disagree`` (the fine estimate lies more than
-  :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``.
+  :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``;
+* a scan in which :data:`LOST_FLAGGED_FRACTION` or more of the landmarks are flagged is one the model is probably
+  lost in (:meth:`ScanPrediction.probably_lost`): its warning line says so first.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ MAX_FLIP_DISAGREEMENT_MM = 8.0
 # 9.6 %, 4.4 against 2.7 mm).
 # Not calibrated on real scans.
 MAX_COARSE_SHIFT_MM = 15.0
+# A scan in which at least this fraction of the landmarks is flagged is one the model is probably lost in: its
+# warning says so first, because the landmarks left "ok" there are most likely wrong too. Chosen on 46 synthetic
+# heads (bench-pretrained's unseen, held-out-family, beyond, tilted and small heads, and make demo's 6 test heads;
+# shipped export of 2026-12-05 22:52 UTC): the three heads 27-45 mm off on average had 84-100 % of their landmarks
+# flagged (their "ok" ones 23-24 mm off); of the other 43, one beyond the training ranges had 94 % (3.2 mm off),
+# the rest at most 50 %. Only for models of at least LOST_MIN_LANDMARKS landmarks: with fewer the fraction says
+# little.
+LOST_FLAGGED_FRACTION = 0.75
+LOST_MIN_LANDMARKS = 8
 STATUS_OK = "ok"
 STATUS_OUTSIDE = "outside_image"
 STATUS_LOW_CONFIDENCE = "low_confidence"
@@ -239,8 +250,16 @@ class ScanPrediction:
             for k in range(len(self.landmark_names))
         ]
 
+    def probably_lost(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> bool:
+        """Whether at least :data:`LOST_FLAGGED_FRACTION` of the landmarks are flagged (models of at least
+        :data:`LOST_MIN_LANDMARKS` landmarks): the model is probably lost in this scan."""
+        statuses = self.statuses(thresholds)
+        flagged = sum(status != STATUS_OK for status in statuses)
+        return len(statuses) >= LOST_MIN_LANDMARKS and flagged >= LOST_FLAGGED_FRACTION * len(statuses)
+
     def warning(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
-        """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error."""
+        """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error; it
+        starts by saying so when the model is :meth:`probably_lost` in the scan."""
         names = self.landmark_names
         min_confidence = thresholds.min_confidence
         max_disagreement_mm = thresholds.max_flip_disagreement_mm
@@ -264,6 +283,10 @@ class ScanPrediction:
             if flagged
         ]
         parts = []
+        if self.probably_lost(thresholds):
+            flagged = sum(status != STATUS_OK for status in self.statuses(thresholds))
+            parts.append(f"{flagged} of {len(names)} landmarks flagged, the model is probably lost in this scan "
+                         "(check it by eye: --figure or --report)")
         if outside:
             parts.append(f"outside the image: {', '.join(outside)}")
         if low:

@@ -30,6 +30,8 @@ from mdgru_keras.figures import landmark_figure_size_px
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io import read_landmarks
 from mdgru_keras.prediction import (
+    LOST_FLAGGED_FRACTION,
+    LOST_MIN_LANDMARKS,
     MAX_COARSE_SHIFT_MM,
     MAX_FLIP_DISAGREEMENT_MM,
     MIN_CONFIDENCE,
@@ -433,6 +435,35 @@ def test_landmarks_far_from_their_coarse_estimate_are_flagged() -> None:
     document = json.loads(predictions_json([prediction], [], "model", QualityThresholds(0.01, 10.0, 0.0)))
     assert document["max_coarse_shift_mm"] is None  # switched off
     assert {v["status"] for v in document["scans"][0]["landmarks"].values()} == {"ok"}
+
+
+def test_a_scan_with_most_landmarks_flagged_is_called_probably_lost() -> None:
+    """Three quarters or more of 12 landmarks flagged: the warning starts by saying the model is probably lost;
+    fewer, or a model of fewer than LOST_MIN_LANDMARKS landmarks, and it only names them."""
+    assert LOST_FLAGGED_FRACTION == 0.75 and LOST_MIN_LANDMARKS == 8
+    names = tuple(f"L{k}" for k in range(12))
+
+    def scan(unstable: int, count: int = 12) -> ScanPrediction:
+        zeros = np.zeros((count, 3))
+        disagreement = np.where(np.arange(count) < unstable, 20.0, 0.0)
+        return ScanPrediction(path="scan.nii.gz", landmark_names=names[:count], world_mm=zeros, voxel=zeros,
+                              coarse_world_mm=zeros, coarse_voxel=zeros, confidence=np.full(count, 0.5, np.float32),
+                              shape=(10, 10, 10), flip_disagreement_mm=disagreement)  # fmt: skip
+
+    thresholds = QualityThresholds(0.01, 8.0)
+    lost = scan(9)  # 9 of 12 = 0.75
+    assert lost.probably_lost(thresholds)
+    assert lost.warning(thresholds).startswith(
+        "scan.nii.gz: 9 of 12 landmarks flagged, the model is probably lost in this scan (check it by eye: "
+        "--figure or --report); mirror-image estimates over 8 mm apart: L0 (20.0 mm), "
+    )
+    assert not lost.probably_lost(QualityThresholds(0.01, 30.0)) and lost.warning(QualityThresholds(0.01, 30.0)) is None
+    not_lost = scan(8)
+    assert not not_lost.probably_lost(thresholds)
+    assert not_lost.warning(thresholds).startswith("scan.nii.gz: mirror-image estimates over 8 mm apart: L0 ")
+    small = scan(7, count=7)  # every landmark flagged, but too few landmarks to judge the scan
+    assert not small.probably_lost(thresholds)
+    assert "probably lost" not in small.warning(thresholds)
 
 
 @pytest.mark.slow

@@ -142,7 +142,8 @@ def predict(
     outside_image (more than half a voxel beyond the scan's array: not in the scan, or the model is lost),
     low_confidence (below --min-confidence), unstable (flip disagreement above --max-disagreement) and/or
     coarse_fine_disagree (fine estimate farther than --max-coarse-shift from the coarse one), joined by ";".
-    A scan with such landmarks gets one line "warning: SCAN: ..." on standard error naming them, and the
+    A scan with such landmarks gets one line "warning: SCAN: ..." on standard error naming them (it starts with
+    "N of K landmarks flagged, the model is probably lost in this scan" when three quarters or more are), and the
     final line counts such scans; they are still written (.fcsv and .mrk.json: in each point's
     description), and they do not change the exit status.
 
