@@ -104,10 +104,11 @@ def clip_outliers_tf(volume: tf.Tensor) -> tf.Tensor:
     is squashed towards zero: the shipped model then missed the landmarks of a rotated, resampled template by
     18.7 mm on average, and 0.65 mm with the clip (0.68 mm without hot voxels; ``tests/test_pretrained.py``). It
     acts on the scan's own voxels, before resampling spreads a hot voxel over its neighbours
-    (:func:`mdgru_keras.io.read_volume` and the exported graph). None of 72 synthetic heads (the benchmark's and
-    the selection heads, made as the training heads are) nor the two templates has a voxel beyond these limits
-    (the brightest lies 0.57 spreads above ``high``): for them the clip changes nothing, and trained models see
-    what they were trained on.
+    (:func:`mdgru_keras.io.read_volume` and the exported graph). None of 160 synthetic heads (the 88 training
+    heads of ``make model-afids``, the benchmark's and the selection heads), nor ``make demo``'s scans, nor the two
+    templates has a voxel beyond these limits (the brightest of the 72 benchmark and selection heads lies 0.57
+    spreads above ``high``): for them the clip changes nothing, and trained models see what they were trained
+    on.
 
     The percentiles are order statistics of the strided sample of ``n`` values: its ``k``-th smallest and largest,
     ``k = floor(n * OUTLIER_PERCENTILE / 100) + 1``. A sample of fewer than :data:`OUTLIER_MIN_SAMPLE` values, or
