@@ -76,7 +76,7 @@ MAX_COARSE_SHIFT_MM = 15.0
 # warning says so first, because the landmarks left "ok" there are most likely wrong too. Chosen on 46 synthetic
 # heads (bench-pretrained's unseen, held-out-family, beyond, tilted and small heads, and make demo's 6 test heads;
 # shipped export of 2026-12-05 22:52 UTC): the three heads 27-45 mm off on average had 84-100 % of their landmarks
-# flagged (their "ok" ones 23-24 mm off); of the other 43, one beyond the training ranges had 94 % (3.2 mm off),
+# flagged (their "ok" ones 23 mm off on average); of the other 43, one beyond the training ranges had 94 % (3.2 mm off),
 # the rest at most 50 %. Only for models of at least LOST_MIN_LANDMARKS landmarks: with fewer the fraction says
 # little.
 LOST_FLAGGED_FRACTION = 0.75
