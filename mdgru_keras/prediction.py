@@ -22,7 +22,8 @@ Answers that cannot be right are not passed off as good ones:
   and in its mirror image) and/or ``coarse_fine_disagree`` (the fine estimate lies more than
   :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``;
 * a scan in which :data:`LOST_FLAGGED_FRACTION` or more of the landmarks are flagged is one the model is probably
-  lost in (:meth:`ScanPrediction.probably_lost`): its warning line says so first.
+  lost in (:meth:`ScanPrediction.probably_lost`): its warning line says so first, and so does its participant's
+  note on the group report page.
 """
 
 from __future__ import annotations
@@ -250,12 +251,22 @@ class ScanPrediction:
             for k in range(len(self.landmark_names))
         ]
 
+    def num_flagged(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> int:
+        """How many landmarks have a status other than ``ok``."""
+        return sum(status != STATUS_OK for status in self.statuses(thresholds))
+
     def probably_lost(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> bool:
         """Whether at least :data:`LOST_FLAGGED_FRACTION` of the landmarks are flagged (models of at least
         :data:`LOST_MIN_LANDMARKS` landmarks): the model is probably lost in this scan."""
-        statuses = self.statuses(thresholds)
-        flagged = sum(status != STATUS_OK for status in statuses)
-        return len(statuses) >= LOST_MIN_LANDMARKS and flagged >= LOST_FLAGGED_FRACTION * len(statuses)
+        count = len(self.landmark_names)
+        return count >= LOST_MIN_LANDMARKS and self.num_flagged(thresholds) >= LOST_FLAGGED_FRACTION * count
+
+    def lost_note(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
+        """``N of K landmarks flagged, the model is probably lost in this scan`` when it is (else ``None``)."""
+        if not self.probably_lost(thresholds):
+            return None
+        return (f"{self.num_flagged(thresholds)} of {len(self.landmark_names)} landmarks flagged, the model is "
+                "probably lost in this scan")
 
     def warning(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
         """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error; it
@@ -283,10 +294,8 @@ class ScanPrediction:
             if flagged
         ]
         parts = []
-        if self.probably_lost(thresholds):
-            flagged = sum(status != STATUS_OK for status in self.statuses(thresholds))
-            parts.append(f"{flagged} of {len(names)} landmarks flagged, the model is probably lost in this scan "
-                         "(check it by eye: --figure or --report)")
+        if lost := self.lost_note(thresholds):
+            parts.append(f"{lost} (check it by eye: --figure or --report)")
         if outside:
             parts.append(f"outside the image: {', '.join(outside)}")
         if low:

@@ -372,6 +372,12 @@ def test_report_entries_count_flags(head_prediction: ScanPrediction) -> None:
     assert entry.flag_counts == {"outside_image": 1, "unstable": 2, "low_confidence": 2}
     failed = ReportEntry.from_predictions("sub-01", None, [head_prediction], failed=[("x/b.nii", "bad header")])
     assert failed.worst_status == "failed" and failed.note == "b.nii: bad header"
+    assert head_prediction.lost_note() is None  # 4 of 32 flagged
+    lost = dataclasses.replace(head_prediction, flip_disagreement_mm=np.where(np.arange(32) < 24, 20.0, 0.0))
+    both = ReportEntry.from_predictions("sub-01", None, [lost, head_prediction], failed=[("x/b.nii", "bad header")])
+    name = Path(head_prediction.path).name
+    assert both.note == (f"{name}: 24 of 32 landmarks flagged, the model is probably lost in this scan; "
+                         "b.nii: bad header")  # the first 24 unstable (the fixture's 4 flags among them): 0.75
     for bad, message in (
         ({"href": "http://example.org/a.html"}, "href must be a link relative"),
         ({"href": "/abs/a.html"}, "href must be a link relative"),

@@ -8,7 +8,7 @@ at all is ``failed``. How bad each is: :data:`mdgru_keras.prediction.SEVERITY`, 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -83,14 +83,18 @@ class ReportEntry:
         thresholds: QualityThresholds = DEFAULT_THRESHOLDS,
     ) -> ReportEntry:
         """The entry of a participant's predictions (and its scans that failed, as ``(file, error)`` pairs),
-        with the thresholds its page used."""
-        return cls.from_statuses(
+        with the thresholds its page used. Its note names the scans the model is probably lost in
+        (:meth:`~mdgru_keras.prediction.ScanPrediction.probably_lost`) before the failed ones."""
+        entry = cls.from_statuses(
             participant,
             href,
             [status for prediction in predictions for status in prediction.statuses(thresholds)],
             scans=[prediction.path for prediction in predictions],
             failed=failed,
         )
+        lost = [f"{Path(prediction.path).name}: {note}" for prediction in predictions
+                if (note := prediction.lost_note(thresholds))]
+        return replace(entry, note="; ".join([*lost, entry.note] if entry.note else lost)) if lost else entry
 
     @classmethod
     def from_statuses(
