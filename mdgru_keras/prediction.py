@@ -23,7 +23,7 @@ Answers that cannot be right are not passed off as good ones:
   :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``;
 * a scan in which :data:`LOST_FLAGGED_FRACTION` or more of the landmarks are flagged is one the model is probably
   lost in (:meth:`ScanPrediction.probably_lost`): its warning line says so first, and so does its participant's
-  note on the group report page.
+  note on ``predict --report``'s group page.
 """
 
 from __future__ import annotations
@@ -255,18 +255,18 @@ class ScanPrediction:
         """How many landmarks have a status other than ``ok``."""
         return sum(status != STATUS_OK for status in self.statuses(thresholds))
 
-    def probably_lost(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> bool:
-        """Whether at least :data:`LOST_FLAGGED_FRACTION` of the landmarks are flagged (models of at least
-        :data:`LOST_MIN_LANDMARKS` landmarks): the model is probably lost in this scan."""
-        count = len(self.landmark_names)
-        return count >= LOST_MIN_LANDMARKS and self.num_flagged(thresholds) >= LOST_FLAGGED_FRACTION * count
-
     def lost_note(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
-        """``N of K landmarks flagged, the model is probably lost in this scan`` when it is (else ``None``)."""
-        if not self.probably_lost(thresholds):
+        """``N of K landmarks flagged, the model is probably lost in this scan`` when at least
+        :data:`LOST_FLAGGED_FRACTION` of the landmarks are flagged (models of at least :data:`LOST_MIN_LANDMARKS`
+        landmarks), else ``None``."""
+        count, flagged = len(self.landmark_names), self.num_flagged(thresholds)
+        if count < LOST_MIN_LANDMARKS or flagged < LOST_FLAGGED_FRACTION * count:
             return None
-        return (f"{self.num_flagged(thresholds)} of {len(self.landmark_names)} landmarks flagged, the model is "
-                "probably lost in this scan")
+        return f"{flagged} of {count} landmarks flagged, the model is probably lost in this scan"
+
+    def probably_lost(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> bool:
+        """Whether the model is probably lost in this scan (:meth:`lost_note`)."""
+        return self.lost_note(thresholds) is not None
 
     def warning(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
         """One line naming the landmarks that are not ``ok`` (``None`` when all are), for standard error; it

@@ -133,7 +133,6 @@ def _shipped_errors_mm(scan_path: Path, names: list[str], truth_world_mm: np.nda
     return scan, errors
 
 
-
 @_on_the_template
 def test_shipped_model_localizes_the_32_afids_on_a_moved_template(moved_template):
     scan_path, names, truth = moved_template

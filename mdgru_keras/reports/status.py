@@ -8,7 +8,7 @@ at all is ``failed``. How bad each is: :data:`mdgru_keras.prediction.SEVERITY`, 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -85,16 +85,15 @@ class ReportEntry:
         """The entry of a participant's predictions (and its scans that failed, as ``(file, error)`` pairs),
         with the thresholds its page used. Its note names the scans the model is probably lost in
         (:meth:`~mdgru_keras.prediction.ScanPrediction.probably_lost`) before the failed ones."""
-        entry = cls.from_statuses(
+        return cls.from_statuses(
             participant,
             href,
             [status for prediction in predictions for status in prediction.statuses(thresholds)],
             scans=[prediction.path for prediction in predictions],
             failed=failed,
+            notes=[f"{Path(prediction.path).name}: {note}" for prediction in predictions
+                   if (note := prediction.lost_note(thresholds))],
         )
-        lost = [f"{Path(prediction.path).name}: {note}" for prediction in predictions
-                if (note := prediction.lost_note(thresholds))]
-        return replace(entry, note="; ".join([*lost, entry.note] if entry.note else lost)) if lost else entry
 
     @classmethod
     def from_statuses(
@@ -105,9 +104,11 @@ class ReportEntry:
         *,
         scans: Sequence[str | Path] = (),
         failed: Sequence[tuple[str | Path, str]] = (),
+        notes: Sequence[str] = (),
     ) -> ReportEntry:
         """The entry of a participant whose landmarks have ``statuses`` (over all its ``scans``), and whose
-        scans ``failed`` (``(file, error)`` pairs) could not be localized."""
+        scans ``failed`` (``(file, error)`` pairs) could not be localized; its note is ``notes`` and then the
+        failed scans' errors."""
         counts = {flag: sum(flag in status_flags(status) for status in statuses) for flag in FLAGS}
         return cls(
             participant=participant,
@@ -117,7 +118,7 @@ class ReportEntry:
             num_landmarks=len(statuses),
             flag_counts={flag: count for flag, count in counts.items() if count},
             scans=tuple(Path(path).name for path in scans) + tuple(Path(path).name for path, _ in failed),
-            note="; ".join(f"{Path(path).name}: {error}" for path, error in failed),
+            note="; ".join([*notes, *(f"{Path(path).name}: {error}" for path, error in failed)]),
         )
 
     @classmethod
