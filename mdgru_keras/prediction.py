@@ -22,8 +22,8 @@ Answers that cannot be right are not passed off as good ones:
   and in its mirror image) and/or ``coarse_fine_disagree`` (the fine estimate lies more than
   :data:`MAX_COARSE_SHIFT_MM` from the coarse one: ``coarse_shift_mm``), joined by ``;``;
 * a scan in which :data:`LOST_FLAGGED_FRACTION` or more of the landmarks are flagged is one the model is probably
-  lost in (:meth:`ScanPrediction.probably_lost`): its warning line says so first, and so does its participant's
-  note on ``predict --report``'s group page.
+  lost in (:func:`lost_scan_note`): its warning line says so first, and so does its participant's note on
+  ``predict --report``'s and the BIDS app's group pages.
 """
 
 from __future__ import annotations
@@ -256,13 +256,8 @@ class ScanPrediction:
         return sum(status != STATUS_OK for status in self.statuses(thresholds))
 
     def lost_note(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
-        """``N of K landmarks flagged, the model is probably lost in this scan`` when at least
-        :data:`LOST_FLAGGED_FRACTION` of the landmarks are flagged (models of at least :data:`LOST_MIN_LANDMARKS`
-        landmarks), else ``None``."""
-        count, flagged = len(self.landmark_names), self.num_flagged(thresholds)
-        if count < LOST_MIN_LANDMARKS or flagged < LOST_FLAGGED_FRACTION * count:
-            return None
-        return f"{flagged} of {count} landmarks flagged, the model is probably lost in this scan"
+        """:func:`lost_scan_note` of this scan's :meth:`statuses`."""
+        return lost_scan_note(self.statuses(thresholds))
 
     def probably_lost(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> bool:
         """Whether the model is probably lost in this scan (:meth:`lost_note`)."""
@@ -340,6 +335,17 @@ class ScanPrediction:
                 for k, name in enumerate(self.landmark_names)
             },
         }
+
+
+def lost_scan_note(statuses: Sequence[str]) -> str | None:
+    """``N of K landmarks flagged, the model is probably lost in this scan`` when at least
+    :data:`LOST_FLAGGED_FRACTION` of one scan's landmark ``statuses`` are not ``ok`` (scans of at least
+    :data:`LOST_MIN_LANDMARKS` landmarks), else ``None``. The one rule for predict's warning, its QC pages and the
+    BIDS app's group page (which has only the statuses its sidecars recorded)."""
+    count, flagged = len(statuses), sum(status != STATUS_OK for status in statuses)
+    if count < LOST_MIN_LANDMARKS or flagged < LOST_FLAGGED_FRACTION * count:
+        return None
+    return f"{flagged} of {count} landmarks flagged, the model is probably lost in this scan"
 
 
 def status_flags(status: str) -> list[str]:

@@ -9,6 +9,7 @@ confidence; ses-2: two runs of an acq-mprage T1w), sub-03 (a corrupt T1w), sub-0
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -282,6 +283,47 @@ def test_group_level_collects_every_participant(participant_run, dataset: Path, 
     assert refused.exit_code == 2
     assert refused.stderr.strip().splitlines()[-1] == (
         "Error: --model, --min-confidence: only for the participant level (the group level reads its outputs)")
+
+
+def test_group_level_names_the_scans_the_model_is_probably_lost_in(participant_run, dataset: Path,
+                                                                   tmp_path: Path) -> None:
+    """sub-01's T1w outputs rewritten, as the participant level writes them, for a 12-landmark prediction with 9
+    landmarks unstable (the rule of prediction.lost_scan_note, from the sidecar's statuses): the group summary
+    lists the scan and the group page's line for sub-01 names it."""
+    from mdgru_keras.bids import derivatives
+    from mdgru_keras.bids.layout import find_scans
+    from mdgru_keras.prediction import QualityThresholds, ScanPrediction
+
+    study = tmp_path / "bids"
+    shutil.copytree(dataset, study)
+    out = study / "derivatives" / "mdgru"
+    scan = next(scan for scan in find_scans(study).scans if scan.relpath == SCANS["sub-01 T1w"][0].relpath)
+    [outputs], _ = derivatives.plan_outputs(out, [scan])
+    sidecar = json.loads(outputs.sidecar.read_text())
+    names = tuple(f"L{k}" for k in range(12))
+    world_mm = np.arange(36, dtype=np.float64).reshape(12, 3)
+    prediction = ScanPrediction(
+        path=str(scan.path), landmark_names=names, world_mm=world_mm, voxel=world_mm % 20, coarse_world_mm=world_mm,
+        coarse_voxel=world_mm % 20, confidence=np.ones(12, np.float32), shape=(20, 20, 20),
+        flip_disagreement_mm=np.where(np.arange(12) < 9, 20.0, 0.0))
+    thresholds = QualityThresholds(sidecar["Settings"]["MinConfidence"], sidecar["Settings"]["MaxFlipDisagreementMm"],
+                                   sidecar["Settings"]["MaxCoarseShiftMm"])  # fmt: skip
+    derivatives.write_scan_outputs(outputs, prediction, derivatives.Settings(sidecar["Model"], None, thresholds))
+    result = run(study, out, "group")
+    assert result.exit_code == 1, result.output  # sub-03 still has no outputs
+    note = "9 of 12 landmarks flagged, the model is probably lost in this scan"
+    summary = json.loads((out / "group_summary.json").read_text())
+    assert summary["probably_lost_scans"] == [
+        {"participant_id": "sub-01", "session_id": None, "image": scan.relpath, "note": note}]
+    page = (out / "group_report.html").read_text()
+    assert f"{scan.path.name}: {note}" in page
+    assert page.count("probably lost") == 1  # sub-02's scans are not lost: 3 landmarks are too few to say
+    # the same outputs with fewer flags: nothing is called lost
+    prediction = dataclasses.replace(prediction, flip_disagreement_mm=np.where(np.arange(12) < 8, 20.0, 0.0))
+    derivatives.write_scan_outputs(outputs, prediction, derivatives.Settings(sidecar["Model"], None, thresholds))
+    run(study, out, "group")
+    assert json.loads((out / "group_summary.json").read_text())["probably_lost_scans"] == []
+    assert "probably lost" not in (out / "group_report.html").read_text()
 
 
 def test_a_non_bids_folder_and_unknown_labels_are_one_line(dataset: Path, tmp_path: Path) -> None:

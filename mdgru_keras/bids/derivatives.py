@@ -362,12 +362,14 @@ def read_failure(outputs: ScanOutputs) -> str | None:
 @dataclass
 class GroupResult:
     """What the group level found: one table row per scan and landmark, the scans without complete outputs
-    (each with its problem), per participant the statuses of its landmarks and its scans with complete outputs,
-    and the models and settings used."""
+    (each with its problem), the scans the model is probably lost in (each with its note:
+    :func:`mdgru_keras.prediction.lost_scan_note` of the statuses its sidecar recorded), per participant the
+    statuses of its landmarks and its scans with complete outputs, and the models and settings used."""
 
     selection: Selection
     rows: list[list[str]] = field(default_factory=list)
     failed: list[tuple[BidsScan, str]] = field(default_factory=list)
+    lost: list[tuple[BidsScan, str]] = field(default_factory=list)
     statuses: dict[str, list[str]] = field(default_factory=dict)
     complete_scans: dict[str, list[str]] = field(default_factory=dict)  # participant -> relpaths with outputs
     models: list[dict] = field(default_factory=list)
@@ -381,6 +383,8 @@ class GroupResult:
 def collect_group(output_dir: str | Path, selection: Selection) -> GroupResult:
     """Every selected scan's complete outputs as table rows (in scan order, landmarks in file order); a scan
     without them is failed, with the error its participant level recorded (or that it has none yet)."""
+    from mdgru_keras.prediction import lost_scan_note
+
     result = GroupResult(selection)
     planned, conflicts = plan_outputs(output_dir, selection.scans)
     result.failed.extend(conflicts)
@@ -397,9 +401,11 @@ def collect_group(output_dir: str | Path, selection: Selection) -> GroupResult:
             if value not in collection:
                 collection.append(value)
         result.complete_scans.setdefault(scan.participant_id, []).append(scan.relpath)
-        statuses = result.statuses.setdefault(scan.participant_id, [])
+        scan_statuses = [values["status"] for values in document["Landmarks"].values()]
+        result.statuses.setdefault(scan.participant_id, []).extend(scan_statuses)
+        if note := lost_scan_note(scan_statuses):
+            result.lost.append((scan, note))
         for name, values in document["Landmarks"].items():
-            statuses.append(values["status"])
             result.rows.append(
                 [scan.participant_id, scan.session_id or NOT_AVAILABLE, scan.relpath, name]
                 + [repr(float(v)) for v in values["world_mm"]]
@@ -447,6 +453,10 @@ def group_summary(result: GroupResult) -> dict:
                 "error": problem,
             }
             for scan, problem in result.failed
+        ],
+        "probably_lost_scans": [
+            {"participant_id": scan.participant_id, "session_id": scan.session_id, "image": scan.relpath, "note": note}
+            for scan, note in result.lost
         ],
         "participants_without_scans": [f"sub-{label}" for label in result.selection.without_scans],
         "models": result.models,

@@ -84,19 +84,24 @@ def write_participant_report(
 
 def write_group_report(output_dir: str | Path, result: GroupResult) -> Path:
     """``OUTPUT_DIR/group_report.html``: one line per selected participant that has scans, worst first, linking
-    to its page where it has one (statuses as its sidecars record them)."""
+    to its page where it has one (statuses as its sidecars record them; its note names the scans the model is
+    probably lost in, then the failed ones)."""
     from mdgru_keras.reports import ReportEntry, group_report
 
     output_dir = Path(output_dir)
     failed: dict[str, list[tuple[str, str]]] = {}
     for scan, problem in result.failed:
         failed.setdefault(scan.participant_id, []).append((scan.relpath, problem))
+    lost: dict[str, list[str]] = {}
+    for scan, note in result.lost:
+        lost.setdefault(scan.participant_id, []).append(f"{Path(scan.relpath).name}: {note}")
     entries = []
     for participant in sorted({scan.participant_id for scan in result.selection.scans}):
         page = participant_page(output_dir, participant)
         entries.append(ReportEntry.from_statuses(
             participant, page.name if page.is_file() else None, result.statuses.get(participant, []),
             scans=result.complete_scans.get(participant, []), failed=failed.get(participant, []),
+            notes=lost.get(participant, []),
         ))  # fmt: skip
     model_info, thresholds = None, None
     if len(result.models) == 1 and isinstance(result.models[0], dict):  # else the pages say which

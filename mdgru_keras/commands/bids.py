@@ -160,7 +160,8 @@ def bids(
 
     group: OUTPUT_DIR/group_afids.tsv, one row per scan and landmark (participant_id, session_id, image,
     landmark, x_mm, y_mm, z_mm, confidence, flip_disagreement_mm, status), and OUTPUT_DIR/group_summary.json:
-    counts per status, each participant's worst status, the failed participants and scans with their errors.
+    counts per status, each participant's worst status, the failed participants and scans with their errors, the
+    scans the model is probably lost in (three quarters or more of their landmarks flagged).
     It takes --participant-label, --session and --suffix (which scans to collect), no model options.
 
     Examples:
