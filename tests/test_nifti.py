@@ -299,6 +299,50 @@ def _expect_input_error(path: Path, fragment: str, **kwargs: object) -> None:
     assert "\n" not in message
 
 
+def test_an_ambiguous_world_space_is_noted_in_one_line(tmp_path: Path, rng: np.random.Generator) -> None:
+    """sform and qform that disagree (or neither set) get a note; read_volume follows the sform, as nibabel does."""
+    from mdgru_keras.io.nifti import FORMS_AGREE_MM, world_space_note
+
+    data = rng.normal(size=(12, 10, 8)).astype(np.float32)
+    sform = random_affine(rng)
+    plain = save(tmp_path / "plain.nii.gz", data, sform)  # nibabel: sform code 2, qform code 0
+    assert world_space_note(plain) is None
+
+    def with_qform(name: str, qform: np.ndarray, sform_code: int = 2) -> Path:
+        image = nib.Nifti1Image(data, sform)
+        image.set_sform(sform, code=sform_code)
+        image.set_qform(qform, code=1)
+        nib.save(image, str(tmp_path / name))
+        return tmp_path / name
+
+    assert world_space_note(with_qform("same.nii", sform)) is None  # the quaternion's rounding is far below
+    shifted = sform.copy()
+    shifted[:3, 3] += [3.0, -4.0, 0.0]  # 5 mm everywhere
+    note = world_space_note(with_qform("shifted.nii", shifted))
+    assert note.startswith("sform and qform differ by up to 5 mm (codes 2 and 1); the landmarks are in the sform's")
+    assert "3D Slicer and ANTs (ITK) place the scan by its qform" in note and "\n" not in note
+    assert "tools that read the qform" in world_space_note(with_qform("scanner.nii", shifted, sform_code=1))
+    # turned by 1 degree about the first voxel: the largest distance over every voxel of the field of view
+    turned = shifted.copy()
+    turned[:3, :3] = affine_maps.rotation_matrix([0.0, 0.0, np.deg2rad(1.0)]) @ sform[:3, :3]
+    turned[:3, 3] = sform[:3, 3]
+    voxels = np.concatenate([np.indices(data.shape).reshape(3, -1).T, np.ones((data.size, 1))], axis=1)
+    expected_mm = np.linalg.norm((voxels @ turned.T - voxels @ sform.T)[:, :3], axis=1).max()
+    note = world_space_note(with_qform("turned.nii", turned))
+    assert expected_mm > FORMS_AGREE_MM and note.startswith(f"sform and qform differ by up to {expected_mm:.3g} mm")
+    np.testing.assert_allclose(read_volume(tmp_path / "shifted.nii", spacing_mm=None).file_voxel_to_world, sform,
+                               atol=1e-5)  # fmt: skip
+    # neither form: nibabel's fallback has no orientation
+    image = nib.Nifti1Image(data, sform)
+    image.set_sform(None, code=0)
+    image.set_qform(None, code=0)
+    nib.save(image, str(tmp_path / "none.nii"))
+    assert world_space_note(tmp_path / "none.nii").startswith("no sform or qform in the header (both codes 0)")
+    # files that cannot be read are left to read_volume's one-line errors
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    assert world_space_note(tmp_path / "broken.nii.gz") is None and world_space_note(tmp_path / "no.nii") is None
+
+
 def test_bad_images_give_one_line_input_errors(tmp_path: Path, rng: np.random.Generator) -> None:
     good = rng.normal(size=(10, 11, 12)).astype(np.float32)
     _expect_input_error(tmp_path / "absent.nii.gz", "no such file")

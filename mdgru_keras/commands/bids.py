@@ -153,7 +153,8 @@ def bids(
     (RAS millimetres of that scan; NAME keeps the scan's entities: sub, ses, acq, run, ...) and a JSON sidecar
     with the model, its version, the settings and per landmark its confidence and status (ok, outside_image,
     low_confidence, unstable, coarse_fine_disagree; as in `mdgru-localize predict`). A scan that fails is
-    reported on one line (error: IMAGE: problem) and the others go on. Scans with complete outputs are
+    reported on one line (error: IMAGE: problem) and the others go on; one whose header leaves its world space
+    ambiguous (sform and qform disagree, or neither is set) gets a warning line. Scans with complete outputs are
     skipped unless --overwrite: every file is written atomically, so a rerun after a killed or failed run
     finishes only what is missing.
     A scan whose outputs were made with another model or other settings is an error until --overwrite.
@@ -212,6 +213,7 @@ def _participant(
     from mdgru_keras.bids import derivatives
     from mdgru_keras.bids.layout import find_scans
     from mdgru_keras.errors import InputError
+    from mdgru_keras.io.nifti import world_space_note
     from mdgru_keras.prediction import QualityThresholds, predict_scan
     from mdgru_keras.serving import ServingError
 
@@ -269,6 +271,8 @@ def _participant(
                 fail(scan.path, problem)
             else:
                 written += 1
+                if note := world_space_note(scan.path):
+                    progress.write(f"warning: {scan.path}: {note}", file=sys.stderr)
                 if warning := prediction.warning(settings.thresholds):
                     progress.write(f"warning: {warning}", file=sys.stderr)
                     flagged += 1

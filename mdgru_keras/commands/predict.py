@@ -145,7 +145,9 @@ def predict(
     A scan with such landmarks gets one line "warning: SCAN: ..." on standard error naming them (it starts with
     "N of K landmarks flagged, the model is probably lost in this scan" when three quarters or more are), and the
     final line counts such scans; they are still written (.fcsv and .mrk.json: in each point's
-    description), and they do not change the exit status.
+    description), and they do not change the exit status. A scan whose header leaves its world space ambiguous
+    (sform and qform that disagree, or neither set) gets a "warning: SCAN: ..." line saying so: the coordinates
+    follow the sform, as nibabel reads it, and 3D Slicer may read the qform.
 
     Examples:
 
@@ -182,6 +184,7 @@ def predict(
     from tqdm import tqdm
 
     from mdgru_keras.errors import InputError
+    from mdgru_keras.io.nifti import world_space_note
     from mdgru_keras.prediction import (
         QualityThresholds,
         per_scan_paths,
@@ -223,6 +226,8 @@ def predict(
                     prediction = prediction.select(select_landmarks(requested, prediction.landmark_names))
                 predictions.append(prediction)
                 done.append(index)
+                if note := world_space_note(image):
+                    progress.write(f"warning: {image}: {note}", file=sys.stderr)
                 if warning := prediction.warning(thresholds):
                     progress.write(f"warning: {warning}", file=sys.stderr)
                     flagged += 1

@@ -18,6 +18,13 @@ from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# World coordinates follow nibabel's affine (``Nifti1Header.get_best_affine``): the sform when its code is set,
+# else the qform, else a fallback without orientation; FSL, FreeSurfer and MRtrix read the same. ITK, and so
+# 3D Slicer and ANTs, reads the sform when its code is 1 (scanner) or it agrees with the qform, and the qform
+# otherwise. Where the two forms disagree (SPM's coregistration rewrites the sform only, for example) the
+# landmarks are right in the first tools and may lie elsewhere in the second: :func:`world_space_note` says so.
+# Two forms closer than this over the field of view agree (the qform's float32 quaternion is far more precise).
+FORMS_AGREE_MM = 0.01
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +93,41 @@ def _load_3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _short(error: Exception) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def world_space_note(path: str | Path) -> str | None:
+    """One line when the file's world space is ambiguous, else ``None`` (the header only is read; a file that
+    cannot be read gets ``None``: reading its voxels reports that).
+
+    * sform and qform both set and more than :data:`FORMS_AGREE_MM` apart somewhere in the field of view (the
+      landmarks follow the sform, as nibabel does; see :data:`FORMS_AGREE_MM`'s comment);
+    * neither set (both codes 0): the orientation is unknown, and nibabel's fallback (the Analyze convention, the
+      first axis running right to left) may swap left and right.
+    """
+    try:
+        header = nib.load(str(path)).header
+        sform, sform_code = header.get_sform(coded=True)
+        qform, qform_code = header.get_qform(coded=True)
+        shape = (*header.get_data_shape(), 1, 1, 1)[:3]
+    except Exception:  # not NIfTI, unreadable: read_nifti_array / read_volume give the one-line error
+        return None
+    if not sform_code and not qform_code:
+        return ("no sform or qform in the header (both codes 0), so the orientation is unknown: the landmarks "
+                "assume the Analyze convention (the first axis running right to left), as nibabel does; left and "
+                "right may be swapped")  # fmt: skip
+    if not sform_code or not qform_code:
+        return None
+    # the forms are affine maps, so they lie farthest apart at a corner of the field of view
+    last = [n - 1 for n in shape]
+    corners = np.array([[i, j, k, 1.0] for i in (0, last[0]) for j in (0, last[1]) for k in (0, last[2])])
+    apart_mm = float(np.max(np.linalg.norm((corners @ sform.T - corners @ qform.T)[:, :3], axis=1)))
+    if not np.isfinite(apart_mm) or apart_mm <= FORMS_AGREE_MM:
+        return None
+    itk = ("3D Slicer and ANTs (ITK) place the scan by its qform" if int(sform_code) != 1
+           else "tools that read the qform place the scan elsewhere")  # fmt: skip
+    return (f"sform and qform differ by up to {apart_mm:.3g} mm (codes {int(sform_code)} and {int(qform_code)}); the "
+            f"landmarks are in the sform's world space, as nibabel, FSL and FreeSurfer read it, but {itk}: check "
+            "the points on the scan there, or make the two agree (e.g. fslorient -copysform2qform)")
 
 
 def read_nifti_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
