@@ -357,6 +357,17 @@ def test_a_page_covers_several_scans_and_failed_ones(head: Path, head_prediction
     assert page.rows["summary"][-1][1][2:5] == ["n/a"] * 3 and "No position to show" in text
     assert "bad.nii.gz" in text and "truncated" in text
     assert page.title.startswith("Landmark QC: sub-01 ")  # default title: the first image's file name
+    assert "probably lost" not in text and "sform and qform" not in text
+    # a scan the model is probably lost in, from a file whose qform lies 2 mm off its sform: both said on top
+    lost = dataclasses.replace(head_prediction, flip_disagreement_mm=np.where(np.arange(32) < 24, 20.0, 0.0))
+    image = nib.load(head)
+    qform = image.affine.copy()
+    qform[:3, 3] += [0.0, 0.0, 2.0]
+    image.set_qform(qform, code=1)
+    nib.save(image, str(tmp_path / "ambiguous.nii.gz"))
+    text, _ = read_page(participant_report(tmp_path / "q.html", [(tmp_path / "ambiguous.nii.gz", lost)], panel_px=16))
+    assert ("24 of 32 landmarks flagged, the model is probably lost in this scan: check every landmark below by eye"
+            in text and "sform and qform differ by up to 2 mm (codes 2 and 1)" in text)  # fmt: skip
     with pytest.raises(ValueError, match="at least one scan"):
         participant_report(tmp_path / "none.html", [])
 

@@ -14,8 +14,14 @@ import numpy as np
 from mdgru_keras.figures import AXIS_NAMES, VIEWS, percentile_window
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import write_text_atomic
-from mdgru_keras.io.nifti import read_volume
-from mdgru_keras.prediction import DEFAULT_THRESHOLDS, STATUS_OK, QualityThresholds, ScanPrediction
+from mdgru_keras.io.nifti import read_volume, world_space_note
+from mdgru_keras.prediction import (
+    DEFAULT_THRESHOLDS,
+    STATUS_OK,
+    QualityThresholds,
+    ScanPrediction,
+    lost_scan_note,
+)
 from mdgru_keras.reports import _html
 from mdgru_keras.reports._html import esc
 from mdgru_keras.reports.panels import MM_PER_PIXEL, PANEL_PX, encode_png, panel_indices
@@ -138,6 +144,10 @@ def _scan_section(
         ("orientation", f"{orientation} in the file; shown reoriented to RAS"),
         ("landmarks flagged", f"{flagged} of {len(statuses)}"),
     ]
+    if lost := lost_scan_note(statuses):
+        facts.append(("warning", f"{lost}: check every landmark below by eye"))
+    if world_space := world_space_note(image):
+        facts.append(("world space", world_space))
     if Path(prediction.path).name != image.name:
         facts.insert(1, ("localized in", prediction.path))
     rows, figures = [], []
