@@ -319,9 +319,10 @@ def test_an_ambiguous_world_space_is_noted_in_one_line(tmp_path: Path, rng: np.r
     shifted = sform.copy()
     shifted[:3, 3] += [3.0, -4.0, 0.0]  # 5 mm everywhere
     note = world_space_note(with_qform("shifted.nii", shifted))
-    assert note.startswith("sform and qform differ by up to 5 mm (codes 2 and 1); the landmarks are in the sform's")
-    assert "3D Slicer and ANTs (ITK) place the scan by its qform" in note and "\n" not in note
-    assert "tools that read the qform" in world_space_note(with_qform("scanner.nii", shifted, sform_code=1))
+    assert note.startswith("sform and qform differ by up to 5 mm (codes 2 and 1): this program, nibabel, FSL and "
+                           "FreeSurfer use the sform, 3D Slicer and ANTs (ITK) the qform") and "\n" not in note
+    assert "3D Slicer use the sform, tools that read the qform do not" in world_space_note(
+        with_qform("scanner.nii", shifted, sform_code=1))  # ITK reads a sform coded 1 (scanner)
     # turned by 1 degree about the first voxel: the largest distance over every voxel of the field of view
     turned = shifted.copy()
     turned[:3, :3] = affine_maps.rotation_matrix([0.0, 0.0, np.deg2rad(1.0)]) @ sform[:3, :3]

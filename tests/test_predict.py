@@ -504,10 +504,10 @@ def test_an_ambiguous_world_space_gets_a_warning(model_base: Path, scans: dict, 
     result = run(str(ambiguous), "--model", str(model_base), "--out", str(tmp_path / "out.json"))
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings[0] == (f"warning: {ambiguous}: sform and qform differ by up to 6 mm (codes 2 and 1); the landmarks "
-                        "are in the sform's world space, as nibabel, FSL and FreeSurfer read it, but 3D Slicer and "
-                        "ANTs (ITK) place the scan by its qform: check the points on the scan there, or make the two "
-                        "agree (e.g. fslorient -copysform2qform)")  # fmt: skip
+    assert warnings[0] == (f"warning: {ambiguous}: sform and qform differ by up to 6 mm (codes 2 and 1): this "
+                           "program, nibabel, FSL and FreeSurfer use the sform, 3D Slicer and ANTs (ITK) the qform, "
+                           "so points placed or shown there may be off by as much; make the two agree (e.g. "
+                           "fslorient -copysform2qform)")  # fmt: skip
     # the toy model's own landmark flags may follow on a line of their own; only they count as flagged
     assert len(warnings) <= 2 and "sform" not in "".join(warnings[1:])
     assert ("1 scan with flagged landmarks" in result.stdout.strip().splitlines()[-1]) == (len(warnings) == 2)

@@ -309,3 +309,16 @@ def test_prepare_command(tmp_path, prepare_dataset):
     every = json.loads((tmp_path / "ds3" / "dataset.json").read_text())["landmarks"]
     assert len(every) > 1 and every[0] == "A" and error_line.endswith(f".fcsv knows {len(every)}: {', '.join(every)}")
     assert "manifest" in runner.invoke(main, ["prepare", "--help"]).output.lower()
+    assert "warning:" not in result.stderr
+    # a scan whose qform lies 3 mm off its sform (the one read): one warning line names it, the dataset is written
+    nibabel = pytest.importorskip("nibabel")
+    image = nibabel.load(tmp_path / "scans" / "sub1.nii.gz")
+    qform = image.affine.copy()
+    qform[:3, 3] += [0.0, 3.0, 0.0]
+    image.set_qform(qform, code=1)
+    nibabel.save(image, tmp_path / "scans" / "sub1.nii.gz")
+    result = runner.invoke(main, ["prepare", str(manifest), "--out", str(tmp_path / "ds4"), "--landmarks", "A"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: {tmp_path / 'scans' / 'sub1.nii.gz'}: sform and qform differ by up to 3 mm (codes 2 and 1): ")

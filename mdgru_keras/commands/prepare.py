@@ -42,7 +42,9 @@ def prepare(manifest: Path, out_dir: Path, landmarks: tuple[str, ...] | None, sp
       sub-01,scans/sub-01_T1w.nii.gz,landmarks/sub-01.fcsv,
       sub-02,scans/sub-02_T1w.nii.gz,landmarks/sub-02.fcsv,test
 
-    Each scan is reoriented to RAS and resampled to --spacing; landmarks must lie inside their scan.
+    Each scan is reoriented to RAS and resampled to --spacing; landmarks must lie inside their scan. A scan
+    whose header's sform and qform disagree gets a warning line: it is read by its sform, and landmarks placed
+    in 3D Slicer may be in the qform's space.
     Subjects without a split are divided at random (--seed) so that no subject is in two splits. The result,
     OUT/dataset.json and OUT/{split}-*.tfrecord, is written to a temporary directory and moved into place
     only when complete: a bad file stops with a one-line error naming it and leaves nothing behind.

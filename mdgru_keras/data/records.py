@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import tensorflow as tf
 from mdgru_keras.errors import InputError
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import atomic_path, write_text_atomic
+from mdgru_keras.io.nifti import world_space_note
 from mdgru_keras.version import package_version
 
 SPLITS = ("train", "val", "test")
@@ -441,7 +443,12 @@ def prepare_dataset(
         raise ValueError("landmark names must be unique")
 
     def load(subject_id: str) -> Subject:
-        subject = load_subject_from_files(by_subject[subject_id], names[0] if names else None, spacing_mm)
+        row = by_subject[subject_id]
+        subject = load_subject_from_files(row, names[0] if names else None, spacing_mm)
+        if progress and (note := world_space_note(row.image)):  # its landmarks may be in the other form's space
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: {row.image}: {note}", file=sys.stderr)
         if not names:
             names.append(subject.landmark_names)
         return subject

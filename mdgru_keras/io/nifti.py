@@ -19,7 +19,7 @@ from mdgru_keras.io.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # World coordinates follow nibabel's affine (``Nifti1Header.get_best_affine``): the sform when its code is set,
-# else the qform, else a fallback without orientation; FSL, FreeSurfer and MRtrix read the same. ITK, and so
+# else the qform, else a fallback without orientation; FSL and FreeSurfer read the same. ITK, and so
 # 3D Slicer and ANTs, reads the sform when its code is 1 (scanner) or it agrees with the qform, and the qform
 # otherwise. Where the two forms disagree (SPM's coregistration rewrites the sform only, for example) the
 # landmarks are right in the first tools and may lie elsewhere in the second: :func:`world_space_note` says so.
@@ -99,8 +99,8 @@ def world_space_note(path: str | Path) -> str | None:
     """One line when the file's world space is ambiguous, else ``None`` (the header only is read; a file that
     cannot be read gets ``None``: reading its voxels reports that).
 
-    * sform and qform both set and more than :data:`FORMS_AGREE_MM` apart somewhere in the field of view (the
-      landmarks follow the sform, as nibabel does; see :data:`FORMS_AGREE_MM`'s comment);
+    * sform and qform both set and more than :data:`FORMS_AGREE_MM` apart somewhere in the field of view (this
+      program follows the sform, as nibabel does; see :data:`FORMS_AGREE_MM`'s comment);
     * neither set (both codes 0): the orientation is unknown, and nibabel's fallback (the Analyze convention, the
       first axis running right to left) may swap left and right.
     """
@@ -112,9 +112,8 @@ def world_space_note(path: str | Path) -> str | None:
     except Exception:  # not NIfTI, unreadable: read_nifti_array / read_volume give the one-line error
         return None
     if not sform_code and not qform_code:
-        return ("no sform or qform in the header (both codes 0), so the orientation is unknown: the landmarks "
-                "assume the Analyze convention (the first axis running right to left), as nibabel does; left and "
-                "right may be swapped")  # fmt: skip
+        return ("no sform or qform in the header (both codes 0), so the orientation is unknown: it is read as "
+                "nibabel reads it (the first axis running right to left), and left and right may be swapped")
     if not sform_code or not qform_code:
         return None
     # the forms are affine maps, so they lie farthest apart at a corner of the field of view
@@ -123,11 +122,12 @@ def world_space_note(path: str | Path) -> str | None:
     apart_mm = float(np.max(np.linalg.norm((corners @ sform.T - corners @ qform.T)[:, :3], axis=1)))
     if not np.isfinite(apart_mm) or apart_mm <= FORMS_AGREE_MM:
         return None
-    itk = ("3D Slicer and ANTs (ITK) place the scan by its qform" if int(sform_code) != 1
-           else "tools that read the qform place the scan elsewhere")  # fmt: skip
-    return (f"sform and qform differ by up to {apart_mm:.3g} mm (codes {int(sform_code)} and {int(qform_code)}); the "
-            f"landmarks are in the sform's world space, as nibabel, FSL and FreeSurfer read it, but {itk}: check "
-            "the points on the scan there, or make the two agree (e.g. fslorient -copysform2qform)")
+    readers = ("this program, nibabel, FSL and FreeSurfer use the sform, 3D Slicer and ANTs (ITK) the qform"
+               if int(sform_code) != 1 else  # ITK reads a scanner-coded sform too
+               "this program, nibabel, FSL, FreeSurfer and 3D Slicer use the sform, tools that read the qform do not")
+    return (f"sform and qform differ by up to {apart_mm:.3g} mm (codes {int(sform_code)} and {int(qform_code)}): "
+            f"{readers}, so points placed or shown there may be off by as much; make the two agree (e.g. "
+            "fslorient -copysform2qform)")
 
 
 def read_nifti_array(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
