@@ -39,7 +39,6 @@ import tensorflow as tf
 from mdgru_keras.errors import InputError
 from mdgru_keras.geometry import affine_maps
 from mdgru_keras.io.atomic import atomic_path, write_text_atomic
-from mdgru_keras.io.nifti import world_space_note
 from mdgru_keras.version import package_version
 
 SPLITS = ("train", "val", "test")
@@ -441,6 +440,8 @@ def prepare_dataset(
     names: list[tuple[str, ...]] = [tuple(landmarks)] if landmarks else []
     if landmarks and len(set(landmarks)) != len(landmarks):
         raise ValueError("landmark names must be unique")
+
+    from mdgru_keras.io.nifti import world_space_note
 
     def load(subject_id: str) -> Subject:
         row = by_subject[subject_id]
