@@ -1,8 +1,9 @@
 """Localization networks: paper sizes and parameter counts, K-landmark heads, loss, init, serialization."""
 
+import concurrent.futures
 import dataclasses
-import gc
 import math
+import multiprocessing
 
 import keras
 import numpy as np
@@ -22,39 +23,52 @@ def layer_params(model: keras.Model, kind: type | tuple[type, ...]) -> int:
 # the paper preset (built, never run: 302 M weights)
 
 
+def _paper_model_facts(stage: str, landmarks: int) -> dict:
+    """The paper model's shapes and Keras' parameter counts, from a model built in this (child) process."""
+    config = with_landmarks(load_preset("paper"), [f"L{i}" for i in range(landmarks)])
+    model = N.build_model(config, stage)
+    heads = model.get_layer(f"{stage}_heads")
+    facts = {
+        "trunk_outputs": [tuple(layer.output.shape) for layer in model.layers if "voxelwise" in layer.name],
+        "outputs": {name: tuple(t.shape) for name, t in zip("xyz", model.outputs)},
+        "hidden_kernel": tuple(heads.hidden_kernel.shape),
+        "output_kernel": tuple(heads.output_kernel.shape),
+        "total": model.count_params(),
+        "trunk_and_input_conv": layer_params(model, MDGRU) + layer_params(model, (keras.layers.Conv3D, StridedConv3D)),
+        "heads": heads.count_params(),
+    }
+    if stage == "coarse":
+        facts["input_conv_output"] = tuple(model.get_layer("coarse_input_conv").output.shape)
+        facts["input_conv_kernel"] = tuple(model.get_layer("coarse_input_conv").kernel.shape)
+    return facts
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "landmarks"), [("coarse", 1), ("coarse", 4), ("fine", 3)])
 def test_paper_models_have_the_papers_shapes_and_parameter_counts(stage, landmarks):
+    # Built in a child process: TensorFlow kept the memory of these models (3.7 GB after the first, 6 GB after
+    # the three) for the rest of the process even after clear_session and gc, and a pytest worker runs many files.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        facts = pool.submit(_paper_model_facts, stage, landmarks).result()
     config = with_landmarks(load_preset("paper"), [f"L{i}" for i in range(landmarks)])
-    model = N.build_model(config, stage)
-    try:
-        # 256^3 padded, stride-4 conv to 64^3 (coarse) or a 64^3 window (fine): 8^3 x 192 features, n = 4.
-        classes = 4 * 64  # n * 256 / 4 and n * 64 / 1
-        names = [layer.name for layer in model.layers]
-        trunk_outputs = [model.get_layer(n).output.shape for n in names if "voxelwise" in n]
-        assert trunk_outputs == [(None, 32, 32, 32, 48), (None, 16, 16, 16, 96), (None, 8, 8, 8, 192)]
-        if stage == "coarse":
-            assert model.get_layer("coarse_input_conv").output.shape == (None, 64, 64, 64, 16)
-            assert model.get_layer("coarse_input_conv").kernel.shape == (9, 9, 9, 2, 16)
-        expected = {axis: (None, landmarks, classes) for axis in "xyz"}
-        assert {name: tuple(t.shape) for name, t in zip("xyz", model.outputs)} == expected
-        heads = model.get_layer(f"{stage}_heads")
-        assert tuple(heads.hidden_kernel.shape) == (8**3 * 192, 3 * classes * 4)  # the 302 M-weight layer
-        assert tuple(heads.output_kernel.shape) == (landmarks, 3 * classes * 4, 3 * classes)
-        # Keras' count equals the analytic one, part by part.
-        counts = N.count_parameters(config, stage)
-        assert model.count_params() == counts["total"]
-        assert layer_params(model, MDGRU) + layer_params(model, (keras.layers.Conv3D, StridedConv3D)) == (
-            counts["trunk"] + counts["input_conv"]
-        )
-        assert heads.count_params() == counts["head_hidden"] + counts["head_output"]
-        # K landmarks share the trunk and the hidden layer: each extra landmark adds only an output layer.
-        one = N.count_parameters(with_landmarks(config, ["A"]), stage)["total"]
-        assert counts["total"] - one == (landmarks - 1) * (3 * classes * 4 * 3 * classes + 3 * classes)
-    finally:
-        del model
-        keras.backend.clear_session()
-        gc.collect()
+    # 256^3 padded, stride-4 conv to 64^3 (coarse) or a 64^3 window (fine): 8^3 x 192 features, n = 4.
+    classes = 4 * 64  # n * 256 / 4 and n * 64 / 1
+    assert facts["trunk_outputs"] == [(None, 32, 32, 32, 48), (None, 16, 16, 16, 96), (None, 8, 8, 8, 192)]
+    if stage == "coarse":
+        assert facts["input_conv_output"] == (None, 64, 64, 64, 16)
+        assert facts["input_conv_kernel"] == (9, 9, 9, 2, 16)
+    assert facts["outputs"] == {axis: (None, landmarks, classes) for axis in "xyz"}
+    assert facts["hidden_kernel"] == (8**3 * 192, 3 * classes * 4)  # the 302 M-weight layer
+    assert facts["output_kernel"] == (landmarks, 3 * classes * 4, 3 * classes)
+    # Keras' count equals the analytic one, part by part.
+    counts = N.count_parameters(config, stage)
+    assert facts["total"] == counts["total"]
+    assert facts["trunk_and_input_conv"] == counts["trunk"] + counts["input_conv"]
+    assert facts["heads"] == counts["head_hidden"] + counts["head_output"]
+    # K landmarks share the trunk and the hidden layer: each extra landmark adds only an output layer.
+    one = N.count_parameters(with_landmarks(config, ["A"]), stage)["total"]
+    assert counts["total"] - one == (landmarks - 1) * (3 * classes * 4 * 3 * classes + 3 * classes)
 
 
 def test_analytic_parameter_counts_match_keras_for_other_sizes():

@@ -167,6 +167,30 @@ def test_integer_valued_volumes_travel_as_int16(in_process: Endpoints) -> None:
     assert (counts["localize_int16"], counts["serving_default"]) == (before[0] + 1, before[1] + 1)
 
 
+def test_a_model_opened_again_is_loaded_again_only_when_its_files_changed(tmp_path: Path) -> None:
+    """Servables of one unchanged version folder share the loaded SavedModel (TensorFlow keeps the memory of every
+    load); a folder whose files were replaced is loaded anew, and answers as the new files say."""
+    from mdgru_keras.serving.servable import LOADED_MODELS_KEPT, Servable
+
+    save_toy_localizer(tmp_path / "toy" / "1")
+    first, second = Servable(tmp_path / "toy"), Servable(tmp_path / "toy")
+    assert second.model is first.model and second.request_counts is not first.request_counts
+    volume, voxel_to_world = make_scan()
+    before = first.predict("serving_default", {"volume": volume, "voxel_to_world": voxel_to_world})
+    shutil.rmtree(tmp_path / "toy" / "1")
+    save_toy_localizer(tmp_path / "toy" / "1", landmark_names=("P", "Q", "R"))  # other landmarks, the same path
+    replaced = Servable(tmp_path / "toy")
+    assert replaced.model is not first.model
+    after = replaced.predict("serving_default", {"volume": volume, "voxel_to_world": voxel_to_world})
+    assert list(before["landmark_names"]) == [name.encode() for name in TOY_LANDMARKS]
+    assert list(after["landmark_names"]) == [b"P", b"Q", b"R"]
+    # only the most recently used few are kept
+    for index in range(LOADED_MODELS_KEPT):
+        save_toy_localizer(tmp_path / f"other{index}" / "1")
+        Servable(tmp_path / f"other{index}")
+    assert Servable(tmp_path / "toy").model is not replaced.model
+
+
 def test_localize_inputs_picks_the_signature_by_losslessness() -> None:
     voxel_to_world = np.eye(4)
     cases = [
