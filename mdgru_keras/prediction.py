@@ -251,10 +251,6 @@ class ScanPrediction:
             for k in range(len(self.landmark_names))
         ]
 
-    def num_flagged(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> int:
-        """How many landmarks have a status other than ``ok``."""
-        return sum(status != STATUS_OK for status in self.statuses(thresholds))
-
     def lost_note(self, thresholds: QualityThresholds = DEFAULT_THRESHOLDS) -> str | None:
         """:func:`lost_scan_note` of this scan's :meth:`statuses`."""
         return lost_scan_note(self.statuses(thresholds))

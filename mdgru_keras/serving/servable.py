@@ -117,11 +117,11 @@ _loaded_models_lock = threading.Lock()
 
 def _files_key(version_dir: Path) -> tuple:
     """What identifies a version folder's files: each file's relative path, size, inode and modification time."""
-    files = sorted(path for path in version_dir.rglob("*") if path.is_file())
-    return tuple(
-        (path.relative_to(version_dir).as_posix(), stat.st_size, stat.st_ino, stat.st_mtime_ns)
-        for path, stat in ((path, path.stat()) for path in files)
-    )
+    keys = []
+    for path in sorted(path for path in version_dir.rglob("*") if path.is_file()):
+        stat = path.stat()
+        keys.append((path.relative_to(version_dir).as_posix(), stat.st_size, stat.st_ino, stat.st_mtime_ns))
+    return tuple(keys)
 
 
 def load_saved_model(version_dir: Path) -> object:
